@@ -1,0 +1,100 @@
+// The wide-area process group: the collectives islands use to talk over the slow link.
+//
+// A Group wraps a c10d Store (rendezvous) and a c10d ProcessGroupGloo. It adds what the bare
+// process group lacks: byte accounting per operation (CommStats), a configurable timeout, and
+// errors that say what failed and where (a lost peer becomes diloco::PeerLostError).
+//
+// c10d's rule holds here too: every rank must call the same collectives in the same order, with
+// tensors of the same sizes. All collectives block until complete and are thread-compatible
+// (one thread issues them) but the statistics may be read from any thread.
+//
+// It is not an intra-island group (that one is per-step and uncompressed) and it does not
+// compress anything: compression is layered above it.
+#pragma once
+
+#include <ATen/Tensor.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "diloco/comm/comm_stats.h"
+
+namespace c10d {
+class Store;
+}
+
+namespace diloco {
+
+struct GroupOptions {
+  std::string master_addr = "127.0.0.1";     // MASTER_ADDR (torchrun convention)
+  int master_port = 29500;                   // MASTER_PORT, 1..65535
+  int rank = -1;                             // RANK, 0..world_size-1
+  int world_size = -1;                       // WORLD_SIZE, >= 1
+  std::chrono::milliseconds timeout{60000};  // rendezvous and every collective
+  std::string hostname = "";  // interface Gloo binds to; "" = resolve from master_addr's route
+
+  // Throws OptionError naming the option and its allowed range.
+  void validate() const;
+  // Reads MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (all required) and DILOCO_TIMEOUT_S
+  // (optional, seconds). Throws OptionError naming a missing or malformed variable.
+  static GroupOptions from_env();
+};
+
+class Group {
+ public:
+  // Rendezvous over a c10d::TCPStore (rank 0 hosts it at master_addr:master_port) and connect
+  // a Gloo process group. Throws OptionError for bad options, Error when the port is in use or
+  // the peers do not all arrive within the timeout.
+  static std::shared_ptr<Group> create(const GroupOptions& options);
+  static std::shared_ptr<Group> from_env();
+
+  // Connect over an existing store (a HashStore for ranks that are threads of one process, or a
+  // PrefixStore for a new membership epoch).
+  Group(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
+        std::chrono::milliseconds timeout = std::chrono::milliseconds(60000),
+        const std::string& hostname = "127.0.0.1");
+  ~Group();
+  Group(const Group&) = delete;
+  Group& operator=(const Group&) = delete;
+
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+  std::chrono::milliseconds timeout() const { return timeout_; }
+
+  // Sum `tensor` (contiguous, CPU or CUDA) in place over all ranks. `label` names the purpose in
+  // the statistics and in error messages ("outer_sync", "grad_sync", ...).
+  void allreduce_sum(at::Tensor& tensor, const std::string& label);
+  // Overwrite `tensor` on every rank with root's.
+  void broadcast(at::Tensor& tensor, int root, const std::string& label);
+  // Every rank contributes a tensor of the same shape and dtype; returns world_size tensors,
+  // index r holding rank r's.
+  std::vector<at::Tensor> allgather(const at::Tensor& tensor, const std::string& label);
+  // Gather variable-length byte strings from every rank (two all-gathers: lengths, then bytes).
+  std::vector<std::string> allgather_bytes(const std::string& bytes, const std::string& label);
+  void barrier(const std::string& label);
+
+  // A snapshot of the statistics (safe from any thread).
+  CommStats stats() const;
+  void reset_stats();
+
+ private:
+  struct Impl;
+  void account(Collective c, const std::string& label, std::uint64_t payload_bytes, int root,
+               double seconds);
+  template <typename Fn>
+  void run_collective(Collective c, const std::string& label, std::uint64_t payload_bytes,
+                      int root, Fn&& issue);
+
+  std::unique_ptr<Impl> impl_;
+  int rank_;
+  int world_size_;
+  std::chrono::milliseconds timeout_;
+  mutable std::mutex stats_mutex_;
+  CommStats stats_;
+};
+
+}  // namespace diloco

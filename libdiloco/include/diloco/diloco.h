@@ -1,0 +1,12 @@
+// libdiloco: train one model on several islands of compute joined by a slow link.
+// The umbrella header: include this one.
+#pragma once
+
+#include "diloco/comm/comm_stats.h"
+#include "diloco/comm/group.h"
+#include "diloco/errors.h"
+#include "diloco/outer/outer_sgd.h"
+#include "diloco/sync/data_parallel.h"
+#include "diloco/sync/diloco.h"
+#include "diloco/sync/parameters.h"
+#include "diloco/version.h"

@@ -1,0 +1,106 @@
+// DiLoCo: islands train locally for H inner steps, then average their pseudo-gradients and take
+// one outer optimizer step on the shared global weights.
+//
+// Terms (Douillard et al. 2023, arXiv 2311.08105, Alg. 1):
+//   inner step      one step of the user's own optimizer (AdamW, SGD, ...) on local data;
+//   outer step      every H inner steps: delta = (1/k) sum_i (theta - theta_i), then
+//                   theta <- OuterSGD(theta, delta), and every island restarts from theta;
+//   pseudo-gradient theta - theta_i, the change an island made since the last outer step;
+//   fragment        the set of parameters one exchange covers. Today the whole model is one
+//                   fragment and its result is applied at once (tau = 0); the sync is written as
+//                   start_sync()/finish_sync() so that streaming fragments and overlap fit later.
+//
+// The inner optimizer's state stays local (DiLoCo §6.1: syncing it triples the bytes for no gain).
+//
+// Memory: beyond the model and its inner optimizer, DiLoCo holds the global weights and the outer
+// momentum, each a float32 copy of the parameters, on options.outer_device (the model's device by
+// default, or the CPU to save accelerator memory). The pseudo-gradient is computed in the model's
+// own storage, which the new global weights overwrite at the end of the outer step, so there is no
+// third copy. Only a model that is not float32, or that lives on another device than the outer
+// state, needs a float32 staging buffer for the pseudo-gradient on the outer device.
+//
+// Collectives: the constructor (model check, broadcast of rank 0's weights) and every outer step
+// are collectives; all ranks must construct together and call step() the same number of times.
+#pragma once
+
+#include <ATen/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "diloco/outer/outer_sgd.h"
+#include "diloco/sync/parameters.h"
+#include "diloco/sync/sync_stats.h"
+
+namespace torch {
+namespace optim {
+class Optimizer;
+}
+}  // namespace torch
+
+namespace diloco {
+
+class Group;
+
+struct DiLoCoOptions {
+  std::int64_t inner_steps = 500;  // H, DiLoCo §3 (H = 500); range >= 1
+  OuterSGDOptions outer;           // Nesterov, lr 0.7, momentum 0.9
+  // Where the global weights and the outer momentum live; unset = the model's device.
+  c10::optional<c10::Device> outer_device;
+
+  void validate() const;  // throws OptionError naming the option and its allowed range
+};
+
+
+class DiLoCo {
+ public:
+  // `model` and `inner` are the user's; both must outlive this object. Every parameter of the
+  // model must be in `inner`'s parameter groups (a typo there would silently train nothing).
+  DiLoCo(torch::nn::Module& model, torch::optim::Optimizer& inner, std::shared_ptr<Group> group,
+         DiLoCoOptions options = {});
+  // The same from a list of named tensors; `inner` may be null when the caller steps the
+  // tensors itself.
+  DiLoCo(std::vector<NamedParameter> parameters, torch::optim::Optimizer* inner,
+         std::shared_ptr<Group> group, DiLoCoOptions options = {});
+  ~DiLoCo();
+
+  // Call after each inner optimizer step. Every inner_steps-th call runs an outer step (a
+  // collective) and returns true. Throws PeerLostError if a peer is lost (the model then holds
+  // the last global weights) and Error if any island's pseudo-gradient is not finite (the global
+  // weights are left unchanged and the model is reset to them).
+  bool step();
+  // Run an outer step now, whatever the inner step count (all ranks must call it together).
+  void sync();
+
+  const DiLoCoOptions& options() const { return options_; }
+  SyncStats stats() const;
+  Group& group() { return *group_; }
+  const FlatParameters& parameters() const { return params_; }
+  // The global weights, one flat float32 buffer per parameter bucket.
+  const std::vector<at::Tensor>& global_weights() const { return global_; }
+
+ private:
+  void start_sync(std::size_t fragment);
+  void finish_sync(std::size_t fragment);
+  void reset_model_to_global();
+
+  DiLoCoOptions options_;
+  std::shared_ptr<Group> group_;
+  FlatParameters params_;
+  OuterSGD outer_;
+  std::vector<at::Tensor> global_;    // theta, per bucket
+  std::vector<at::Tensor> momentum_;  // outer momentum, per bucket (undefined when mu = 0)
+  // Per bucket: where the pseudo-gradient is summed. Undefined = in the model's own storage
+  // (float32 model on the outer device); else a float32 buffer on the outer device.
+  std::vector<at::Tensor> staging_;
+  std::vector<bool> local_finite_;    // per bucket: this rank's pseudo-gradient was finite
+  std::int64_t inner_step_ = 0;
+  std::int64_t outer_step_ = 0;
+  double sync_seconds_ = 0.0;
+};
+
+}  // namespace diloco

@@ -1,0 +1,16 @@
+// What a synchronizer (DiLoCo, DataParallel) reports about its own work.
+#pragma once
+
+#include <cstdint>
+
+namespace diloco {
+
+struct SyncStats {
+  std::int64_t inner_steps = 0;  // step() calls so far
+  std::int64_t outer_steps = 0;  // completed outer steps
+  double sync_seconds = 0.0;     // wall time inside outer steps (compute + communication)
+  std::uint64_t bytes_sent = 0;  // by this rank, all collectives of its group
+  std::uint64_t bytes_received = 0;
+};
+
+}  // namespace diloco

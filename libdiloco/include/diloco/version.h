@@ -1,0 +1,5 @@
+#pragma once
+#define DILOCO_VERSION_MAJOR 0
+#define DILOCO_VERSION_MINOR 1
+#define DILOCO_VERSION_PATCH 0
+#define DILOCO_VERSION "0.1.0"

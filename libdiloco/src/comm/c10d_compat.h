@@ -1,0 +1,48 @@
+// The one place that knows which c10d it is compiled against.
+//
+// LibTorch 1.13 (Debian) and 2.x (PyTorch wheels) differ in where ProcessGroupGloo sits in the
+// class tree (ProcessGroup vs Backend) and in a few constructor options. Everything else in the
+// library talks to c10d through these functions and the Work it returns.
+#pragma once
+
+#include <ATen/Tensor.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace c10d {
+class Store;
+}  // namespace c10d
+
+namespace diloco {
+namespace compat {
+
+class GlooGroup;  // opaque holder of a c10d ProcessGroupGloo (a Backend in 2.x)
+
+// A TCPStore: rank 0 serves it at host:port, the others connect. Blocks until `world_size`
+// workers have joined or `timeout` passes.
+c10::intrusive_ptr<c10d::Store> make_tcp_store(const std::string& host, std::uint16_t port,
+                                               bool is_server, int world_size,
+                                               std::chrono::milliseconds timeout);
+
+// Connects a Gloo group over `store`; `hostname` is the address this rank's Gloo device binds.
+std::shared_ptr<GlooGroup> make_gloo_group(const c10::intrusive_ptr<c10d::Store>& store,
+                                              int rank, int world_size,
+                                              std::chrono::milliseconds timeout,
+                                              const std::string& hostname);
+
+c10::intrusive_ptr<c10d::Work> allreduce_sum(GlooGroup& group, at::Tensor& tensor);
+c10::intrusive_ptr<c10d::Work> broadcast(GlooGroup& group, at::Tensor& tensor, int root);
+c10::intrusive_ptr<c10d::Work> allgather(GlooGroup& group, std::vector<at::Tensor>& outputs,
+                                         at::Tensor& input);
+c10::intrusive_ptr<c10d::Work> barrier(GlooGroup& group);
+// Blocks until done; rethrows the collective's error.
+void wait(const c10::intrusive_ptr<c10d::Work>& work);
+
+}  // namespace compat
+}  // namespace diloco

@@ -1,0 +1,279 @@
+// The wide-area group (see group.h): rendezvous, accounted collectives, readable errors.
+#include "diloco/comm/group.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+#include "comm/c10d_compat.h"
+#include "diloco/errors.h"
+
+namespace diloco {
+namespace {
+
+std::string required_env(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') {
+    throw OptionError(std::string("[Group] environment variable ") + name +
+                      " is not set; set MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE (as "
+                      "torchrun and diloco-run do) or pass GroupOptions explicitly");
+  }
+  return v;
+}
+
+long parse_env_int(const char* name, const std::string& value) {
+  char* end = nullptr;
+  errno = 0;
+  long v = std::strtol(value.c_str(), &end, 10);
+  if (errno != 0 || end == value.c_str() || *end != '\0') {
+    throw OptionError(std::string("[Group] environment variable ") + name + "='" + value +
+                      "' is not an integer");
+  }
+  return v;
+}
+
+// The address of this host's interface that routes to `peer` (a connected UDP socket sends
+// nothing), so that Gloo binds where the other islands can reach it.
+std::string local_address_towards(const std::string& peer) {
+  if (peer == "127.0.0.1" || peer == "localhost" || peer == "::1") return "127.0.0.1";
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(peer.c_str(), "9", &hints, &res) != 0 || res == nullptr) {
+    throw Error("[Group] cannot resolve MASTER_ADDR '" + peer + "'");
+  }
+  std::string result = "127.0.0.1";
+  int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
+  if (fd >= 0) {
+    if (::connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
+      sockaddr_in local{};
+      socklen_t len = sizeof local;
+      if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0) {
+        char buf[INET_ADDRSTRLEN];
+        if (inet_ntop(AF_INET, &local.sin_addr, buf, sizeof buf) != nullptr) result = buf;
+      }
+    }
+    ::close(fd);
+  }
+  freeaddrinfo(res);
+  return result;
+}
+
+bool looks_like_lost_peer(const std::string& what) {
+  static const char* kMarkers[] = {"Connection closed", "Connection reset", "closed by peer",
+                                   "Timed out",         "timed out",        "pair closure",
+                                   "Broken pipe",       "Connection refused", "Socket"};
+  return std::any_of(std::begin(kMarkers), std::end(kMarkers),
+                     [&](const char* m) { return what.find(m) != std::string::npos; });
+}
+
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+}  // namespace
+
+void GroupOptions::validate() const {
+  if (world_size < 1) {
+    throw OptionError("[Group] world_size (WORLD_SIZE) must be >= 1, got " +
+                      std::to_string(world_size));
+  }
+  if (rank < 0 || rank >= world_size) {
+    throw OptionError("[Group] rank (RANK) must be in [0, " + std::to_string(world_size - 1) +
+                      "] for world_size " + std::to_string(world_size) + ", got " +
+                      std::to_string(rank));
+  }
+  if (master_port < 1 || master_port > 65535) {
+    throw OptionError("[Group] master_port (MASTER_PORT) must be in [1, 65535], got " +
+                      std::to_string(master_port));
+  }
+  if (master_addr.empty()) throw OptionError("[Group] master_addr (MASTER_ADDR) must not be empty");
+  if (timeout.count() <= 0) {
+    throw OptionError("[Group] timeout must be > 0 ms, got " + std::to_string(timeout.count()));
+  }
+}
+
+GroupOptions GroupOptions::from_env() {
+  GroupOptions o;
+  o.master_addr = required_env("MASTER_ADDR");
+  o.master_port = static_cast<int>(parse_env_int("MASTER_PORT", required_env("MASTER_PORT")));
+  o.rank = static_cast<int>(parse_env_int("RANK", required_env("RANK")));
+  o.world_size = static_cast<int>(parse_env_int("WORLD_SIZE", required_env("WORLD_SIZE")));
+  if (const char* t = std::getenv("DILOCO_TIMEOUT_S"); t != nullptr && *t != '\0') {
+    long s = parse_env_int("DILOCO_TIMEOUT_S", t);
+    if (s < 1) throw OptionError("[Group] DILOCO_TIMEOUT_S must be >= 1 second, got " + std::string(t));
+    o.timeout = std::chrono::seconds(s);
+  }
+  if (const char* h = std::getenv("DILOCO_HOSTNAME"); h != nullptr) o.hostname = h;
+  o.validate();
+  return o;
+}
+
+struct Group::Impl {
+  c10::intrusive_ptr<c10d::Store> store;
+  std::shared_ptr<compat::GlooGroup> gloo;
+};
+
+std::shared_ptr<Group> Group::create(const GroupOptions& options) {
+  options.validate();
+  const std::string where = options.master_addr + ":" + std::to_string(options.master_port);
+  c10::intrusive_ptr<c10d::Store> store;
+  try {
+    store = compat::make_tcp_store(options.master_addr,
+                                   static_cast<std::uint16_t>(options.master_port),
+                                   options.rank == 0, options.world_size, options.timeout);
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    if (options.rank == 0 && what.find("in use") != std::string::npos) {
+      throw Error("[Group] rank 0 cannot serve the rendezvous store at " + where +
+                  ": the port is in use; pick another MASTER_PORT (" + first_line(what) + ")");
+    }
+    throw Error("[Group] rank " + std::to_string(options.rank) + " of " +
+                std::to_string(options.world_size) + ": rendezvous at " + where +
+                " failed within " + std::to_string(options.timeout.count()) +
+                " ms (are all " + std::to_string(options.world_size) +
+                " ranks started with the same MASTER_ADDR/MASTER_PORT?): " + first_line(what));
+  }
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>("diloco", store);
+  const std::string hostname =
+      options.hostname.empty() ? local_address_towards(options.master_addr) : options.hostname;
+  return std::make_shared<Group>(prefixed, options.rank, options.world_size, options.timeout,
+                                 hostname);
+}
+
+std::shared_ptr<Group> Group::from_env() { return create(GroupOptions::from_env()); }
+
+Group::Group(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
+             std::chrono::milliseconds timeout, const std::string& hostname)
+    : impl_(std::make_unique<Impl>()), rank_(rank), world_size_(world_size), timeout_(timeout) {
+  GroupOptions check;
+  check.rank = rank;
+  check.world_size = world_size;
+  check.timeout = timeout;
+  check.validate();
+  impl_->store = std::move(store);
+  try {
+    impl_->gloo = compat::make_gloo_group(impl_->store, rank, world_size, timeout, hostname);
+  } catch (const std::exception& e) {
+    throw PeerLostError("[Group] rank " + std::to_string(rank) + " of " +
+                        std::to_string(world_size) + ": connecting the Gloo group on '" +
+                        hostname + "' failed within " + std::to_string(timeout.count()) +
+                        " ms: " + first_line(e.what()));
+  }
+}
+
+Group::~Group() = default;
+
+void Group::account(Collective c, const std::string& label, std::uint64_t payload_bytes, int root,
+                    double seconds) {
+  const ByteCount b = collective_bytes(c, payload_bytes, world_size_, rank_, root);
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  OpStats& op = stats_.ops[std::string(collective_name(c)) + ":" + label];
+  op.calls += 1;
+  op.bytes_sent += b.sent;
+  op.bytes_received += b.received;
+  op.seconds += seconds;
+}
+
+template <typename Fn>
+void Group::run_collective(Collective c, const std::string& label, std::uint64_t payload_bytes,
+                           int root, Fn&& issue) {
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    compat::wait(issue());
+  } catch (const std::exception& e) {
+    std::ostringstream msg;
+    msg << "[" << collective_name(c) << " '" << label << "'] rank " << rank_ << " of "
+        << world_size_ << ": ";
+    const std::string what = e.what();
+    if (looks_like_lost_peer(what)) {
+      msg << "lost a peer (it exited, or the link broke, or it did not answer within "
+          << timeout_.count() << " ms): " << first_line(what);
+      throw PeerLostError(msg.str());
+    }
+    msg << first_line(what);
+    throw Error(msg.str());
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  account(c, label, payload_bytes, root, seconds);
+}
+
+void Group::allreduce_sum(at::Tensor& tensor, const std::string& label) {
+  TORCH_CHECK(tensor.is_contiguous(), "[allreduce '", label, "'] tensor must be contiguous");
+  if (world_size_ == 1) return account(Collective::kAllReduce, label, tensor.nbytes(), 0, 0.0);
+  run_collective(Collective::kAllReduce, label, tensor.nbytes(), 0,
+                 [&] { return compat::allreduce_sum(*impl_->gloo, tensor); });
+}
+
+void Group::broadcast(at::Tensor& tensor, int root, const std::string& label) {
+  if (root < 0 || root >= world_size_) {
+    throw OptionError("[broadcast '" + label + "'] root must be in [0, " +
+                      std::to_string(world_size_ - 1) + "], got " + std::to_string(root));
+  }
+  TORCH_CHECK(tensor.is_contiguous(), "[broadcast '", label, "'] tensor must be contiguous");
+  if (world_size_ == 1) return account(Collective::kBroadcast, label, tensor.nbytes(), root, 0.0);
+  run_collective(Collective::kBroadcast, label, tensor.nbytes(), root,
+                 [&] { return compat::broadcast(*impl_->gloo, tensor, root); });
+}
+
+std::vector<at::Tensor> Group::allgather(const at::Tensor& tensor, const std::string& label) {
+  at::Tensor input = tensor.contiguous();
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(world_size_);
+  for (int r = 0; r < world_size_; ++r) outputs.push_back(at::empty_like(input));
+  if (world_size_ == 1) {
+    outputs[0].copy_(input);
+    account(Collective::kAllGather, label, input.nbytes(), 0, 0.0);
+    return outputs;
+  }
+  run_collective(Collective::kAllGather, label, input.nbytes(), 0,
+                 [&] { return compat::allgather(*impl_->gloo, outputs, input); });
+  return outputs;
+}
+
+std::vector<std::string> Group::allgather_bytes(const std::string& bytes,
+                                                const std::string& label) {
+  at::Tensor len = at::full({1}, static_cast<std::int64_t>(bytes.size()), at::kLong);
+  auto lens = allgather(len, label + ".length");
+  std::int64_t longest = 0;
+  for (const auto& l : lens) longest = std::max(longest, l.item<std::int64_t>());
+  at::Tensor buf = at::zeros({std::max<std::int64_t>(longest, 1)}, at::kByte);
+  std::memcpy(buf.data_ptr<std::uint8_t>(), bytes.data(), bytes.size());
+  auto all = allgather(buf, label);
+  std::vector<std::string> out;
+  out.reserve(all.size());
+  for (std::size_t r = 0; r < all.size(); ++r) {
+    out.emplace_back(reinterpret_cast<const char*>(all[r].data_ptr<std::uint8_t>()),
+                     static_cast<std::size_t>(lens[r].item<std::int64_t>()));
+  }
+  return out;
+}
+
+void Group::barrier(const std::string& label) {
+  if (world_size_ == 1) return;
+  run_collective(Collective::kBarrier, label, 0, 0,
+                 [&] { return compat::barrier(*impl_->gloo); });
+}
+
+CommStats Group::stats() const {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  return stats_;
+}
+
+void Group::reset_stats() {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  stats_ = CommStats{};
+}
+
+}  // namespace diloco

@@ -1,0 +1,77 @@
+// Outer SGD with (Nesterov) momentum (see outer_sgd.h).
+#include "diloco/outer/outer_sgd.h"
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+
+#include "diloco/errors.h"
+#include "kernels/cpu_kernels.h"
+
+namespace diloco {
+
+void OuterSGDOptions::validate() const {
+  if (!(lr > 0.0) || !std::isfinite(lr)) {
+    std::ostringstream m;
+    m << "[OuterSGD] outer lr must be a finite number > 0, got " << lr;
+    throw OptionError(m.str());
+  }
+  if (!(momentum >= 0.0 && momentum < 1.0)) {
+    std::ostringstream m;
+    m << "[OuterSGD] outer momentum must be in [0, 1), got " << momentum;
+    throw OptionError(m.str());
+  }
+}
+
+OuterSGDOptions OuterSGDOptions::averaging() {
+  OuterSGDOptions o;
+  o.lr = 1.0;
+  o.momentum = 0.0;
+  o.nesterov = false;
+  return o;
+}
+
+OuterSGD::OuterSGD(OuterSGDOptions options) : options_(options) { options_.validate(); }
+
+at::Tensor OuterSGD::make_state(const at::Tensor& global) const {
+  if (options_.momentum == 0.0) return at::Tensor();
+  return at::zeros_like(global, global.options().dtype(at::kFloat));
+}
+
+namespace {
+bool fusable(const at::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+}
+}  // namespace
+
+void OuterSGD::step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
+                    double delta_scale, at::Tensor& write_back) const {
+  const double mu = options_.momentum;
+  const bool need_momentum = mu != 0.0;
+  TORCH_CHECK(global.numel() == delta_sum.numel() && global.numel() == write_back.numel(),
+              "[OuterSGD] buffer sizes differ: global ", global.numel(), ", delta ",
+              delta_sum.numel(), ", write_back ", write_back.numel());
+  if (fusable(global) && fusable(delta_sum) && fusable(write_back) &&
+      (!need_momentum || fusable(momentum))) {
+    kernels::outer_sgd(global.data_ptr<float>(), need_momentum ? momentum.data_ptr<float>() : nullptr,
+                       delta_sum.data_ptr<float>(), write_back.data_ptr<float>(), global.numel(),
+                       static_cast<float>(delta_scale), static_cast<float>(options_.lr),
+                       static_cast<float>(mu), options_.nesterov);
+    return;
+  }
+  // Any device or dtype: the same update as a few ATen ops.
+  at::Tensor d = delta_sum.to(global.options()).mul(delta_scale);
+  if (!need_momentum) {
+    global.sub_(d, options_.lr);
+  } else {
+    momentum.mul_(mu).add_(d);
+    if (options_.nesterov) {
+      global.sub_(d.add(momentum, mu), options_.lr);
+    } else {
+      global.sub_(momentum, options_.lr);
+    }
+  }
+  write_back.copy_(global);
+}
+
+}  // namespace diloco

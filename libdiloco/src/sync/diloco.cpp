@@ -1,0 +1,171 @@
+// DiLoCo outer loop (see diloco.h for the terms and the memory layout).
+#include "diloco/sync/diloco.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+
+#include <chrono>
+#include <set>
+#include <sstream>
+
+#include "diloco/comm/group.h"
+#include "diloco/errors.h"
+#include "kernels/cpu_kernels.h"
+
+namespace diloco {
+namespace {
+
+// The model's own storage can carry the pseudo-gradient when it already has the layout of the
+// global weights: float32 on the outer device.
+bool in_place_ok(const at::Tensor& flat, const at::Device& outer_device) {
+  return flat.scalar_type() == at::kFloat && flat.device() == outer_device;
+}
+
+std::string missing_from_optimizer(const FlatParameters& params,
+                                   const torch::optim::Optimizer* inner) {
+  if (inner == nullptr) return "";
+  std::set<const void*> optimized;
+  for (const auto& group : inner->param_groups()) {
+    for (const auto& p : group.params()) optimized.insert(p.unsafeGetTensorImpl());
+  }
+  for (const auto& p : params.parameters()) {
+    if (optimized.count(p.tensor.unsafeGetTensorImpl()) == 0) {
+      return "parameter '" + p.name +
+             "' is not in the inner optimizer's parameter groups (build the optimizer from "
+             "model->parameters())";
+    }
+  }
+  return "";
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+void DiLoCoOptions::validate() const {
+  if (inner_steps < 1) {
+    throw OptionError("[DiLoCo] inner_steps (H) must be >= 1, got " + std::to_string(inner_steps));
+  }
+  outer.validate();
+}
+
+DiLoCo::DiLoCo(torch::nn::Module& model, torch::optim::Optimizer& inner,
+               std::shared_ptr<Group> group, DiLoCoOptions options)
+    : DiLoCo(named_parameters(model), &inner, std::move(group), options) {}
+
+DiLoCo::DiLoCo(std::vector<NamedParameter> parameters, torch::optim::Optimizer* inner,
+               std::shared_ptr<Group> group, DiLoCoOptions options)
+    : options_((options.validate(), options)),
+      group_(std::move(group)),
+      params_(std::move(parameters)),
+      outer_(options_.outer) {
+  if (!group_) throw OptionError("[DiLoCo] group must not be null");
+  params_.agree_across(*group_, "DiLoCo", missing_from_optimizer(params_, inner));
+  const at::Device outer_device =
+      options_.outer_device.value_or(params_.buckets().front().flat.device());
+  for (const auto& b : params_.buckets()) {
+    at::Tensor g = b.flat.to(outer_device, at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+    momentum_.push_back(outer_.make_state(g));
+    staging_.push_back(in_place_ok(b.flat, outer_device) ? at::Tensor() : at::empty_like(g));
+    global_.push_back(std::move(g));
+  }
+}
+
+DiLoCo::~DiLoCo() = default;
+
+bool DiLoCo::step() {
+  ++inner_step_;
+  if (inner_step_ % options_.inner_steps != 0) return false;
+  sync();
+  return true;
+}
+
+void DiLoCo::sync() {
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    start_sync(0);
+    finish_sync(0);
+  } catch (...) {
+    sync_seconds_ += seconds_since(start);
+    throw;
+  }
+  sync_seconds_ += seconds_since(start);
+}
+
+void DiLoCo::start_sync(std::size_t /*fragment: the whole model for now*/) {
+  auto& buckets = params_.buckets();
+  local_finite_.assign(buckets.size(), true);
+  for (std::size_t i = 0; i < buckets.size(); ++i) {
+    at::Tensor& local = buckets[i].flat;
+    at::Tensor& delta = staging_[i].defined() ? staging_[i] : local;
+    if (delta.is_same(local) && local.device().is_cpu()) {
+      local_finite_[i] = kernels::pseudo_gradient_inplace(
+          local.data_ptr<float>(), global_[i].data_ptr<float>(), local.numel());
+    } else {
+      at::NoGradGuard no_grad;
+      at::sub_out(delta, global_[i], local.to(delta.options()));
+      local_finite_[i] = at::isfinite(delta).all().item<bool>();
+    }
+    try {
+      group_->allreduce_sum(delta, "outer_sync");
+    } catch (const PeerLostError&) {
+      reset_model_to_global();
+      throw;
+    }
+  }
+}
+
+void DiLoCo::finish_sync(std::size_t /*fragment*/) {
+  auto& buckets = params_.buckets();
+  // The sum is bit-identical on every rank (ring all-reduce), so every rank takes the same
+  // decision here without another collective. Check all buckets before changing any.
+  for (std::size_t i = 0; i < buckets.size(); ++i) {
+    const at::Tensor& delta = staging_[i].defined() ? staging_[i] : buckets[i].flat;
+    std::int64_t bad = -1;
+    if (delta.device().is_cpu() && delta.scalar_type() == at::kFloat) {
+      bad = kernels::first_nonfinite(delta.data_ptr<float>(), delta.numel());
+    } else if (!at::isfinite(delta).all().item<bool>()) {
+      bad = at::logical_not(at::isfinite(delta)).nonzero()[0][0].item<std::int64_t>();
+    }
+    if (bad >= 0) {
+      reset_model_to_global();
+      std::ostringstream m;
+      m << "[DiLoCo outer step " << outer_step_ + 1 << "] rank " << group_->rank()
+        << ": the summed pseudo-gradient is NaN or infinite in parameter '"
+        << params_.name_at(i, bad) << "' (this rank's own was "
+        << (local_finite_[i] ? "finite, so another rank sent it" : "not finite") << "); the "
+        << "global weights are unchanged and the model was reset to them";
+      throw Error(m.str());
+    }
+  }
+  const double scale = 1.0 / group_->world_size();
+  for (std::size_t i = 0; i < buckets.size(); ++i) {
+    at::NoGradGuard no_grad;
+    const at::Tensor& delta = staging_[i].defined() ? staging_[i] : buckets[i].flat;
+    outer_.step(global_[i], momentum_[i], delta, scale, buckets[i].flat);
+  }
+  ++outer_step_;
+}
+
+void DiLoCo::reset_model_to_global() {
+  at::NoGradGuard no_grad;
+  auto& buckets = params_.buckets();
+  for (std::size_t i = 0; i < buckets.size(); ++i) buckets[i].flat.copy_(global_[i]);
+}
+
+SyncStats DiLoCo::stats() const {
+  SyncStats s;
+  s.inner_steps = inner_step_;
+  s.outer_steps = outer_step_;
+  s.sync_seconds = sync_seconds_;
+  const CommStats c = group_->stats();
+  s.bytes_sent = c.bytes_sent();
+  s.bytes_received = c.bytes_received();
+  return s;
+}
+
+}  // namespace diloco

@@ -1,0 +1,165 @@
+// Group construction: options, environment variables, rendezvous failures, lost peers.
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <ATen/ATen.h>
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cstdlib>
+#include <optional>
+#include <thread>
+
+#include "diloco/comm/group.h"
+#include "diloco/errors.h"
+#include "support/ranks.h"
+
+using Catch::Matchers::Contains;
+
+namespace {
+
+struct EnvGuard {
+  explicit EnvGuard(std::vector<std::pair<std::string, const char*>> vars) {
+    for (auto& [k, v] : vars) {
+      const char* old = std::getenv(k.c_str());
+      saved.emplace_back(k, old ? std::optional<std::string>(old) : std::nullopt);
+      if (v) ::setenv(k.c_str(), v, 1); else ::unsetenv(k.c_str());
+    }
+  }
+  ~EnvGuard() {
+    for (auto& [k, v] : saved) {
+      if (v) ::setenv(k.c_str(), v->c_str(), 1); else ::unsetenv(k.c_str());
+    }
+  }
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved;
+};
+
+diloco::GroupOptions valid() {
+  diloco::GroupOptions o;
+  o.rank = 0;
+  o.world_size = 2;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("group options are validated with the option's name and range", "[comm]") {
+  auto o = valid();
+  o.world_size = 0;
+  CHECK_THROWS_WITH(o.validate(), Contains("world_size") && Contains(">= 1"));
+  o = valid();
+  o.rank = 2;
+  CHECK_THROWS_WITH(o.validate(), Contains("rank") && Contains("[0, 1]"));
+  o = valid();
+  o.master_port = 70000;
+  CHECK_THROWS_WITH(o.validate(), Contains("master_port") && Contains("[1, 65535]"));
+  o = valid();
+  o.timeout = std::chrono::milliseconds(0);
+  CHECK_THROWS_WITH(o.validate(), Contains("timeout"));
+  CHECK_THROWS_AS(o.validate(), diloco::OptionError);
+}
+
+TEST_CASE("group options come from torchrun's environment variables", "[comm]") {
+  {
+    EnvGuard env({{"MASTER_ADDR", "10.1.2.3"}, {"MASTER_PORT", "29555"}, {"RANK", "3"},
+                  {"WORLD_SIZE", "4"}, {"DILOCO_TIMEOUT_S", "7"}});
+    auto o = diloco::GroupOptions::from_env();
+    CHECK(o.master_addr == "10.1.2.3");
+    CHECK(o.master_port == 29555);
+    CHECK(o.rank == 3);
+    CHECK(o.world_size == 4);
+    CHECK(o.timeout == std::chrono::seconds(7));
+  }
+  {
+    EnvGuard env({{"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29555"}, {"RANK", nullptr},
+                  {"WORLD_SIZE", "4"}});
+    CHECK_THROWS_WITH(diloco::GroupOptions::from_env(), Contains("RANK") && Contains("not set"));
+  }
+  {
+    EnvGuard env({{"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "abc"}, {"RANK", "0"},
+                  {"WORLD_SIZE", "4"}});
+    CHECK_THROWS_WITH(diloco::GroupOptions::from_env(), Contains("MASTER_PORT") && Contains("integer"));
+  }
+  {
+    EnvGuard env({{"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29555"}, {"RANK", "0"},
+                  {"WORLD_SIZE", "0"}});
+    CHECK_THROWS_WITH(diloco::GroupOptions::from_env(), Contains("WORLD_SIZE") && Contains(">= 1"));
+  }
+}
+
+TEST_CASE("a port in use is reported as such", "[comm]") {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  REQUIRE(::listen(fd, 1) == 0);
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  auto o = valid();
+  o.world_size = 1;
+  o.master_port = ntohs(addr.sin_port);
+  o.timeout = std::chrono::milliseconds(3000);
+  CHECK_THROWS_WITH(diloco::Group::create(o), Contains("in use") && Contains(std::to_string(o.master_port)));
+  ::close(fd);
+}
+
+TEST_CASE("a rendezvous whose peers never come fails within the timeout", "[comm]") {
+  auto o = valid();
+  o.master_port = diloco_test::free_port();
+  o.timeout = std::chrono::milliseconds(1500);
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_THROWS_AS(diloco::Group::create(o), diloco::Error);
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(15));
+}
+
+TEST_CASE("a TCPStore group of real ranks connects and all-reduces", "[comm][gloo]") {
+  const int port = diloco_test::free_port();
+  const int world = 3;
+  std::vector<float> results(world);
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(world);
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        diloco::GroupOptions o;
+        o.master_port = port;
+        o.rank = r;
+        o.world_size = world;
+        o.timeout = std::chrono::milliseconds(10000);
+        auto g = diloco::Group::create(o);
+        at::Tensor t = at::ones({5});
+        g->allreduce_sum(t, "x");
+        results[r] = t[4].item<float>();
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < world; ++r) {
+    INFO(errors[r]);
+    CHECK(errors[r].empty());
+    CHECK(results[r] == 3.0f);
+  }
+}
+
+TEST_CASE("a peer that leaves makes the others' next collective raise PeerLostError", "[comm][gloo]") {
+  const auto errors = diloco_test::run_ranks_collect(
+      3,
+      [](int rank, std::shared_ptr<diloco::Group> g) {
+        at::Tensor t = at::ones({100});
+        g->allreduce_sum(t, "warmup");
+        if (rank == 1) return;  // leaves: its Group (and its connections) is destroyed
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        g->allreduce_sum(t, "after_loss");
+      },
+      std::chrono::milliseconds(5000));
+  CHECK(errors[1].empty());
+  for (int r : {0, 2}) {
+    INFO(errors[r]);
+    CHECK_THAT(errors[r], Contains("allreduce 'after_loss'") && Contains("rank " + std::to_string(r)) &&
+                              Contains("lost a peer"));
+  }
+}

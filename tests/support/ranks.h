@@ -1,0 +1,32 @@
+// Test harness: run N ranks as threads of this process, each with its own diloco::Group over a
+// shared c10d::HashStore and real Gloo connections on loopback.
+//
+// run_ranks() joins every thread and rethrows the first failure (by rank order), so a failed
+// REQUIRE inside a rank fails the test. Catch2's assertions are not thread-safe: ranks return or
+// throw, and the test thread asserts on what they returned.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "diloco/comm/group.h"
+
+namespace diloco_test {
+
+using RankFn = std::function<void(int rank, std::shared_ptr<diloco::Group> group)>;
+
+// Runs fn on world_size threads. Each thread's exception (or "") is returned by rank.
+std::vector<std::string> run_ranks_collect(int world_size, const RankFn& fn,
+                                           std::chrono::milliseconds timeout =
+                                               std::chrono::milliseconds(20000));
+// The same, rethrowing the first failure as std::runtime_error("rank R: ...").
+void run_ranks(int world_size, const RankFn& fn,
+               std::chrono::milliseconds timeout = std::chrono::milliseconds(20000));
+
+// A free TCP port on 127.0.0.1 (bound to port 0 and released).
+int free_port();
+
+}  // namespace diloco_test

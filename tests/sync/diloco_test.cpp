@@ -1,0 +1,217 @@
+// DiLoCo over real Gloo ranks (threads on loopback): the outer step's formula, bit-identical
+// global weights, the data-parallel special case, and the errors a user can run into.
+#include <ATen/ATen.h>
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "diloco/diloco.h"
+#include "support/ranks.h"
+
+using Catch::Matchers::Contains;
+
+namespace {
+
+struct TinyNet : torch::nn::Module {
+  explicit TinyNet(int hidden = 16) {
+    fc1 = register_module("fc1", torch::nn::Linear(8, hidden));
+    fc2 = register_module("fc2", torch::nn::Linear(hidden, 1));
+  }
+  torch::Tensor forward(torch::Tensor x) { return fc2->forward(torch::tanh(fc1->forward(x))); }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+
+at::Tensor flat_copy(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> parts;
+  for (const auto& t : ts) parts.push_back(t.detach().reshape({-1}).to(at::kDouble));
+  return at::cat(parts);
+}
+
+at::Tensor model_vector(TinyNet& net) { return flat_copy(net.parameters()); }
+
+// One inner step of regression on this rank's own data.
+void inner_step(TinyNet& net, torch::optim::Optimizer& opt, int rank, int step) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(1000 * rank + step);
+  at::Tensor x = at::randn({16, 8}, gen);
+  at::Tensor y = x.sum(1, true).sin();
+  opt.zero_grad();
+  torch::mse_loss(net.forward(x), y).backward();
+  opt.step();
+}
+
+}  // namespace
+
+TEST_CASE("the outer step is Nesterov SGD on the mean pseudo-gradient, bit-identical on all ranks",
+          "[diloco][gloo]") {
+  const int world = GENERATE(1, 2, 3, 4);
+  const int H = 3, outer_steps = 3;
+  // Per rank: the global weights after each outer step, the weights before each sync, and the
+  // initial (broadcast) weights.
+  std::vector<std::vector<at::Tensor>> globals(world), locals(world);
+  std::vector<at::Tensor> start(world);
+  std::vector<bool> model_equals_global(world, true);
+  diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> group) {
+    torch::manual_seed(rank);  // different initial weights: rank 0's must win
+    TinyNet net;
+    torch::optim::AdamW opt(net.parameters(), torch::optim::AdamWOptions(1e-2));
+    diloco::DiLoCoOptions o;
+    o.inner_steps = H;
+    diloco::DiLoCo sync(net, opt, group, o);
+    start[rank] = model_vector(net);
+    for (int s = 1; s <= H * outer_steps; ++s) {
+      inner_step(net, opt, rank, s);
+      if (s % H == 0) locals[rank].push_back(model_vector(net));
+      if (sync.step()) {
+        globals[rank].push_back(flat_copy(sync.global_weights()));
+        model_equals_global[rank] =
+            model_equals_global[rank] && at::equal(model_vector(net), globals[rank].back());
+      }
+    }
+  });
+  // Reference: torch.optim.SGD(lr=0.7, momentum=0.9, nesterov=True) fed the mean pseudo-gradient.
+  at::Tensor theta = start[0].clone(), buf = at::zeros_like(theta);
+  for (int r = 1; r < world; ++r) REQUIRE(at::equal(start[r], start[0]));
+  for (int t = 0; t < outer_steps; ++t) {
+    at::Tensor delta = at::zeros_like(theta);
+    for (int r = 0; r < world; ++r) delta += theta - locals[r][t];
+    delta /= world;
+    buf = 0.9 * buf + delta;
+    theta = theta - 0.7 * (delta + 0.9 * buf);
+    const double diff = (globals[0][t] - theta).abs().max().item<double>();
+    INFO("world " << world << " outer step " << t + 1 << " max |diff| vs reference " << diff);
+    CHECK(diff < 1e-5);
+    for (int r = 1; r < world; ++r) CHECK(at::equal(globals[r][t], globals[0][t]));
+    theta = globals[0][t].clone();  // follow the library so float rounding does not accumulate
+  }
+  for (int r = 0; r < world; ++r) CHECK(model_equals_global[r]);
+}
+
+TEST_CASE("H=1, inner SGD, outer averaging is data parallelism", "[diloco][gloo]") {
+  const int world = 3, steps = 6;
+  std::vector<at::Tensor> dp_result(world), diloco_result(world), initial(world);
+  auto train = [&](bool use_diloco) {
+    diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> group) {
+      torch::manual_seed(0);
+      TinyNet net;
+      torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
+      std::unique_ptr<diloco::DiLoCo> outer;
+      std::unique_ptr<diloco::DataParallel> dp;
+      initial[rank] = model_vector(net);
+      if (use_diloco) {
+        diloco::DiLoCoOptions o;
+        o.inner_steps = 1;
+        o.outer = diloco::OuterSGDOptions::averaging();
+        outer = std::make_unique<diloco::DiLoCo>(net, opt, group, o);
+      } else {
+        dp = std::make_unique<diloco::DataParallel>(net, group);
+      }
+      for (int s = 1; s <= steps; ++s) {
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(100 * rank + s);
+        at::Tensor x = at::randn({16, 8}, gen);
+        opt.zero_grad();
+        torch::mse_loss(net.forward(x), x.sum(1, true).sin()).backward();
+        if (dp) dp->sync_gradients();
+        opt.step();
+        if (outer) REQUIRE(outer->step());
+      }
+      (use_diloco ? diloco_result : dp_result)[rank] = model_vector(net);
+    });
+  };
+  train(false);
+  train(true);
+  const double diff = (dp_result[0] - diloco_result[0]).abs().max().item<double>();
+  INFO("max |DiLoCo(H=1) - data parallel| = " << diff);
+  CHECK(diff < 1e-6);
+  CHECK((dp_result[0] - initial[0]).abs().max().item<double>() > 1e-3);  // it did train
+  for (int r = 1; r < world; ++r) CHECK(at::equal(dp_result[r], dp_result[0]));
+}
+
+TEST_CASE("islands with different models fail at construction on every rank", "[diloco][gloo]") {
+  const auto errors = diloco_test::run_ranks_collect(3, [](int rank, std::shared_ptr<diloco::Group> g) {
+    TinyNet net(rank == 2 ? 32 : 16);
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+    diloco::DiLoCo sync(net, opt, g, {});
+  });
+  for (int r = 0; r < 3; ++r) {
+    INFO("rank " << r << ": " << errors[r]);
+    CHECK_THAT(errors[r], Contains("different models") && Contains("'fc1.weight'") &&
+                              Contains("[16, 8] Float on rank 0") && Contains("[32, 8] Float on rank 2"));
+  }
+}
+
+TEST_CASE("a parameter missing from the inner optimizer is an error on every rank", "[diloco][gloo]") {
+  const auto errors = diloco_test::run_ranks_collect(2, [](int rank, std::shared_ptr<diloco::Group> g) {
+    TinyNet net;
+    auto params = rank == 1 ? net.fc1->parameters() : net.parameters();
+    torch::optim::SGD opt(params, torch::optim::SGDOptions(0.1));
+    diloco::DiLoCo sync(net, opt, g, {});
+  });
+  for (int r = 0; r < 2; ++r) {
+    INFO(errors[r]);
+    CHECK_THAT(errors[r], Contains("rank 1") && Contains("'fc2.weight'") && Contains("inner optimizer"));
+  }
+}
+
+TEST_CASE("a NaN pseudo-gradient is never averaged into the global weights", "[diloco][gloo]") {
+  const int world = 3;
+  std::vector<at::Tensor> before(world), after(world), model_after(world);
+  const auto errors = diloco_test::run_ranks_collect(world, [&](int rank, std::shared_ptr<diloco::Group> g) {
+    torch::manual_seed(0);
+    TinyNet net;
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+    diloco::DiLoCoOptions o;
+    o.inner_steps = 2;
+    diloco::DiLoCo sync(net, opt, g, o);
+    before[rank] = flat_copy(sync.global_weights());
+    inner_step(net, opt, rank, 1);
+    sync.step();
+    inner_step(net, opt, rank, 2);
+    if (rank == 1) {
+      torch::NoGradGuard no_grad;
+      net.fc2->bias.fill_(std::nan(""));
+    }
+    try {
+      sync.step();
+    } catch (...) {
+      after[rank] = flat_copy(sync.global_weights());
+      model_after[rank] = model_vector(net);
+      throw;
+    }
+  });
+  for (int r = 0; r < world; ++r) {
+    INFO("rank " << r << ": " << errors[r]);
+    CHECK_THAT(errors[r], Contains("NaN or infinite") && Contains("'fc2.bias'") &&
+                              Contains(r == 1 ? "own was not finite" : "another rank sent it"));
+    REQUIRE(after[r].defined());
+    CHECK(at::equal(after[r], before[r]));
+    CHECK(at::equal(model_after[r], after[r]));
+  }
+}
+
+TEST_CASE("DiLoCo options are validated by name", "[diloco]") {
+  diloco::DiLoCoOptions o;
+  o.inner_steps = 0;
+  CHECK_THROWS_WITH(o.validate(), Contains("inner_steps (H)") && Contains(">= 1"));
+  o.inner_steps = 10;
+  o.outer.lr = -0.5;
+  CHECK_THROWS_AS(o.validate(), diloco::OptionError);
+  o.outer.lr = 0.7;
+  o.outer.momentum = 1.5;
+  CHECK_THROWS_WITH(o.validate(), Contains("outer momentum") && Contains("[0, 1)"));
+}
+
+TEST_CASE("DiLoCo keeps exactly two float32 copies of the parameters", "[diloco][gloo]") {
+  diloco_test::run_ranks(1, [](int, std::shared_ptr<diloco::Group> g) {
+    TinyNet net;
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+    diloco::DiLoCo sync(net, opt, g, {});
+    std::int64_t n = 0;
+    for (const auto& p : net.parameters()) n += p.numel();
+    std::int64_t held = 0;
+    for (const auto& t : sync.global_weights()) held += t.numel();
+    if (held != n || sync.parameters().numel() != n) throw std::runtime_error("global size");
+    // The parameters now live in one contiguous bucket: one collective per sync.
+    if (sync.parameters().buckets().size() != 1) throw std::runtime_error("buckets");
+  });
+}
