@@ -185,35 +185,77 @@ void Group::account(Collective c, const std::string& label, std::uint64_t payloa
   op.seconds += seconds;
 }
 
-template <typename Fn>
-void Group::run_collective(Collective c, const std::string& label, std::uint64_t payload_bytes,
-                           int root, Fn&& issue) {
-  const auto start = std::chrono::steady_clock::now();
-  try {
-    compat::wait(issue());
-  } catch (const std::exception& e) {
-    std::ostringstream msg;
-    msg << "[" << collective_name(c) << " '" << label << "'] rank " << rank_ << " of "
-        << world_size_ << ": ";
-    const std::string what = e.what();
-    if (looks_like_lost_peer(what)) {
-      msg << "lost a peer (it exited, or the link broke, or it did not answer within "
-          << timeout_.count() << " ms): " << first_line(what);
-      throw PeerLostError(msg.str());
+struct PendingCollective::State {
+  Group* group = nullptr;
+  Collective kind = Collective::kBarrier;
+  std::string label;
+  std::uint64_t payload_bytes = 0;
+  int root = 0;
+  std::chrono::steady_clock::time_point start;
+  c10::intrusive_ptr<c10d::Work> work;  // null when there was nothing to send (one rank)
+  bool done = false;
+};
+
+void PendingCollective::wait() {
+  if (!state_ || state_->done) return;
+  State& s = *state_;
+  s.done = true;
+  Group& g = *s.group;
+  if (s.work) {
+    try {
+      compat::wait(s.work);
+    } catch (const std::exception& e) {
+      std::ostringstream msg;
+      msg << "[" << collective_name(s.kind) << " '" << s.label << "'] rank " << g.rank_ << " of "
+          << g.world_size_ << ": ";
+      const std::string what = e.what();
+      if (looks_like_lost_peer(what)) {
+        msg << "lost a peer (it exited, or the link broke, or it did not answer within "
+            << g.timeout_.count() << " ms): " << first_line(what);
+        throw PeerLostError(msg.str());
+      }
+      msg << first_line(what);
+      throw Error(msg.str());
     }
-    msg << first_line(what);
-    throw Error(msg.str());
   }
   const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  account(c, label, payload_bytes, root, seconds);
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - s.start).count();
+  g.account(s.kind, s.label, s.payload_bytes, s.root, seconds);
+}
+
+template <typename Fn>
+PendingCollective Group::issue(Collective c, const std::string& label,
+                               std::uint64_t payload_bytes, int root, Fn&& start) {
+  PendingCollective p;
+  p.state_ = std::make_shared<PendingCollective::State>();
+  auto& s = *p.state_;
+  s.group = this;
+  s.kind = c;
+  s.label = label;
+  s.payload_bytes = payload_bytes;
+  s.root = root;
+  s.start = std::chrono::steady_clock::now();
+  if (world_size_ > 1) {
+    try {
+      s.work = start();
+    } catch (const std::exception& e) {
+      s.done = true;
+      throw PeerLostError("[" + std::string(collective_name(c)) + " '" + label + "'] rank " +
+                          std::to_string(rank_) + " of " + std::to_string(world_size_) +
+                          ": could not start: " + first_line(e.what()));
+    }
+  }
+  return p;
 }
 
 void Group::allreduce_sum(at::Tensor& tensor, const std::string& label) {
+  allreduce_sum_async(tensor, label).wait();
+}
+
+PendingCollective Group::allreduce_sum_async(at::Tensor tensor, const std::string& label) {
   TORCH_CHECK(tensor.is_contiguous(), "[allreduce '", label, "'] tensor must be contiguous");
-  if (world_size_ == 1) return account(Collective::kAllReduce, label, tensor.nbytes(), 0, 0.0);
-  run_collective(Collective::kAllReduce, label, tensor.nbytes(), 0,
-                 [&] { return compat::allreduce_sum(*impl_->gloo, tensor); });
+  return issue(Collective::kAllReduce, label, tensor.nbytes(), 0,
+               [&] { return compat::allreduce_sum(*impl_->gloo, tensor); });
 }
 
 void Group::broadcast(at::Tensor& tensor, int root, const std::string& label) {
@@ -222,9 +264,9 @@ void Group::broadcast(at::Tensor& tensor, int root, const std::string& label) {
                       std::to_string(world_size_ - 1) + "], got " + std::to_string(root));
   }
   TORCH_CHECK(tensor.is_contiguous(), "[broadcast '", label, "'] tensor must be contiguous");
-  if (world_size_ == 1) return account(Collective::kBroadcast, label, tensor.nbytes(), root, 0.0);
-  run_collective(Collective::kBroadcast, label, tensor.nbytes(), root,
-                 [&] { return compat::broadcast(*impl_->gloo, tensor, root); });
+  issue(Collective::kBroadcast, label, tensor.nbytes(), root,
+        [&] { return compat::broadcast(*impl_->gloo, tensor, root); })
+      .wait();
 }
 
 std::vector<at::Tensor> Group::allgather(const at::Tensor& tensor, const std::string& label) {
@@ -232,13 +274,10 @@ std::vector<at::Tensor> Group::allgather(const at::Tensor& tensor, const std::st
   std::vector<at::Tensor> outputs;
   outputs.reserve(world_size_);
   for (int r = 0; r < world_size_; ++r) outputs.push_back(at::empty_like(input));
-  if (world_size_ == 1) {
-    outputs[0].copy_(input);
-    account(Collective::kAllGather, label, input.nbytes(), 0, 0.0);
-    return outputs;
-  }
-  run_collective(Collective::kAllGather, label, input.nbytes(), 0,
-                 [&] { return compat::allgather(*impl_->gloo, outputs, input); });
+  if (world_size_ == 1) outputs[0].copy_(input);
+  issue(Collective::kAllGather, label, input.nbytes(), 0,
+        [&] { return compat::allgather(*impl_->gloo, outputs, input); })
+      .wait();
   return outputs;
 }
 
@@ -261,9 +300,7 @@ std::vector<std::string> Group::allgather_bytes(const std::string& bytes,
 }
 
 void Group::barrier(const std::string& label) {
-  if (world_size_ == 1) return;
-  run_collective(Collective::kBarrier, label, 0, 0,
-                 [&] { return compat::barrier(*impl_->gloo); });
+  issue(Collective::kBarrier, label, 0, 0, [&] { return compat::barrier(*impl_->gloo); }).wait();
 }
 
 CommStats Group::stats() const {

@@ -41,14 +41,20 @@ std::int64_t first_nonfinite(const float* x, std::int64_t n) {
   return -1;
 }
 
-void outer_sgd(float* global, float* momentum, const float* delta_sum, float* write_back,
-               std::int64_t n, float scale, float lr, float mu, bool nesterov) {
+std::int64_t outer_sgd(float* global, float* momentum, const float* delta_sum, float* write_back,
+                       std::int64_t n, float scale, float lr, float mu, bool nesterov) {
   Eigen::ArrayXf d(kBlock);
+  std::int64_t first_bad = -1;
   for (std::int64_t i = 0; i < n; i += kBlock) {
     const std::int64_t len = std::min(kBlock, n - i);
+    Array g(global + i, len);
     auto dv = d.head(len);
     dv = ConstArray(delta_sum + i, len) * scale;
-    Array g(global + i, len);
+    if ((dv * 0.f).sum() != 0.f) {  // not finite: keep this block's state, restore the model
+      if (first_bad < 0) first_bad = i + first_nonfinite(delta_sum + i, len);
+      Array(write_back + i, len) = g;
+      continue;
+    }
     if (mu == 0.f) {
       g -= lr * dv;
     } else {
@@ -62,6 +68,7 @@ void outer_sgd(float* global, float* momentum, const float* delta_sum, float* wr
     }
     Array(write_back + i, len) = g;
   }
+  return first_bad;
 }
 
 }  // namespace kernels

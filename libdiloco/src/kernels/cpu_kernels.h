@@ -18,8 +18,10 @@ bool pseudo_gradient_inplace(float* local, const float* global, std::int64_t n);
 std::int64_t first_nonfinite(const float* x, std::int64_t n);
 
 // torch.optim.SGD's update with d = delta_sum * scale, then write_back <- global.
-// write_back may alias delta_sum.
-void outer_sgd(float* global, float* momentum, const float* delta_sum, float* write_back,
+// write_back may alias delta_sum. A block of kBlock elements whose delta_sum holds a NaN or an
+// infinity is not applied (global and momentum keep their values there); returns the index of the
+// first such element, or -1.
+std::int64_t outer_sgd(float* global, float* momentum, const float* delta_sum, float* write_back,
                std::int64_t n, float scale, float lr, float mu, bool nesterov);
 
 }  // namespace kernels

@@ -44,7 +44,7 @@ bool fusable(const at::Tensor& t) {
 }
 }  // namespace
 
-void OuterSGD::step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
+std::int64_t OuterSGD::step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
                     double delta_scale, at::Tensor& write_back) const {
   const double mu = options_.momentum;
   const bool need_momentum = mu != 0.0;
@@ -53,13 +53,18 @@ void OuterSGD::step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& 
               delta_sum.numel(), ", write_back ", write_back.numel());
   if (fusable(global) && fusable(delta_sum) && fusable(write_back) &&
       (!need_momentum || fusable(momentum))) {
-    kernels::outer_sgd(global.data_ptr<float>(), need_momentum ? momentum.data_ptr<float>() : nullptr,
+    return kernels::outer_sgd(global.data_ptr<float>(), need_momentum ? momentum.data_ptr<float>() : nullptr,
                        delta_sum.data_ptr<float>(), write_back.data_ptr<float>(), global.numel(),
                        static_cast<float>(delta_scale), static_cast<float>(options_.lr),
                        static_cast<float>(mu), options_.nesterov);
-    return;
   }
   // Any device or dtype: the same update as a few ATen ops.
+  if (!at::isfinite(delta_sum).all().item<bool>()) {
+    const std::int64_t bad =
+        at::logical_not(at::isfinite(delta_sum.reshape({-1}))).nonzero()[0][0].item<std::int64_t>();
+    write_back.copy_(global);
+    return bad;
+  }
   at::Tensor d = delta_sum.to(global.options()).mul(delta_scale);
   if (!need_momentum) {
     global.sub_(d, options_.lr);
@@ -72,6 +77,7 @@ void OuterSGD::step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& 
     }
   }
   write_back.copy_(global);
+  return -1;
 }
 
 }  // namespace diloco

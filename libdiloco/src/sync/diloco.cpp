@@ -97,58 +97,91 @@ void DiLoCo::sync() {
 }
 
 void DiLoCo::start_sync(std::size_t /*fragment: the whole model for now*/) {
+  // Each bucket goes out in segments: the pseudo-gradient of segment k+1 is computed while
+  // segment k is on the wire, and finish_sync() applies segment k while later ones still travel.
   auto& buckets = params_.buckets();
+  pending_.clear();
   local_finite_.assign(buckets.size(), true);
   for (std::size_t i = 0; i < buckets.size(); ++i) {
     at::Tensor& local = buckets[i].flat;
     at::Tensor& delta = staging_[i].defined() ? staging_[i] : local;
-    if (delta.is_same(local) && local.device().is_cpu()) {
-      local_finite_[i] = kernels::pseudo_gradient_inplace(
-          local.data_ptr<float>(), global_[i].data_ptr<float>(), local.numel());
-    } else {
-      at::NoGradGuard no_grad;
-      at::sub_out(delta, global_[i], local.to(delta.options()));
-      local_finite_[i] = at::isfinite(delta).all().item<bool>();
-    }
-    try {
-      group_->allreduce_sum(delta, "outer_sync");
-    } catch (const PeerLostError&) {
-      reset_model_to_global();
-      throw;
+    const bool fused = delta.is_same(local) && local.device().is_cpu();
+    for (std::int64_t off = 0; off < local.numel(); off += kSegment) {
+      const std::int64_t len = std::min(kSegment, local.numel() - off);
+      at::Tensor seg = delta.narrow(0, off, len);
+      bool finite = true;
+      if (fused) {
+        finite = kernels::pseudo_gradient_inplace(seg.data_ptr<float>(),
+                                                  global_[i].data_ptr<float>() + off, len);
+      } else {
+        at::NoGradGuard no_grad;
+        at::sub_out(seg, global_[i].narrow(0, off, len), local.narrow(0, off, len).to(seg.options()));
+        finite = at::isfinite(seg).all().item<bool>();
+      }
+      local_finite_[i] = local_finite_[i] && finite;
+      try {
+        pending_.push_back({i, off, len, group_->allreduce_sum_async(seg, "outer_sync")});
+      } catch (const PeerLostError&) {
+        drain_and_reset();
+        throw;
+      }
     }
   }
 }
 
 void DiLoCo::finish_sync(std::size_t /*fragment*/) {
+  // The sums are bit-identical on every rank (ring all-reduce), so every rank applies exactly the
+  // same update, and skips exactly the same non-finite blocks, without another collective.
   auto& buckets = params_.buckets();
-  // The sum is bit-identical on every rank (ring all-reduce), so every rank takes the same
-  // decision here without another collective. Check all buckets before changing any.
-  for (std::size_t i = 0; i < buckets.size(); ++i) {
-    const at::Tensor& delta = staging_[i].defined() ? staging_[i] : buckets[i].flat;
-    std::int64_t bad = -1;
-    if (delta.device().is_cpu() && delta.scalar_type() == at::kFloat) {
-      bad = kernels::first_nonfinite(delta.data_ptr<float>(), delta.numel());
-    } else if (!at::isfinite(delta).all().item<bool>()) {
-      bad = at::logical_not(at::isfinite(delta)).nonzero()[0][0].item<std::int64_t>();
-    }
-    if (bad >= 0) {
-      reset_model_to_global();
-      std::ostringstream m;
-      m << "[DiLoCo outer step " << outer_step_ + 1 << "] rank " << group_->rank()
-        << ": the summed pseudo-gradient is NaN or infinite in parameter '"
-        << params_.name_at(i, bad) << "' (this rank's own was "
-        << (local_finite_[i] ? "finite, so another rank sent it" : "not finite") << "); the "
-        << "global weights are unchanged and the model was reset to them";
-      throw Error(m.str());
-    }
-  }
   const double scale = 1.0 / group_->world_size();
-  for (std::size_t i = 0; i < buckets.size(); ++i) {
+  std::int64_t bad_bucket = -1, bad_index = -1;
+  for (auto& p : pending_) {
+    try {
+      p.work.wait();
+    } catch (const PeerLostError&) {
+      drain_and_reset();
+      throw;
+    }
     at::NoGradGuard no_grad;
-    const at::Tensor& delta = staging_[i].defined() ? staging_[i] : buckets[i].flat;
-    outer_.step(global_[i], momentum_[i], delta, scale, buckets[i].flat);
+    at::Tensor& delta = staging_[p.bucket].defined() ? staging_[p.bucket] : buckets[p.bucket].flat;
+    at::Tensor global = global_[p.bucket].narrow(0, p.offset, p.length);
+    at::Tensor momentum = momentum_[p.bucket].defined()
+                              ? momentum_[p.bucket].narrow(0, p.offset, p.length)
+                              : at::Tensor();
+    at::Tensor model = buckets[p.bucket].flat.narrow(0, p.offset, p.length);
+    const std::int64_t bad =
+        outer_.step(global, momentum, delta.narrow(0, p.offset, p.length), scale, model);
+    if (bad >= 0 && bad_bucket < 0) {
+      bad_bucket = static_cast<std::int64_t>(p.bucket);
+      bad_index = p.offset + bad;
+    }
   }
+  pending_.clear();
   ++outer_step_;
+  if (bad_bucket >= 0) {
+    const auto i = static_cast<std::size_t>(bad_bucket);
+    std::ostringstream m;
+    m << "[DiLoCo outer step " << outer_step_ << "] rank " << group_->rank()
+      << ": the summed pseudo-gradient is NaN or infinite in parameter '"
+      << params_.name_at(i, bad_index) << "' (this rank's own was "
+      << (local_finite_[i] ? "finite, so another rank sent it" : "not finite")
+      << "); no non-finite value entered the global weights: the blocks holding one were left "
+         "unchanged, identically on every rank, and the model holds the global weights";
+    throw Error(m.str());
+  }
+}
+
+void DiLoCo::drain_and_reset() {
+  // Wait out whatever is still in flight (it fails fast once a peer is gone) so that no
+  // collective writes into the model after we reset it.
+  for (auto& p : pending_) {
+    try {
+      p.work.wait();
+    } catch (const std::exception&) {
+    }
+  }
+  pending_.clear();
+  reset_model_to_global();
 }
 
 void DiLoCo::reset_model_to_global() {

@@ -44,6 +44,22 @@ struct GroupOptions {
   static GroupOptions from_env();
 };
 
+class Group;
+
+// A collective in flight. wait() blocks until it completes, records its bytes and time, and turns
+// a failure into PeerLostError or Error; it is idempotent. The Group must outlive it.
+class PendingCollective {
+ public:
+  PendingCollective() = default;
+  void wait();
+  bool valid() const { return state_ != nullptr; }
+
+ private:
+  friend class Group;
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
 class Group {
  public:
   // Rendezvous over a c10d::TCPStore (rank 0 hosts it at master_addr:master_port) and connect
@@ -68,6 +84,9 @@ class Group {
   // Sum `tensor` (contiguous, CPU or CUDA) in place over all ranks. `label` names the purpose in
   // the statistics and in error messages ("outer_sync", "grad_sync", ...).
   void allreduce_sum(at::Tensor& tensor, const std::string& label);
+  // The same, returning at once; the tensor must not be touched until wait() returns. Several may
+  // be in flight; they complete in any order but must be issued in the same order on all ranks.
+  PendingCollective allreduce_sum_async(at::Tensor tensor, const std::string& label);
   // Overwrite `tensor` on every rank with root's.
   void broadcast(at::Tensor& tensor, int root, const std::string& label);
   // Every rank contributes a tensor of the same shape and dtype; returns world_size tensors,
@@ -86,8 +105,9 @@ class Group {
   void account(Collective c, const std::string& label, std::uint64_t payload_bytes, int root,
                double seconds);
   template <typename Fn>
-  void run_collective(Collective c, const std::string& label, std::uint64_t payload_bytes,
-                      int root, Fn&& issue);
+  PendingCollective issue(Collective c, const std::string& label, std::uint64_t payload_bytes,
+                          int root, Fn&& start);
+  friend class PendingCollective;
 
   std::unique_ptr<Impl> impl_;
   int rank_;

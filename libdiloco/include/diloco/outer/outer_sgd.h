@@ -46,8 +46,11 @@ class OuterSGD {
   //   momentum, global updated as above
   //   write_back <- global (the model's own storage; it may alias delta_sum)
   // `momentum` is ignored when options().momentum == 0. `write_back` may have another dtype or
-  // device than `global` (it is then converted). The caller checks that delta_sum is finite.
-  void step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
+  // device than `global` (it is then converted).
+  // Non-finite sums never reach the state: a block of delta_sum holding a NaN or an infinity is
+  // skipped (the fused CPU loop skips 2048-element blocks, other devices the whole call), and the
+  // index of the first such element is returned; -1 when all was applied.
+  std::int64_t step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
             double delta_scale, at::Tensor& write_back) const;
 
  private:

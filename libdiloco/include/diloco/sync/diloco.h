@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "diloco/comm/group.h"
 #include "diloco/outer/outer_sgd.h"
 #include "diloco/sync/parameters.h"
 #include "diloco/sync/sync_stats.h"
@@ -69,9 +70,12 @@ class DiLoCo {
   ~DiLoCo();
 
   // Call after each inner optimizer step. Every inner_steps-th call runs an outer step (a
-  // collective) and returns true. Throws PeerLostError if a peer is lost (the model then holds
-  // the last global weights) and Error if any island's pseudo-gradient is not finite (the global
-  // weights are left unchanged and the model is reset to them).
+  // collective) and returns true. Throws PeerLostError if a peer is lost: the model then holds
+  // this rank's global weights, which may hold part of the interrupted outer step (segments
+  // already received), so islands re-agree on the weights when they rebuild the group.
+  // Throws Error if any island's pseudo-gradient holds a NaN or an infinity: no non-finite value
+  // enters the global weights (the 2048-element blocks holding one keep their old values, the
+  // same on every rank), and the model is set to the global weights.
   bool step();
   // Run an outer step now, whatever the inner step count (all ranks must call it together).
   void sync();
@@ -87,6 +91,18 @@ class DiLoCo {
   void start_sync(std::size_t fragment);
   void finish_sync(std::size_t fragment);
   void reset_model_to_global();
+  void drain_and_reset();
+
+  // Elements per all-reduce: large enough that per-message latency does not dominate, small
+  // enough that computing and applying segments overlaps with the others' transfer.
+  static constexpr std::int64_t kSegment = 1 << 24;
+  struct InFlight {
+    std::size_t bucket;
+    std::int64_t offset;
+    std::int64_t length;
+    PendingCollective work;
+  };
+  std::vector<InFlight> pending_;
 
   DiLoCoOptions options_;
   std::shared_ptr<Group> group_;
