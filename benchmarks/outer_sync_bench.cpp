@@ -129,7 +129,8 @@ int main(int argc, char** argv) {
   }
 
   // 2. inner-step overhead (rank 0 trains alone; the others wait at the barrier)
-  double plain_s = 0, wrapped_s = 0;
+  double plain_s = 0, wrapped_s = 0, step_call_s = 0, compute_only_s = 0;
+  const int step_calls = 1'000'000;
   group->barrier("bench");
   if (rank == 0) {
     auto solo = std::make_shared<diloco::Group>(c10::make_intrusive<c10d::PrefixStore>("solo", store), 0, 1);
@@ -146,23 +147,45 @@ int main(int argc, char** argv) {
       opt.step();
     };
     for (int i = 0; i < 20; ++i) train_step();
-    for (int done = 0; done < inner_steps; done += block) {
-      auto t = Clock::now();
-      for (int i = 0; i < block; ++i) train_step();
-      plain_s += seconds_since(t);
-      t = Clock::now();
-      for (int i = 0; i < block; ++i) {
-        train_step();
-        wrapper.step();
+    // Alternate which variant runs first in each block, so drift and cache effects cancel.
+    for (int done = 0, b = 0; done < inner_steps; done += block, ++b) {
+      for (int variant = 0; variant < 2; ++variant) {
+        const bool wrapped = (variant == 0) == (b % 2 == 1);
+        auto t = Clock::now();
+        for (int i = 0; i < block; ++i) {
+          train_step();
+          if (wrapped) wrapper.step();
+        }
+        (wrapped ? wrapped_s : plain_s) += seconds_since(t);
       }
-      wrapped_s += seconds_since(t);
     }
+    // The wrapper's own cost, free of the loop's noise: step() calls between syncs.
+    auto t = Clock::now();
+    for (int i = 0; i < step_calls; ++i) wrapper.step();
+    step_call_s = seconds_since(t) / step_calls;
+
+    // The outer step's own compute (pseudo-gradient, check, Nesterov update, write-back) with
+    // nothing to send: a one-rank group over the same parameter count.
+    std::vector<diloco::NamedParameter> solo_model;
+    for (int i = 0; i < tensors; ++i) {
+      solo_model.push_back({"w" + std::to_string(i), at::randn({params / tensors}).set_requires_grad(true)});
+    }
+    diloco::DiLoCo solo_sync(solo_model, nullptr, solo, dopts);
+    std::vector<double> c;
+    for (int r = 0; r < rounds + 1; ++r) {
+      auto t0 = Clock::now();
+      solo_sync.sync();
+      if (r > 0) c.push_back(seconds_since(t0));
+    }
+    compute_only_s = median(c);
   }
   group->barrier("bench_done");
 
   if (rank == 0) {
     const double bare_med = median(bare_s), sync_med = median(sync_s);
     const double overhead_pct = 100.0 * (wrapped_s - plain_s) / plain_s;
+    const double inner_step_s = plain_s / inner_steps;
+    const double call_pct = 100.0 * step_call_s / inner_step_s;
     std::int64_t global_numel = 0;
     for (const auto& g : sync.global_weights()) global_numel += g.numel();
     const double state_ratio = 2.0 * static_cast<double>(global_numel) / static_cast<double>(params);
@@ -178,10 +201,14 @@ int main(int argc, char** argv) {
         {"diloco_sync_median_s", sync_med},
         {"sync_ratio", sync_med / bare_med},
         {"sync_ratio_target", 1.15},
+        {"outer_step_compute_only_median_s", compute_only_s},
         {"inner_steps_timed", inner_steps},
         {"plain_loop_s", plain_s},
         {"wrapped_loop_s", wrapped_s},
         {"inner_step_overhead_pct", overhead_pct},
+        {"inner_step_s", inner_step_s},
+        {"step_call_s", step_call_s},
+        {"step_call_overhead_pct", call_pct},
         {"inner_step_overhead_target_pct", 1.0},
         {"outer_state_params_ratio", state_ratio},
     };
@@ -190,18 +217,21 @@ int main(int argc, char** argv) {
     csv << "round,bare_allreduce_s,diloco_sync_s\n";
     for (std::size_t i = 0; i < bare_s.size(); ++i) csv << i << "," << bare_s[i] << "," << sync_s[i] << "\n";
     std::ofstream md(out + ".md");
-    char line[512];
+    char line[1024];
     md << "| measure | value | target |\n|---|---|---|\n";
     std::snprintf(line, sizeof line,
                   "| bare Gloo all-reduce, %lld float32, %d ranks (median of %d) | %.1f ms | |\n"
                   "| bare Gloo all-reduce in segments of %lld (median) | %.1f ms | |\n"
                   "| DiLoCo outer sync, same size (median) | %.1f ms | |\n"
                   "| ratio sync / bare all-reduce | %.3fx | <= 1.15x |\n"
-                  "| inner step overhead of DiLoCo::step() | %.3f %% | < 1 %% |\n"
+                  "| outer step compute alone (one rank, nothing sent, median) | %.1f ms | |\n"
+                  "| inner step overhead of DiLoCo::step(), loops timed side by side | %.3f %% | < 1 %% |\n"
+                  "| DiLoCo::step() between syncs: %.1f ns per call / %.2f ms per inner step | %.5f %% | < 1 %% |\n"
                   "| DiLoCo state beyond the model (global + momentum) | %.2fx parameters | 2x |\n",
                   static_cast<long long>(params), world, rounds, bare_med * 1e3,
                   static_cast<long long>(segment), median(bare_seg_s) * 1e3, sync_med * 1e3,
-                  sync_med / bare_med, overhead_pct, state_ratio);
+                  sync_med / bare_med, compute_only_s * 1e3, overhead_pct, step_call_s * 1e9, inner_step_s * 1e3, call_pct,
+                  state_ratio);
     md << line;
     std::printf("%s", line);
     std::printf("wrote %s.json, %s.csv, %s.md\n", out.c_str(), out.c_str(), out.c_str());

