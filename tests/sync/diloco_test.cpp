@@ -215,3 +215,69 @@ TEST_CASE("DiLoCo keeps exactly two float32 copies of the parameters", "[diloco]
     if (sync.parameters().buckets().size() != 1) throw std::runtime_error("buckets");
   });
 }
+
+TEST_CASE("a float64 model syncs through a float32 staging buffer, same formula", "[diloco][gloo]") {
+  // The path a CPU-offloaded accelerator model takes: the model's storage cannot carry the
+  // float32 pseudo-gradient, so it is staged on the outer device.
+  const int world = 2, H = 2;
+  std::vector<at::Tensor> start(world), before(world), after(world), global(world);
+  diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> group) {
+    torch::manual_seed(0);
+    TinyNet net;
+    net.to(torch::kDouble);
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+    diloco::DiLoCoOptions o;
+    o.inner_steps = H;
+    o.outer_device = at::Device(at::kCPU);
+    diloco::DiLoCo sync(net, opt, group, o);
+    start[rank] = model_vector(net);
+    for (int s = 1; s <= H; ++s) {
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(10 * rank + s);
+      at::Tensor x = at::randn({16, 8}, gen).to(at::kDouble);
+      opt.zero_grad();
+      torch::mse_loss(net.forward(x), x.sum(1, true).sin()).backward();
+      opt.step();
+      if (s == H) before[rank] = model_vector(net);
+      sync.step();
+    }
+    after[rank] = model_vector(net);
+    global[rank] = flat_copy(sync.global_weights());
+    if (sync.global_weights()[0].scalar_type() != at::kFloat) throw std::runtime_error("global dtype");
+  });
+  at::Tensor theta = start[0].to(at::kFloat).to(at::kDouble);
+  at::Tensor delta = ((theta - before[0]) + (theta - before[1])) / 2;
+  at::Tensor expect = theta - 0.7 * (delta + 0.9 * delta);  // first step: b = delta
+  const double diff = (global[0] - expect).abs().max().item<double>();
+  INFO("max |diff| vs reference " << diff);
+  CHECK(diff < 1e-6);
+  CHECK(at::equal(global[0], global[1]));
+  CHECK(at::equal(after[0], global[0]));  // the model holds the global weights again
+}
+
+TEST_CASE("global weights and momentum offloaded to the CPU for a CUDA model", "[diloco][gloo][cuda]") {
+  if (!torch::cuda::is_available()) {
+    WARN("no CUDA device: the CUDA offload test runs only on machines with one");
+    return;
+  }
+  std::vector<at::Tensor> global(2), model(2);
+  diloco_test::run_ranks(2, [&](int rank, std::shared_ptr<diloco::Group> group) {
+    torch::manual_seed(0);
+    TinyNet net;
+    net.to(torch::kCUDA);
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
+    diloco::DiLoCoOptions o;
+    o.inner_steps = 1;
+    o.outer_device = at::Device(at::kCPU);
+    diloco::DiLoCo sync(net, opt, group, o);
+    at::Tensor x = at::randn({16, 8}, at::kCUDA);
+    opt.zero_grad();
+    torch::mse_loss(net.forward(x), x.sum(1, true).sin()).backward();
+    opt.step();
+    sync.step();
+    if (!sync.global_weights()[0].device().is_cpu()) throw std::runtime_error("global not on CPU");
+    global[rank] = flat_copy(sync.global_weights());
+    model[rank] = model_vector(net).cpu();
+  });
+  CHECK(at::equal(global[0], global[1]));
+  CHECK((model[0] - global[0]).abs().max().item<double>() == 0.0);
+}
