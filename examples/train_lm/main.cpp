@@ -61,6 +61,7 @@ struct Flags {
   std::int64_t warmup = 50;
   double outer_lr = 0.7;
   double outer_momentum = 0.9;
+  std::string compress = "none";
   bool no_nesterov = false;
   std::string device = "cpu";
   int threads = 1;
@@ -105,6 +106,9 @@ void add_flags(CLI::App& app, Flags& f) {
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   app.add_flag("--no-nesterov", f.no_nesterov, "plain (heavy-ball) outer momentum");
+  app.add_option("--compress", f.compress,
+                 "DiLoCo pseudo-gradient compression spec, e.g. none, fp16, int8, fp4, "
+                 "topk(k=64,values=2bit)+ef, dct (an unknown spec lists them all)");
   app.add_option("--d-model", f.model.d_model, "transformer width")
       ->check(CLI::Range(std::int64_t{8}, std::int64_t{4096}))
       ->capture_default_str();
@@ -262,6 +266,9 @@ int train(const Flags& f, bool timeout_given) {
     options.inner_steps = f.inner_steps;
     options.outer.lr = f.outer_lr;
     options.outer.momentum = f.outer_momentum;
+    options.compression = f.compress;
+    // Compressed exchanges run on the CPU: keep the outer state there for a CUDA model.
+    if (f.compress != "none") options.outer_device = torch::Device(torch::kCPU);
     options.outer.nesterov = !f.no_nesterov;
     sync = std::make_unique<diloco::DiLoCo>(*model, optimizer, group, options);
   } else if (f.mode == "dp") {

@@ -64,6 +64,16 @@ c10::intrusive_ptr<c10d::Work> allgather(GlooGroup& group, std::vector<at::Tenso
 
 c10::intrusive_ptr<c10d::Work> barrier(GlooGroup& group) { return group.pg->barrier(); }
 
+c10::intrusive_ptr<c10d::Work> send(GlooGroup& group, at::Tensor& tensor, int dst, int tag) {
+  std::vector<at::Tensor> tensors{tensor};
+  return group.pg->send(tensors, dst, tag);
+}
+
+c10::intrusive_ptr<c10d::Work> recv(GlooGroup& group, at::Tensor& tensor, int src, int tag) {
+  std::vector<at::Tensor> tensors{tensor};
+  return group.pg->recv(tensors, src, tag);
+}
+
 void wait(const c10::intrusive_ptr<c10d::Work>& work) { work->wait(); }
 
 }  // namespace compat

@@ -41,6 +41,8 @@ c10::intrusive_ptr<c10d::Work> broadcast(GlooGroup& group, at::Tensor& tensor, i
 c10::intrusive_ptr<c10d::Work> allgather(GlooGroup& group, std::vector<at::Tensor>& outputs,
                                          at::Tensor& input);
 c10::intrusive_ptr<c10d::Work> barrier(GlooGroup& group);
+c10::intrusive_ptr<c10d::Work> send(GlooGroup& group, at::Tensor& tensor, int dst, int tag);
+c10::intrusive_ptr<c10d::Work> recv(GlooGroup& group, at::Tensor& tensor, int src, int tag);
 // Blocks until done; rethrows the collective's error.
 void wait(const c10::intrusive_ptr<c10d::Work>& work);
 

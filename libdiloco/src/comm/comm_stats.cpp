@@ -12,6 +12,8 @@ const char* collective_name(Collective c) {
     case Collective::kAllGather: return "allgather";
     case Collective::kBroadcast: return "broadcast";
     case Collective::kBarrier: return "barrier";
+    case Collective::kSend: return "send";
+    case Collective::kRecv: return "recv";
   }
   return "unknown";
 }
@@ -35,6 +37,12 @@ ByteCount collective_bytes(Collective c, std::uint64_t n, int world_size, int ra
       }
       break;
     case Collective::kBarrier:
+      break;
+    case Collective::kSend:
+      b.sent = n;
+      break;
+    case Collective::kRecv:
+      b.received = n;
       break;
   }
   return b;

@@ -303,6 +303,20 @@ void Group::barrier(const std::string& label) {
   issue(Collective::kBarrier, label, 0, 0, [&] { return compat::barrier(*impl_->gloo); }).wait();
 }
 
+PendingCollective Group::send_async(at::Tensor tensor, int dst, int tag, const std::string& label) {
+  TORCH_CHECK(tensor.is_contiguous(), "[send '", label, "'] tensor must be contiguous");
+  TORCH_CHECK(dst >= 0 && dst < world_size_ && dst != rank_, "[send '", label, "'] bad peer ", dst);
+  return issue(Collective::kSend, label, tensor.nbytes(), 0,
+               [&] { return compat::send(*impl_->gloo, tensor, dst, tag); });
+}
+
+PendingCollective Group::recv_async(at::Tensor tensor, int src, int tag, const std::string& label) {
+  TORCH_CHECK(tensor.is_contiguous(), "[recv '", label, "'] tensor must be contiguous");
+  TORCH_CHECK(src >= 0 && src < world_size_ && src != rank_, "[recv '", label, "'] bad peer ", src);
+  return issue(Collective::kRecv, label, tensor.nbytes(), 0,
+               [&] { return compat::recv(*impl_->gloo, tensor, src, tag); });
+}
+
 CommStats Group::stats() const {
   std::lock_guard<std::mutex> lock(stats_mutex_);
   return stats_;

@@ -51,6 +51,7 @@ void DiLoCoOptions::validate() const {
     throw OptionError("[DiLoCo] inner_steps (H) must be >= 1, got " + std::to_string(inner_steps));
   }
   outer.validate();
+  Compressor::from_spec(compression);  // throws OptionError listing the valid codecs
 }
 
 DiLoCo::DiLoCo(torch::nn::Module& model, torch::optim::Optimizer& inner,
@@ -64,13 +65,25 @@ DiLoCo::DiLoCo(std::vector<NamedParameter> parameters, torch::optim::Optimizer* 
       params_(std::move(parameters)),
       outer_(options_.outer) {
   if (!group_) throw OptionError("[DiLoCo] group must not be null");
+  if (options_.compression != "none") compressor_ = Compressor::from_spec(options_.compression);
   params_.agree_across(*group_, "DiLoCo", missing_from_optimizer(params_, inner));
   const at::Device outer_device =
       options_.outer_device.value_or(params_.buckets().front().flat.device());
+  if (compressor_ && !outer_device.is_cpu()) {
+    throw OptionError("[DiLoCo] compression '" + options_.compression +
+                      "' runs on the CPU: set outer_device to the CPU (got " + outer_device.str() + ")");
+  }
   for (const auto& b : params_.buckets()) {
     at::Tensor g = b.flat.to(outer_device, at::kFloat, /*non_blocking=*/false, /*copy=*/true);
     momentum_.push_back(outer_.make_state(g));
     staging_.push_back(in_place_ok(b.flat, outer_device) ? at::Tensor() : at::empty_like(g));
+    const at::Tensor& delta = staging_.back().defined() ? staging_.back() : b.flat;
+    std::vector<at::Tensor> views;
+    for (std::size_t j = 0; j < b.members.size(); ++j) {
+      const auto& p = params_.parameters()[b.members[j]].tensor;
+      views.push_back(delta.narrow(0, b.offsets[j], p.numel()).view(p.sizes()));
+    }
+    views_.push_back(std::move(views));
     global_.push_back(std::move(g));
   }
 }
@@ -119,6 +132,7 @@ void DiLoCo::start_sync(std::size_t /*fragment: the whole model for now*/) {
         finite = at::isfinite(seg).all().item<bool>();
       }
       local_finite_[i] = local_finite_[i] && finite;
+      if (compressor_) continue;  // exchanged below, whole buckets at a time
       try {
         pending_.push_back({i, off, len, group_->allreduce_sum_async(seg, "outer_sync")});
       } catch (const PeerLostError&) {
@@ -126,6 +140,39 @@ void DiLoCo::start_sync(std::size_t /*fragment: the whole model for now*/) {
         throw;
       }
     }
+  }
+  if (compressor_) exchange_compressed();
+}
+
+void DiLoCo::exchange_compressed() {
+  // A codec may not survive a NaN (its scales would be NaN), so the islands first agree that
+  // every pseudo-gradient is finite: one small all-reduce of flags, one per rank.
+  auto& buckets = params_.buckets();
+  at::Tensor flags = at::zeros({group_->world_size()}, at::kFloat);
+  for (std::size_t i = 0; i < buckets.size(); ++i) {
+    if (!local_finite_[i]) flags[group_->rank()] = 1.0f;
+  }
+  try {
+    group_->allreduce_sum(flags, "outer_sync_check");
+    std::string bad;
+    for (int r = 0; r < group_->world_size(); ++r) {
+      if (flags[r].item<float>() != 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
+    }
+    if (!bad.empty()) {
+      reset_model_to_global();
+      throw Error("[DiLoCo outer step " + std::to_string(outer_step_ + 1) + "] rank " +
+                  std::to_string(group_->rank()) + ": the pseudo-gradient of rank(s) " + bad +
+                  " holds a NaN or an infinity; nothing was sent, the global weights are "
+                  "unchanged and the model was reset to them");
+    }
+    for (std::size_t i = 0; i < buckets.size(); ++i) {
+      at::Tensor& delta = staging_[i].defined() ? staging_[i] : buckets[i].flat;
+      compressor_->sum(*group_, delta, views_[i], "outer_sync");
+      pending_.push_back({i, 0, delta.numel(), PendingCollective()});
+    }
+  } catch (const PeerLostError&) {
+    drain_and_reset();
+    throw;
   }
 }
 

@@ -3,7 +3,8 @@
 // Bytes are counted per rank by the cost of the algorithm Gloo runs, not by payload size alone:
 //   ring all-reduce of n bytes over N ranks: sends and receives 2(N-1)/N * n;
 //   ring all-gather of n bytes per rank:     sends and receives (N-1) * n;
-//   broadcast of n bytes from the root:      the root sends (N-1) * n, every other rank receives n.
+//   broadcast of n bytes from the root:      the root sends (N-1) * n, every other rank receives n;
+//   point-to-point send / recv of n bytes:   n sent / n received.
 // The formulas live in one function, collective_bytes(), so tests and benchmarks share them.
 #pragma once
 
@@ -13,7 +14,7 @@
 
 namespace diloco {
 
-enum class Collective { kAllReduce, kAllGather, kBroadcast, kBarrier };
+enum class Collective { kAllReduce, kAllGather, kBroadcast, kBarrier, kSend, kRecv };
 
 const char* collective_name(Collective c);
 

@@ -95,6 +95,10 @@ class Group {
   // Gather variable-length byte strings from every rank (two all-gathers: lengths, then bytes).
   std::vector<std::string> allgather_bytes(const std::string& bytes, const std::string& label);
   void barrier(const std::string& label);
+  // Point-to-point, for algorithms built on them (the requantizing ring). A send and the matching
+  // recv on the peer must use the same tag; both return at once.
+  PendingCollective send_async(at::Tensor tensor, int dst, int tag, const std::string& label);
+  PendingCollective recv_async(at::Tensor tensor, int src, int tag, const std::string& label);
 
   // A snapshot of the statistics (safe from any thread).
   CommStats stats() const;

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "diloco/comm/group.h"
+#include "diloco/compress/compressor.h"
 #include "diloco/outer/outer_sgd.h"
 #include "diloco/sync/parameters.h"
 #include "diloco/sync/sync_stats.h"
@@ -52,6 +53,10 @@ struct DiLoCoOptions {
   OuterSGDOptions outer;           // Nesterov, lr 0.7, momentum 0.9
   // Where the global weights and the outer momentum live; unset = the model's device.
   c10::optional<c10::Device> outer_device;
+  // How pseudo-gradients cross the link: a compressor spec ("none", "fp16", "int8",
+  // "topk(k=64,values=2bit)+ef", ...; see diloco/compress/registry.h). "none" sends float32
+  // with one all-reduce. Compressed exchanges run on the CPU in float32.
+  std::string compression = "none";
 
   void validate() const;  // throws OptionError naming the option and its allowed range
 };
@@ -92,6 +97,7 @@ class DiLoCo {
   void finish_sync(std::size_t fragment);
   void reset_model_to_global();
   void drain_and_reset();
+  void exchange_compressed();
 
   // Elements per all-reduce: large enough that per-message latency does not dominate, small
   // enough that computing and applying segments overlaps with the others' transfer.
@@ -108,6 +114,8 @@ class DiLoCo {
   std::shared_ptr<Group> group_;
   FlatParameters params_;
   OuterSGD outer_;
+  std::unique_ptr<Compressor> compressor_;  // null for "none"
+  std::vector<std::vector<at::Tensor>> views_;  // per bucket: the parameters' shapes over delta
   std::vector<at::Tensor> global_;    // theta, per bucket
   std::vector<at::Tensor> momentum_;  // outer momentum, per bucket (undefined when mu = 0)
   // Per bucket: where the pseudo-gradient is summed. Undefined = in the model's own storage

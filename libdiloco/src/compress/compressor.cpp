@@ -1,0 +1,233 @@
+// The three exchanges of compressed pseudo-gradients and error feedback (see compressor.h).
+#include "diloco/compress/compressor.h"
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+
+#include "diloco/comm/group.h"
+#include "diloco/compress/registry.h"
+#include "diloco/errors.h"
+
+namespace diloco {
+namespace {
+
+// Ring chunks start at multiples of this many elements, so that blockwise codecs (blocks are
+// powers of two up to 4096) see whole blocks wherever a chunk starts.
+constexpr std::int64_t kRingAlign = 4096;
+
+std::uint8_t* bytes_of(at::Tensor& t) { return static_cast<std::uint8_t*>(t.data_ptr()); }
+
+}  // namespace
+
+std::unique_ptr<Compressor> Compressor::from_spec(const std::string& spec) {
+  std::string codec_spec = spec;
+  bool ef = false;
+  double beta = 1.0;
+  const auto plus = spec.rfind("+ef");
+  if (plus != std::string::npos && plus + 3 <= spec.size()) {
+    const std::string tail = spec.substr(plus + 3);
+    if (tail.empty() || tail.front() == '(') {
+      codec_spec = spec.substr(0, plus);
+      ef = true;
+      if (!tail.empty()) {
+        if (tail.back() != ')') throw OptionError("[compression] malformed '+ef" + tail + "' in '" + spec + "'");
+        const std::string inner = tail.substr(1, tail.size() - 2);
+        const std::string key = "beta=";
+        if (inner.rfind(key, 0) != 0) {
+          throw OptionError("[compression] ef takes one parameter, beta (in [0, 1]), got '" + inner + "'");
+        }
+        std::map<std::string, std::string> values{{"beta", inner.substr(key.size())}};
+        CodecParams p("ef", values);
+        beta = p.get_double("beta", 1.0, 0.0, 1.0);
+      }
+    }
+  }
+  return std::make_unique<Compressor>(make_codec(codec_spec), ef, beta);
+}
+
+Compressor::Compressor(std::unique_ptr<Codec> codec, bool error_feedback, double beta)
+    : codec_(std::move(codec)), error_feedback_(error_feedback), beta_(beta) {
+  if (!codec_) throw OptionError("[compression] codec must not be null");
+  if (!(beta >= 0.0 && beta <= 1.0)) {
+    throw OptionError("[compression] ef beta must be in [0, 1], got " + std::to_string(beta));
+  }
+}
+
+std::string Compressor::spec() const {
+  std::string s = codec_->spec();
+  if (error_feedback_) s += "+ef(beta=" + std::to_string(beta_) + ")";
+  return s;
+}
+
+std::int64_t Compressor::payload_bytes(const std::vector<at::Tensor>& views) const {
+  std::int64_t n = 0;
+  for (const auto& v : views) n += codec_->payload_bytes(v.sizes());
+  return n;
+}
+
+void Compressor::sum(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
+                     const std::string& label) {
+  TORCH_CHECK(flat.device().is_cpu() && flat.scalar_type() == at::kFloat && flat.is_contiguous(),
+              "[compression] the pseudo-gradient buffer must be contiguous float32 on the CPU");
+  if (error_feedback_ && residuals_.empty()) {
+    for (const auto& v : views) residuals_.push_back(at::zeros_like(v));
+  }
+  if (error_feedback_) {
+    for (std::size_t i = 0; i < views.size(); ++i) {
+      at::Tensor v = views[i];
+      v.add_(residuals_[i], beta_);  // p = delta + beta * e, in place
+    }
+  }
+  switch (codec_->aggregation()) {
+    case Aggregation::kSummable: return sum_summable(group, flat, views, label);
+    case Aggregation::kGathered: return sum_gathered(group, flat, views, label);
+    case Aggregation::kRingRequantized: return sum_ring(group, flat, views, label);
+  }
+}
+
+void Compressor::apply_error_feedback(const std::vector<at::Tensor>& p,
+                                      const std::vector<at::Tensor>& sent) {
+  for (std::size_t i = 0; i < p.size(); ++i) at::sub_out(residuals_[i], p[i], sent[i]);
+}
+
+void Compressor::sum_summable(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
+                              const std::string& label) {
+  const auto dtype = codec_->payload_dtype();
+  const std::int64_t elem = static_cast<std::int64_t>(c10::elementSize(dtype));
+  const std::int64_t total = payload_bytes(views);
+  at::Tensor payload = at::empty({total / elem}, at::TensorOptions().dtype(dtype));
+  std::vector<std::int64_t> offsets;
+  std::int64_t off = 0;
+  for (const auto& v : views) {
+    offsets.push_back(off);
+    codec_->encode(v.contiguous(), bytes_of(payload) + off);
+    off += codec_->payload_bytes(v.sizes());
+  }
+  if (error_feedback_) {
+    std::vector<at::Tensor> sent;
+    for (std::size_t i = 0; i < views.size(); ++i) {
+      at::Tensor s = at::empty_like(views[i]);
+      codec_->decode(bytes_of(payload) + offsets[i], codec_->payload_bytes(views[i].sizes()), s);
+      sent.push_back(s);
+    }
+    apply_error_feedback(views, sent);
+  }
+  group.allreduce_sum(payload, label);
+  for (std::size_t i = 0; i < views.size(); ++i) {
+    at::Tensor v = views[i];
+    codec_->decode(bytes_of(payload) + offsets[i], codec_->payload_bytes(v.sizes()), v);
+  }
+  (void)flat;
+}
+
+void Compressor::sum_gathered(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
+                              const std::string& label) {
+  const std::int64_t total = payload_bytes(views);
+  at::Tensor payload = at::empty({total}, at::kByte);
+  std::vector<std::int64_t> offsets;
+  std::int64_t off = 0;
+  for (const auto& v : views) {
+    offsets.push_back(off);
+    codec_->encode(v.contiguous(), bytes_of(payload) + off);
+    off += codec_->payload_bytes(v.sizes());
+  }
+  if (error_feedback_) {
+    std::vector<at::Tensor> sent;
+    for (std::size_t i = 0; i < views.size(); ++i) {
+      at::Tensor s = at::empty_like(views[i]);
+      codec_->decode(bytes_of(payload) + offsets[i], codec_->payload_bytes(views[i].sizes()), s);
+      sent.push_back(s);
+    }
+    apply_error_feedback(views, sent);
+  }
+  std::vector<at::Tensor> all = group.allgather(payload, label);
+  // Sum in rank order, the same on every rank, so the result is bit-identical everywhere.
+  flat.zero_();
+  for (std::size_t i = 0; i < views.size(); ++i) {
+    at::Tensor decoded = at::empty_like(views[i]);
+    at::Tensor v = views[i];
+    for (auto& from : all) {
+      codec_->decode(bytes_of(from) + offsets[i], codec_->payload_bytes(v.sizes()), decoded);
+      v.add_(decoded);
+    }
+  }
+}
+
+void Compressor::sum_ring(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
+                          const std::string& label) {
+  if (error_feedback_) {
+    // The island's own contribution is its quantize-dequantize: feed that error back.
+    std::vector<at::Tensor> p;
+    for (const auto& v : views) p.push_back(v.clone());
+    for (std::size_t i = 0; i < views.size(); ++i) {
+      at::Tensor buf = at::empty({codec_->payload_bytes(views[i].sizes())}, at::kByte);
+      at::Tensor v = views[i];
+      codec_->encode(v.contiguous(), bytes_of(buf));
+      codec_->decode(bytes_of(buf), buf.numel(), v);
+    }
+    apply_error_feedback(p, views);
+  }
+  const int n = group.world_size(), r = group.rank();
+  const std::int64_t numel = flat.numel();
+  std::int64_t chunk = (numel + n - 1) / n;
+  chunk = (chunk + kRingAlign - 1) / kRingAlign * kRingAlign;
+  auto range = [&](int c) {
+    const std::int64_t begin = std::min(numel, static_cast<std::int64_t>(c) * chunk);
+    return std::make_pair(begin, std::min(numel, begin + chunk) - begin);
+  };
+  auto bytes_for = [&](std::int64_t len) { return codec_->payload_bytes({len}); };
+  const int next = (r + 1) % n, prev = (r + n - 1) % n;
+  auto mod = [n](int x) { return ((x % n) + n) % n; };
+  at::Tensor scratch = at::empty({chunk}, at::kFloat);
+
+  // Reduce-scatter: each hop decodes, accumulates in float32 and re-encodes.
+  for (int s = 0; s < n - 1; ++s) {
+    const auto [send_begin, send_len] = range(mod(r - s));
+    const auto [recv_begin, recv_len] = range(mod(r - s - 1));
+    at::Tensor out = at::empty({bytes_for(send_len)}, at::kByte);
+    at::Tensor in = at::empty({bytes_for(recv_len)}, at::kByte);
+    PendingCollective sent, got;
+    if (send_len > 0) {
+      codec_->encode(flat.narrow(0, send_begin, send_len), bytes_of(out));
+      sent = group.send_async(out, next, s, label);
+    }
+    if (recv_len > 0) got = group.recv_async(in, prev, s, label);
+    sent.wait();
+    got.wait();
+    if (recv_len > 0) {
+      at::Tensor part = scratch.narrow(0, 0, recv_len);
+      codec_->decode(bytes_of(in), in.numel(), part);
+      flat.narrow(0, recv_begin, recv_len).add_(part);
+    }
+  }
+  // The owner of each chunk quantizes its own sum too, so that every rank decodes the same bytes.
+  const int own = mod(r + 1);
+  std::vector<at::Tensor> payloads(n);
+  {
+    const auto [begin, len] = range(own);
+    payloads[own] = at::empty({bytes_for(len)}, at::kByte);
+    if (len > 0) {
+      at::Tensor part = flat.narrow(0, begin, len);
+      codec_->encode(part, bytes_of(payloads[own]));
+      codec_->decode(bytes_of(payloads[own]), payloads[own].numel(), part);
+    }
+  }
+  // All-gather: forward the owners' bytes unchanged around the ring.
+  for (int s = 0; s < n - 1; ++s) {
+    const int send_c = mod(r + 1 - s), recv_c = mod(r - s);
+    const auto [recv_begin, recv_len] = range(recv_c);
+    payloads[recv_c] = at::empty({bytes_for(recv_len)}, at::kByte);
+    PendingCollective sent, got;
+    if (range(send_c).second > 0) sent = group.send_async(payloads[send_c], next, n + s, label);
+    if (recv_len > 0) got = group.recv_async(payloads[recv_c], prev, n + s, label);
+    sent.wait();
+    got.wait();
+    if (recv_len > 0) {
+      at::Tensor part = flat.narrow(0, recv_begin, recv_len);
+      codec_->decode(bytes_of(payloads[recv_c]), payloads[recv_c].numel(), part);
+    }
+  }
+}
+
+}  // namespace diloco
