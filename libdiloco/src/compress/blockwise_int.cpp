@@ -1,0 +1,315 @@
+// Blockwise int8/int4/int2 (see blockwise_int.h). Each block is handled while it sits in L1: one
+// read of the input for max|x|, then one loop that quantizes into int8 codes, then the packing.
+// Every loop is branch-free over raw pointers so that GCC vectorizes it with baseline SSE2.
+#include "compress/blockwise_int.h"
+
+#include <ATen/Tensor.h>
+#include <c10/util/accumulate.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "diloco/errors.h"
+
+namespace diloco {
+
+const char* const kInt8Help =
+    "int8(block=256, rounding=nearest|stochastic, seed=0): blockwise symmetric int8, float32 "
+    "scale max|x|/127 per block (8.125 bits/param at block=256)";
+const char* const kInt4Help =
+    "int4(block=256, rounding=nearest|stochastic, seed=0): blockwise symmetric int4, float32 "
+    "scale max|x|/7 per block (4.125 bits/param at block=256)";
+const char* const kInt2Help =
+    "int2(block=256, rounding=nearest|stochastic, seed=0): blockwise symmetric int2 {-1,0,1}, "
+    "float32 scale max|x| per block (2.125 bits/param at block=256)";
+
+namespace {
+
+// 1.5 * 2^23: adding and subtracting it rounds |t| < 2^22 to an integer, ties to even, with two
+// float adds (std::nearbyint needs SSE4.1 to vectorize).
+constexpr float kRoundMagic = 12582912.f;
+constexpr std::int32_t kAbsMask = 0x7fffffff;
+constexpr std::int32_t kExpMask = 0x7f800000;
+
+void check_tensor(const std::string& codec, const at::Tensor& t, const char* what) {
+  if (t.scalar_type() != at::kFloat || !t.device().is_cpu() || !t.is_contiguous()) {
+    throw Error("[codec '" + codec + "'] " + what +
+                " must be a contiguous float32 CPU tensor, got " +
+                std::string(c10::toString(t.scalar_type())) + " on " + t.device().str() +
+                (t.is_contiguous() ? "" : " (not contiguous)"));
+  }
+}
+
+// max |x| of a block as the bits of a non-negative float: for those, integer order is float
+// order, and inf/NaN compare above every finite value, so one integer max (which vectorizes,
+// unlike a float max without -ffast-math) also says whether the block is finite.
+std::int32_t abs_max_bits(const float* x, std::int64_t len) {
+  std::int32_t m = 0;
+  for (std::int64_t i = 0; i < len; ++i) {
+    std::int32_t u;
+    std::memcpy(&u, x + i, 4);
+    u &= kAbsMask;
+    m = u > m ? u : m;
+  }
+  return m;
+}
+
+float bits_float(std::int32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The block scale of blockwise_int.h, edge cases included.
+float block_scale(float amax, int qmax) {
+  float s = amax / static_cast<float>(qmax);
+  if (s == 0.f && amax > 0.f) s = std::numeric_limits<float>::denorm_min();
+  if (!std::isfinite(s * static_cast<float>(qmax))) s = std::nextafter(s, 0.f);
+  return s;
+}
+
+// Codes with round-half-even, clamped to [-qmax, qmax]. Clamping first keeps |t| small for the
+// magic-number rounding, and the comparisons send a NaN to -qmax (no undefined conversion).
+void quantize_nearest(const float* x, std::int64_t len, float s, float qmax, std::int8_t* q) {
+  for (std::int64_t i = 0; i < len; ++i) {
+    float t = x[i] / s;
+    t = t > -qmax ? t : -qmax;
+    t = t < qmax ? t : qmax;
+    t = (t + kRoundMagic) - kRoundMagic;
+    q[i] = static_cast<std::int8_t>(static_cast<std::int32_t>(t));
+  }
+}
+
+// Codes floor(x / s + u): the float-to-int conversion truncates toward zero, so subtract one
+// where that went up (negative non-integers).
+void quantize_stochastic(const float* x, const float* u, std::int64_t len, float s, float qmax,
+                         std::int8_t* q) {
+  for (std::int64_t i = 0; i < len; ++i) {
+    float t = x[i] / s;
+    t = t > -qmax ? t : -qmax;
+    t = t < qmax ? t : qmax;
+    const float v = t + u[i];
+    std::int32_t c = static_cast<std::int32_t>(v);
+    c -= static_cast<float>(c) > v ? 1 : 0;
+    c = c < static_cast<std::int32_t>(qmax) ? c : static_cast<std::int32_t>(qmax);
+    q[i] = static_cast<std::int8_t>(c);
+  }
+}
+
+// Packs len codes (q padded with zeros to a multiple of 8/bits) little-endian into bytes.
+template <int kBits>
+void pack(const std::int8_t* q, std::int64_t len, std::uint8_t* out) {
+  if constexpr (kBits == 8) {
+    std::memcpy(out, q, static_cast<std::size_t>(len));
+  } else if constexpr (kBits == 4) {
+    for (std::int64_t j = 0; j < (len + 1) / 2; ++j) {
+      out[j] = static_cast<std::uint8_t>((q[2 * j] & 0xf) | ((q[2 * j + 1] & 0xf) << 4));
+    }
+  } else {
+    for (std::int64_t j = 0; j < (len + 3) / 4; ++j) {
+      out[j] = static_cast<std::uint8_t>((q[4 * j] & 3) | ((q[4 * j + 1] & 3) << 2) |
+                                         ((q[4 * j + 2] & 3) << 4) | ((q[4 * j + 3] & 3) << 6));
+    }
+  }
+}
+
+// Decodes one block's codes into q s, returning nonzero when a code is -qmax-1.
+template <int kBits>
+std::uint32_t unpack_scale(const std::uint8_t* in, std::int64_t len, float s, float* y) {
+  std::uint32_t bad = 0;
+  if constexpr (kBits == 8) {
+    for (std::int64_t i = 0; i < len; ++i) {
+      const std::int8_t c = static_cast<std::int8_t>(in[i]);
+      bad |= c == -128 ? 1u : 0u;
+      y[i] = static_cast<float>(c) * s;
+    }
+  } else if constexpr (kBits == 4) {
+    const std::int64_t pairs = len / 2;
+    for (std::int64_t j = 0; j < pairs; ++j) {
+      const std::uint8_t b = in[j];
+      bad |= ((b & 0xf) == 8 ? 1u : 0u) | ((b >> 4) == 8 ? 1u : 0u);
+      // Sign extension: move the nibble to the top of an int8 and shift it back arithmetically.
+      y[2 * j] = static_cast<float>(static_cast<std::int8_t>(b << 4) >> 4) * s;
+      y[2 * j + 1] = static_cast<float>(static_cast<std::int8_t>(b) >> 4) * s;
+    }
+    if (len & 1) {
+      const std::uint8_t b = in[pairs];
+      bad |= (b & 0xf) == 8 ? 1u : 0u;
+      y[len - 1] = static_cast<float>(static_cast<std::int8_t>(b << 4) >> 4) * s;
+    }
+  } else {
+    const std::int64_t quads = len / 4;
+    for (std::int64_t j = 0; j < quads; ++j) {
+      const std::uint8_t b = in[j];
+      // Code 0b10 (-2) in any of the four fields: bit 1 set and bit 0 clear.
+      bad |= (b & ~(b << 1)) & 0xaa;
+      y[4 * j] = static_cast<float>(static_cast<std::int8_t>(b << 6) >> 6) * s;
+      y[4 * j + 1] = static_cast<float>(static_cast<std::int8_t>(b << 4) >> 6) * s;
+      y[4 * j + 2] = static_cast<float>(static_cast<std::int8_t>(b << 2) >> 6) * s;
+      y[4 * j + 3] = static_cast<float>(static_cast<std::int8_t>(b) >> 6) * s;
+    }
+    for (std::int64_t i = 4 * quads; i < len; ++i) {
+      const int c = (in[quads] >> (2 * (i - 4 * quads))) & 3;
+      bad |= c == 2 ? 1u : 0u;
+      y[i] = static_cast<float>(static_cast<std::int8_t>(c << 6) >> 6) * s;
+    }
+  }
+  return bad;
+}
+
+}  // namespace
+
+BlockwiseIntCodec::BlockwiseIntCodec(int bits, std::int64_t block, Rounding rounding,
+                                     std::uint32_t seed)
+    : bits_(bits),
+      qmax_((1 << (bits - 1)) - 1),
+      block_(block),
+      rounding_(rounding),
+      seed_(seed),
+      rng_(seed) {
+  if (bits != 8 && bits != 4 && bits != 2) {
+    throw OptionError("[codec 'int" + std::to_string(bits) + "'] bits must be 8, 4 or 2");
+  }
+  if (block < 32 || block > 4096 || (block & (block - 1)) != 0) {
+    throw OptionError("[codec '" + name() + "'] block must be a power of two in [32, 4096], got '" +
+                      std::to_string(block) + "'");
+  }
+}
+
+std::string BlockwiseIntCodec::name() const { return "int" + std::to_string(bits_); }
+
+std::string BlockwiseIntCodec::spec() const {
+  return name() + "(block=" + std::to_string(block_) +
+         ",rounding=" + (rounding_ == Rounding::kNearest ? "nearest" : "stochastic") +
+         ",seed=" + std::to_string(seed_) + ")";
+}
+
+std::int64_t BlockwiseIntCodec::payload_bytes(c10::IntArrayRef shape) const {
+  const std::int64_t n = c10::multiply_integers(shape);
+  const std::int64_t rem = n % block_;
+  return (n / block_) * block_payload_bytes(block_) + (rem ? block_payload_bytes(rem) : 0);
+}
+
+void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
+  check_tensor(name(), x, "input");
+  const std::int64_t n = x.numel();
+  const float* in = x.data_ptr<float>();
+  const float qmax = static_cast<float>(qmax_);
+  // Codes of one block, padded to whole bytes with zeros; uniforms for stochastic rounding.
+  std::vector<std::int8_t> q(static_cast<std::size_t>(block_) + 8, 0);
+  std::vector<float> u(rounding_ == Rounding::kStochastic ? static_cast<std::size_t>(block_) : 0);
+  for (std::int64_t start = 0, j = 0; start < n; start += block_, ++j) {
+    const std::int64_t len = std::min(block_, n - start);
+    const float* xb = in + start;
+    const std::int32_t amax_bits = abs_max_bits(xb, len);
+    if (amax_bits >= kExpMask) {
+      const std::int64_t i = std::find_if(xb, xb + len, [](float v) { return !std::isfinite(v); }) - xb;
+      throw Error("[codec '" + name() + "'] cannot encode a non-finite input (element " +
+                  std::to_string(start + i) + ", block " + std::to_string(j) + ")");
+    }
+    const float s = block_scale(bits_float(amax_bits), qmax_);
+    std::memcpy(out, &s, 4);
+    out += 4;
+    if (rounding_ == Rounding::kStochastic) {
+      // One draw per element even in an all-zero block, so that the stream of draws depends on
+      // the element count alone.
+      for (std::int64_t i = 0; i < len; ++i) {
+        u[i] = static_cast<float>(rng_() >> 8) * (1.f / 16777216.f);
+      }
+    }
+    if (s == 0.f) {
+      std::fill(q.begin(), q.begin() + len, 0);
+    } else if (rounding_ == Rounding::kNearest) {
+      quantize_nearest(xb, len, s, qmax, q.data());
+    } else {
+      quantize_stochastic(xb, u.data(), len, s, qmax, q.data());
+    }
+    std::fill(q.begin() + len, q.begin() + len + 8, 0);  // padding codes of a partial block
+    switch (bits_) {
+      case 8: pack<8>(q.data(), len, out); break;
+      case 4: pack<4>(q.data(), len, out); break;
+      default: pack<2>(q.data(), len, out); break;
+    }
+    out += block_payload_bytes(len) - 4;
+  }
+}
+
+void BlockwiseIntCodec::decode(const std::uint8_t* payload, std::int64_t bytes,
+                               at::Tensor& out) const {
+  check_tensor(name(), out, "output");
+  const std::int64_t n = out.numel();
+  const std::int64_t expected = payload_bytes(out.sizes());
+  if (bytes != expected) {
+    throw Error("[codec '" + name() + "'] malformed payload: " + std::to_string(bytes) +
+                " bytes, expected " + std::to_string(expected) + " for " + std::to_string(n) +
+                " elements in blocks of " + std::to_string(block_));
+  }
+  float* y = out.data_ptr<float>();
+  const float qmax = static_cast<float>(qmax_);
+  const std::uint8_t* in = payload;
+  for (std::int64_t start = 0, j = 0; start < n; start += block_, ++j) {
+    const std::int64_t len = std::min(block_, n - start);
+    const std::int64_t code_bytes = block_payload_bytes(len) - 4;
+    float s;
+    std::memcpy(&s, in, 4);
+    in += 4;
+    const auto bad_block = [&](const std::string& what) {
+      return Error("[codec '" + name() + "'] malformed payload: block " + std::to_string(j) +
+                   " (elements " + std::to_string(start) + ".." +
+                   std::to_string(start + len - 1) + "): " + what);
+    };
+    if (!std::isfinite(s)) throw bad_block("scale " + std::to_string(s) + " is not finite");
+    if (std::signbit(s)) throw bad_block("scale " + std::to_string(s) + " is negative");
+    if (!std::isfinite(s * qmax)) {
+      throw bad_block("scale " + std::to_string(s) + " times " + std::to_string(qmax_) +
+                      " overflows float32");
+    }
+    std::uint32_t bad = 0;
+    switch (bits_) {
+      case 8: bad = unpack_scale<8>(in, len, s, y + start); break;
+      case 4: bad = unpack_scale<4>(in, len, s, y + start); break;
+      default: bad = unpack_scale<2>(in, len, s, y + start); break;
+    }
+    if (bad) {
+      throw bad_block("code " + std::to_string(-qmax_ - 1) + " is out of range [" +
+                      std::to_string(-qmax_) + ", " + std::to_string(qmax_) + "]");
+    }
+    const int tail_bits = static_cast<int>((len * bits_) % 8);
+    if (tail_bits != 0 && (in[code_bytes - 1] >> tail_bits) != 0) {
+      throw bad_block("padding bits of the last byte are not zero");
+    }
+    in += code_bytes;
+  }
+}
+
+double BlockwiseIntCodec::error_bound(const at::Tensor& x) const {
+  check_tensor(name(), x, "input");
+  const std::int64_t n = x.numel();
+  const float* in = x.data_ptr<float>();
+  const double margin = qmax_ * std::ldexp(1.0, -22);
+  const double steps = (rounding_ == Rounding::kNearest ? 0.5 : 1.0) + margin;
+  double bound = 0.0;
+  for (std::int64_t start = 0; start < n; start += block_) {
+    const std::int32_t amax_bits = abs_max_bits(in + start, std::min(block_, n - start));
+    if (amax_bits >= kExpMask) return std::numeric_limits<double>::infinity();
+    bound = std::max(bound, block_scale(bits_float(amax_bits), qmax_) * steps);
+  }
+  return bound + qmax_ * std::ldexp(1.0, -148);
+}
+
+std::unique_ptr<Codec> make_blockwise_int_codec(int bits, CodecParams& params) {
+  const std::int64_t block = params.get_power_of_two("block", 256, 32, 4096);
+  const std::string rounding = params.get_choice("rounding", "nearest", {"nearest", "stochastic"});
+  const std::int64_t seed = params.get_int("seed", 0, 0, 4294967295LL);
+  params.reject_unknown();
+  return std::make_unique<BlockwiseIntCodec>(
+      bits, block,
+      rounding == "nearest" ? BlockwiseIntCodec::Rounding::kNearest
+                            : BlockwiseIntCodec::Rounding::kStochastic,
+      static_cast<std::uint32_t>(seed));
+}
+
+}  // namespace diloco
