@@ -113,8 +113,8 @@ TEST_CASE("DiLoCo with fp32 compression matches the uncompressed outer step", "[
   std::vector<at::Tensor> plain(2), packed(2);
   for (const char* spec : {"none", "fp32"}) {
     diloco_test::run_ranks(2, [&](int rank, std::shared_ptr<diloco::Group> g) {
-      torch::manual_seed(0);
       torch::nn::Linear net(6, 3);
+      diloco_test::seed_parameters(net->parameters(), 0);
       torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
       diloco::DiLoCoOptions o;
       o.inner_steps = 2;

@@ -5,6 +5,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
 #include <stdexcept>
@@ -36,6 +39,15 @@ void run_ranks(int world_size, const RankFn& fn, std::chrono::milliseconds timeo
   const auto errors = run_ranks_collect(world_size, fn, timeout);
   for (int r = 0; r < world_size; ++r) {
     if (!errors[r].empty()) throw std::runtime_error("rank " + std::to_string(r) + ": " + errors[r]);
+  }
+}
+
+void seed_parameters(const std::vector<at::Tensor>& params, std::uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::NoGradGuard no_grad;
+  for (const auto& p : params) {
+    at::Tensor v = at::randn(p.sizes(), gen).mul_(0.3);
+    at::Tensor(p).copy_(v);
   }
 }
 

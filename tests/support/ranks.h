@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include <ATen/Tensor.h>
+
 #include "diloco/comm/group.h"
 
 namespace diloco_test {
@@ -25,6 +27,10 @@ std::vector<std::string> run_ranks_collect(int world_size, const RankFn& fn,
 // The same, rethrowing the first failure as std::runtime_error("rank R: ...").
 void run_ranks(int world_size, const RankFn& fn,
                std::chrono::milliseconds timeout = std::chrono::milliseconds(20000));
+
+// Fills `params` from a generator of its own, seeded with `seed`: the same values in every thread
+// whatever the others do (the global torch generator is shared by the threads of a test).
+void seed_parameters(const std::vector<at::Tensor>& params, std::uint64_t seed);
 
 // A free TCP port on 127.0.0.1 (bound to port 0 and released).
 int free_port();

@@ -92,8 +92,8 @@ TEST_CASE("H=1, inner SGD, outer averaging is data parallelism", "[diloco][gloo]
   std::vector<at::Tensor> dp_result(world), diloco_result(world), initial(world);
   auto train = [&](bool use_diloco) {
     diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> group) {
-      torch::manual_seed(0);
       TinyNet net;
+      diloco_test::seed_parameters(net.parameters(), 0);
       torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
       std::unique_ptr<diloco::DiLoCo> outer;
       std::unique_ptr<diloco::DataParallel> dp;
@@ -222,8 +222,8 @@ TEST_CASE("a float64 model syncs through a float32 staging buffer, same formula"
   const int world = 2, H = 2;
   std::vector<at::Tensor> start(world), before(world), after(world), global(world);
   diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> group) {
-    torch::manual_seed(0);
     TinyNet net;
+    diloco_test::seed_parameters(net.parameters(), 0);
     net.to(torch::kDouble);
     torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.1));
     diloco::DiLoCoOptions o;

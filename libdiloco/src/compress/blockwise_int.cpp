@@ -160,19 +160,24 @@ std::uint32_t unpack_scale(const std::uint8_t* in, std::int64_t len, float s, fl
   return bad;
 }
 
+// Validated before qmax_ is derived from it.
+int checked_bits(int bits) {
+  if (bits != 8 && bits != 4 && bits != 2) {
+    throw OptionError("[codec 'int" + std::to_string(bits) + "'] bits must be 8, 4 or 2");
+  }
+  return bits;
+}
+
 }  // namespace
 
 BlockwiseIntCodec::BlockwiseIntCodec(int bits, std::int64_t block, Rounding rounding,
                                      std::uint32_t seed)
-    : bits_(bits),
-      qmax_((1 << (bits - 1)) - 1),
+    : bits_(checked_bits(bits)),
+      qmax_((1 << (bits_ - 1)) - 1),
       block_(block),
       rounding_(rounding),
       seed_(seed),
       rng_(seed) {
-  if (bits != 8 && bits != 4 && bits != 2) {
-    throw OptionError("[codec 'int" + std::to_string(bits) + "'] bits must be 8, 4 or 2");
-  }
   if (block < 32 || block > 4096 || (block & (block - 1)) != 0) {
     throw OptionError("[codec '" + name() + "'] block must be a power of two in [32, 4096], got '" +
                       std::to_string(block) + "'");

@@ -18,10 +18,10 @@ extern const char* const kInt8Help;
 extern const char* const kInt4Help;
 extern const char* const kInt2Help;
 
-// Blockwise linear quantization as in Dettmers et al., "8-bit Optimizers via Block-wise
-// Quantization" (arXiv 2110.02861), with the linear (not dynamic-tree) code, and the 4/2-bit
-// variants that quantized DiLoCo exchanges use (INTELLECT-1, arXiv 2412.01152; SparseLoCo,
-// arXiv 2508.15706, for 2 bits).
+// Blockwise absmax quantization (Dettmers et al., "8-bit Optimizers via Block-wise
+// Quantization", arXiv 2110.02861, with a linear instead of their dynamic-tree code): int8 as in
+// the quantized all-reduce of INTELLECT-1 (arXiv 2412.01152) and PCCL (arXiv 2505.14065), int4
+// and int2 as lower-precision variants (SparseLoCo, arXiv 2508.15706, sends 2-bit values).
 //
 // Format. The tensor is flattened (row-major) and cut into blocks of `block` elements (a power of
 // two in [32, 4096]); the last block holds the remaining len = n mod block elements when that is
@@ -45,7 +45,7 @@ extern const char* const kInt2Help;
 //
 // Edge cases of the scale: when max|x| > 0 but max|x| / qmax underflows to 0 the scale is the
 // smallest subnormal 2^-149; when qmax s_j would overflow (max|x| near FLT_MAX) s_j is lowered by
-// one ulp. Neither happens for data between 1e-36 and 1e36.
+// one ulp. Neither arises unless max|x| < 2e-43 or max|x| > 3.4e38 (1 - 2^-24).
 //
 // error_bound = max over blocks of s_j (1/2 + qmax 2^-22) for nearest rounding, s_j (1 + qmax
 // 2^-22) for stochastic, plus qmax 2^-148: half a step (a whole step), plus a margin for the

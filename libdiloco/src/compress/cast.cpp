@@ -52,20 +52,25 @@ float bits_float(std::uint32_t u) {
 }
 
 // float -> binary16 bits, round to nearest even, |x| saturated at 65504 (x finite). After F.
-// Giesen's branch-free "float_to_half_fast3_rtne", with the inf/NaN branch replaced by the clamp.
+// Giesen's branch-free "float_to_half_fast3_rtne", with the inf/NaN branch replaced by a clamp.
+// Clamping and selecting on integers (masks rather than float selects) is what lets GCC
+// vectorize the loop around it.
 inline std::uint16_t half_from_float(float x) {
+  constexpr std::uint32_t kMaxHalf = 0x477fe000u;   // 65504.f
+  constexpr std::uint32_t kMinNormal = 0x38800000u;  // 2^-14, the smallest normal half
+  constexpr std::uint32_t kHalfF = 0x3f000000u;      // 0.5f
   const std::uint32_t u = float_bits(x);
   const std::uint32_t sign = (u >> 16) & 0x8000u;
-  float a = bits_float(u & 0x7fffffffu);
-  a = a < 65504.f ? a : 65504.f;
-  const std::uint32_t au = float_bits(a);
-  // Below 2^-14 the half is subnormal: adding 0.5 puts the half's 10 mantissa bits at the bottom
-  // of the float's mantissa, and the float adder rounds to nearest even for us.
-  const std::uint32_t sub = float_bits(a + 0.5f) - float_bits(0.5f);
-  // Normal: rebias the exponent, add 0xfff plus the lowest kept bit (ties to even), cut 13 bits.
-  const std::uint32_t norm = (au + (static_cast<std::uint32_t>(15 - 127) << 23) + 0xfffu +
-                              ((au >> 13) & 1u)) >> 13;
-  return static_cast<std::uint16_t>((au < (113u << 23) ? sub : norm) | sign);
+  std::uint32_t au = u & 0x7fffffffu;
+  au = au < kMaxHalf ? au : kMaxHalf;
+  // Subnormal half: adding 0.5 puts the half's 10 mantissa bits at the bottom of the float's
+  // mantissa, and the float adder rounds to nearest even for us.
+  const std::uint32_t sub = float_bits(bits_float(au) + 0.5f) - kHalfF;
+  // Normal: rebias the exponent (-112 << 23), add 0xfff plus the lowest kept bit (ties to even),
+  // cut 13 bits.
+  const std::uint32_t norm = (au - 0x38000000u + 0xfffu + ((au >> 13) & 1u)) >> 13;
+  const std::uint32_t is_sub = 0u - static_cast<std::uint32_t>(au < kMinNormal);
+  return static_cast<std::uint16_t>((sub & is_sub) | (norm & ~is_sub) | sign);
 }
 
 // binary16 bits -> float bits, exact; `special` is set for an infinite or NaN half (whose result
@@ -74,12 +79,13 @@ inline std::uint32_t float_from_half(std::uint32_t h, std::uint32_t& special) {
   constexpr std::uint32_t kShiftedExp = 0x7c00u << 13;
   const std::uint32_t em = (h & 0x7fffu) << 13;
   const std::uint32_t exp = em & kShiftedExp;
-  const std::uint32_t norm = em + (static_cast<std::uint32_t>(127 - 15) << 23);
-  // Subnormal half (exp 0): give it the implicit bit of 2^-14 and subtract that again in float,
+  const std::uint32_t norm = em + 0x38000000u;  // exponent + (127 - 15)
+  // Subnormal half (exp 0): give it the implicit bit of 2^-14 and subtract 2^-14 again in float,
   // which renormalizes exactly.
-  const std::uint32_t sub = float_bits(bits_float(norm + (1u << 23)) - bits_float(113u << 23));
+  const std::uint32_t sub = float_bits(bits_float(norm + (1u << 23)) - bits_float(0x38800000u));
   special |= exp == kShiftedExp ? 1u : 0u;
-  return (exp == 0 ? sub : norm) | ((h & 0x8000u) << 16);
+  const std::uint32_t is_sub = 0u - static_cast<std::uint32_t>(exp == 0);
+  return (sub & is_sub) | (norm & ~is_sub) | ((h & 0x8000u) << 16);
 }
 
 }  // namespace

@@ -34,7 +34,8 @@ at::Tensor dct_basis(std::int64_t n) {
   float* p = c.data_ptr<float>();
   const double pi = std::acos(-1.0);
   for (std::int64_t u = 0; u < n; ++u) {
-    const double a = std::sqrt(2.0 / static_cast<double>(n)) * (u == 0 ? 1.0 / std::sqrt(2.0) : 1.0);
+    const double a =
+        std::sqrt(2.0 / static_cast<double>(n)) * (u == 0 ? 1.0 / std::sqrt(2.0) : 1.0);
     for (std::int64_t i = 0; i < n; ++i) {
       p[u * n + i] = static_cast<float>(
           a * std::cos(pi * static_cast<double>((2 * i + 1) * u) / (2.0 * static_cast<double>(n))));
@@ -44,7 +45,9 @@ at::Tensor dct_basis(std::int64_t n) {
 }
 
 DctCodec::DctCodec(std::int64_t chunk, std::int64_t k, bool sign)
-    : chunk_(chunk), k_(k), sign_(sign),
+    : chunk_(chunk),
+      k_(k),
+      sign_(sign),
       coder_("dct", k, sign ? SparseValues::kSign : SparseValues::kFp32) {}
 
 std::string DctCodec::spec() const {
@@ -101,8 +104,8 @@ void DctCodec::encode(const at::Tensor& x, std::uint8_t* out) {
   for (std::int64_t i = 0; i < x.numel(); ++i) {
     if (!std::isfinite(p[i])) {
       std::ostringstream s;
-      s << "[codec dct] non-finite input " << p[i] << " at element " << i << " of a tensor of shape "
-        << x.sizes();
+      s << "[codec dct] non-finite input " << p[i] << " at element " << i
+        << " of a tensor of shape " << x.sizes();
       throw Error(s.str());
     }
   }
@@ -149,8 +152,8 @@ double DctCodec::error_bound(const at::Tensor& x) const {
       for (std::int64_t j = 0; j < c.cols; ++j) norm_sq += static_cast<double>(row[j]) * row[j];
     }
     const auto& st = stats[i];
-    bound = std::max(bound, std::sqrt(st.dropped_sq + st.value_err_sq) +
-                                kRoundingSlack * std::sqrt(norm_sq));
+    bound = std::max(
+        bound, std::sqrt(st.dropped_sq + st.value_err_sq) + kRoundingSlack * std::sqrt(norm_sq));
   }
   return bound;
 }

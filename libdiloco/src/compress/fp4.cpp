@@ -1,5 +1,6 @@
-// FP4 E3M0 (see fp4.h). Encoding is seven float compares per element against per-block
-// thresholds (branch-free, vectorized); decoding is a 16-entry table per block.
+// FP4 E3M0 (see fp4.h). Encoding is eight float compares per element against exact per-block
+// thresholds; decoding builds each float from the scale's bits by lowering its exponent. Both
+// loops are branch-free and vectorize with baseline SSE2.
 #include "compress/fp4.h"
 
 #include <ATen/Tensor.h>
@@ -25,6 +26,8 @@ namespace {
 constexpr const char* kName = "fp4";
 constexpr std::int32_t kAbsMask = 0x7fffffff;
 constexpr std::int32_t kExpMask = 0x7f800000;
+// Below this scale s 2^-6 is subnormal and decoding needs a table of rounded magnitudes.
+constexpr float kMinArithmeticScale = 0x1p-120f;
 
 void check_tensor(const at::Tensor& t, const char* what) {
   if (t.scalar_type() != at::kFloat || !t.device().is_cpu() || !t.is_contiguous()) {
@@ -65,20 +68,65 @@ std::array<float, 7> thresholds(float s) {
   return t;
 }
 
-// Codes of one block into one nibble per byte of q.
-void quantize(const float* x, std::int64_t len, const std::array<float, 7>& t, std::uint8_t* q) {
+// Codes of one block, one per int32 of q (narrowing to bytes inside this loop would cost more
+// than the compares; pack() narrows once). Eight compares: e counts the thresholds <= |x|, and
+// the sign bit is set exactly when e > 0 and x < 0, i.e. when x <= -T_1.
+void quantize(const float* x, std::int64_t len, const std::array<float, 7>& t, std::int32_t* q) {
   const float t1 = t[0], t2 = t[1], t3 = t[2], t4 = t[3], t5 = t[4], t6 = t[5], t7 = t[6];
+  const float neg_t1 = -t1;
   for (std::int64_t i = 0; i < len; ++i) {
-    std::uint32_t u;
-    std::memcpy(&u, x + i, 4);
     const float a = std::fabs(x[i]);
-    const std::uint32_t e = (a >= t1 ? 1u : 0u) + (a >= t2 ? 1u : 0u) + (a >= t3 ? 1u : 0u) +
-                            (a >= t4 ? 1u : 0u) + (a >= t5 ? 1u : 0u) + (a >= t6 ? 1u : 0u) +
-                            (a >= t7 ? 1u : 0u);
-    // The sign only where the magnitude is nonzero: "-0" is not a valid code.
-    const std::uint32_t sign = e != 0 ? (u >> 28) & 8u : 0u;
-    q[i] = static_cast<std::uint8_t>(e | sign);
+    q[i] = (a >= t1 ? 1 : 0) + (a >= t2 ? 1 : 0) + (a >= t3 ? 1 : 0) + (a >= t4 ? 1 : 0) +
+           (a >= t5 ? 1 : 0) + (a >= t6 ? 1 : 0) + (a >= t7 ? 1 : 0) + (x[i] <= neg_t1 ? 8 : 0);
   }
+}
+
+// Two codes per byte, the first in the low nibble; q holds an even count (zero-padded).
+void pack(const std::int32_t* q, std::int64_t bytes, std::uint8_t* out) {
+  for (std::int64_t b = 0; b < bytes; ++b) {
+    out[b] = static_cast<std::uint8_t>(q[2 * b] | (q[2 * b + 1] << 4));
+  }
+}
+
+// The float bits of code c in a block of scale bits sb: s 2^(e-7) is s with its exponent field
+// lowered by 7 - e, exact while s 2^-6 is a normal float (s >= 2^-120; decode() checks).
+inline std::uint32_t code_bits(std::uint32_t c, std::uint32_t sb) {
+  const std::uint32_t e = c & 7u;
+  const std::uint32_t mag = e != 0 ? sb - ((7u - e) << 23) : 0u;
+  return mag | ((c & 8u) << 28);
+}
+
+// Decodes a block of `pairs` full bytes by exponent arithmetic; nonzero return: a "-0" code.
+std::uint32_t unpack_normal(const std::uint8_t* in, std::int64_t pairs, std::uint32_t sb,
+                            float* y) {
+  std::uint32_t bad = 0;
+  for (std::int64_t b = 0; b < pairs; ++b) {
+    const std::uint32_t v = in[b];
+    bad |= ((v & 0xfu) == 8u ? 1u : 0u) | ((v >> 4) == 8u ? 1u : 0u);
+    const std::uint32_t lo = code_bits(v & 0xfu, sb), hi = code_bits(v >> 4, sb);
+    std::memcpy(y + 2 * b, &lo, 4);
+    std::memcpy(y + 2 * b + 1, &hi, 4);
+  }
+  return bad;
+}
+
+// The same through a table of correctly rounded magnitudes, for scales whose small magnitudes
+// are subnormal (s < 2^-120) and for s = 0.
+std::uint32_t unpack_table(const std::uint8_t* in, std::int64_t pairs, float s, float* y) {
+  std::array<float, 16> lut;
+  lut[0] = lut[8] = 0.f;  // 8 is "-0": flagged below
+  for (int e = 1; e < 8; ++e) {
+    lut[e] = static_cast<float>(std::ldexp(static_cast<double>(s), e - 7));
+    lut[e + 8] = -lut[e];
+  }
+  std::uint32_t bad = 0;
+  for (std::int64_t b = 0; b < pairs; ++b) {
+    const std::uint8_t v = in[b];
+    bad |= ((v & 0xf) == 8 ? 1u : 0u) | ((v >> 4) == 8 ? 1u : 0u);
+    y[2 * b] = lut[v & 0xf];
+    y[2 * b + 1] = lut[v >> 4];
+  }
+  return bad;
 }
 
 }  // namespace
@@ -100,7 +148,7 @@ void Fp4Codec::encode(const at::Tensor& x, std::uint8_t* out) {
   check_tensor(x, "input");
   const std::int64_t n = x.numel();
   const float* in = x.data_ptr<float>();
-  std::vector<std::uint8_t> q(static_cast<std::size_t>(block_) + 2, 0);
+  std::vector<std::int32_t> q(static_cast<std::size_t>(block_) + 2, 0);
   for (std::int64_t start = 0, j = 0; start < n; start += block_, ++j) {
     const std::int64_t len = std::min(block_, n - start);
     const float* xb = in + start;
@@ -121,9 +169,7 @@ void Fp4Codec::encode(const at::Tensor& x, std::uint8_t* out) {
     }
     q[len] = 0;  // the high nibble of an odd block's last byte
     const std::int64_t code_bytes = (len + 1) / 2;
-    for (std::int64_t b = 0; b < code_bytes; ++b) {
-      out[b] = static_cast<std::uint8_t>(q[2 * b] | (q[2 * b + 1] << 4));
-    }
+    pack(q.data(), code_bytes, out);
     out += code_bytes;
   }
 }
@@ -151,28 +197,20 @@ void Fp4Codec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tenso
     };
     if (!std::isfinite(s)) throw bad_block("scale " + std::to_string(s) + " is not finite");
     if (std::signbit(s)) throw bad_block("scale " + std::to_string(s) + " is negative");
-    // Magnitudes s 2^(e-7) in double then rounded: exact unless s is subnormal.
-    std::array<float, 16> lut;
-    lut[0] = 0.f;
-    lut[8] = 0.f;  // "-0": rejected below
-    for (int e = 1; e < 8; ++e) {
-      lut[e] = static_cast<float>(std::ldexp(static_cast<double>(s), e - 7));
-      lut[e + 8] = -lut[e];
-    }
-    std::uint32_t bad = 0;
+    // The full bytes go through one vectorized loop; an odd block's last code on its own.
     float* yb = y + start;
     const std::int64_t pairs = len / 2;
-    for (std::int64_t b = 0; b < pairs; ++b) {
-      const std::uint8_t v = in[b];
-      bad |= ((v & 0xf) == 8 ? 1u : 0u) | ((v >> 4) == 8 ? 1u : 0u);
-      yb[2 * b] = lut[v & 0xf];
-      yb[2 * b + 1] = lut[v >> 4];
-    }
+    std::uint32_t sb;
+    std::memcpy(&sb, &s, 4);
+    const bool normal = s >= kMinArithmeticScale;  // also false for s = 0
+    std::uint32_t bad =
+        normal ? unpack_normal(in, pairs, sb, yb) : unpack_table(in, pairs, s, yb);
     if (len & 1) {
       const std::uint8_t v = in[pairs];
       if (v >> 4) throw bad_block("the padding nibble of the last byte is not zero");
-      bad |= (v & 0xf) == 8 ? 1u : 0u;
-      yb[len - 1] = lut[v & 0xf];
+      float last[2];
+      bad |= normal ? unpack_normal(in + pairs, 1, sb, last) : unpack_table(in + pairs, 1, s, last);
+      yb[len - 1] = last[0];
     }
     if (bad) throw bad_block("code 0b1000 (negative zero) is not a valid code");
     in += code_bytes;

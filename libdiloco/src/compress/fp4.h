@@ -39,7 +39,7 @@ extern const char* const kFp4Help;
 // s 2^(k-2), which is at most |x| / 3 with equality at the midpoint |x| = (3/4) s 2^k. Over a
 // block the worst case is the top gap: s/4, at |x| = 3s/4 (|x| / 3 reaches s/3 only where the
 // error is 0, at |x| = s). error_bound = max over blocks of s_j / 4, plus 2^-149 for the rounding
-// of s 2^(e-7) when s is subnormal (encode and decode are otherwise exact).
+// of s 2^(e-7) where that is subnormal (s < 2^-120); encode and decode are otherwise exact.
 //
 // Decode throws diloco::Error naming the codec and the block for a payload of the wrong size, a
 // scale that is NaN, infinite or negative (sign bit set), a "-0" code, or a nonzero padding

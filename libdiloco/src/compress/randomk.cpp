@@ -163,8 +163,8 @@ void RandomkCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::T
     v *= factor;
     if (!std::isfinite(v)) {
       std::ostringstream s;
-      s << "[codec randomk] malformed payload: value " << j << " (element "
-        << draw->positions[j] << ") decodes to " << v;
+      s << "[codec randomk] malformed payload: value " << j << " (element " << draw->positions[j]
+        << ") decodes to " << v;
       throw Error(s.str());
     }
     o[draw->positions[j]] = v;
@@ -176,7 +176,8 @@ double RandomkCodec::error_bound(const at::Tensor& x) const {
   const float* p = x.data_ptr<float>();
   const std::int64_t d = x.numel();
   double max_abs = 0;
-  for (std::int64_t i = 0; i < d; ++i) max_abs = std::max(max_abs, static_cast<double>(std::fabs(p[i])));
+  for (std::int64_t i = 0; i < d; ++i)
+    max_abs = std::max(max_abs, static_cast<double>(std::fabs(p[i])));
   if (!rescale_ || d == 0) return max_abs;
   return max_abs * std::max(1.0, static_cast<double>(d) / kept(d) - 1.0);
 }
@@ -187,8 +188,7 @@ std::unique_ptr<Codec> make_randomk_codec(CodecParams& params) {
     throw OptionError("[codec '" + params.codec() +
                       "'] fraction must be a number in (0, 1], got '" + shortest(fraction) + "'");
   }
-  const std::int64_t seed =
-      params.get_int("seed", 0, 0, std::numeric_limits<std::int64_t>::max());
+  const std::int64_t seed = params.get_int("seed", 0, 0, std::numeric_limits<std::int64_t>::max());
   const bool rescale = params.get_choice("rescale", "false", {"false", "true"}) == "true";
   params.reject_unknown();
   return std::make_unique<RandomkCodec>(fraction, seed, rescale);

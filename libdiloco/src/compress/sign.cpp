@@ -67,7 +67,8 @@ void SignCodec::encode(const at::Tensor& x, std::uint8_t* out) {
   }
   if (d % 8) {
     std::uint8_t byte = 0;
-    for (std::int64_t j = 0; j < d % 8; ++j) byte |= static_cast<std::uint8_t>((p[8 * full + j] < 0) << j);
+    for (std::int64_t j = 0; j < d % 8; ++j)
+      byte |= static_cast<std::uint8_t>((p[8 * full + j] < 0) << j);
     bits[full] = byte;
   }
 }
@@ -90,14 +91,21 @@ void SignCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tens
   }
   const std::uint8_t* bits = payload + 4;
   float* o = out.data_ptr<float>();
-  for (std::int64_t i = 0; i < d; ++i) o[i] = (bits[i >> 3] >> (i & 7)) & 1 ? -scale : scale;
+  // A set bit becomes the float sign bit of the scale: no branch per element.
+  std::uint32_t s;
+  std::memcpy(&s, &scale, 4);
+  for (std::int64_t i = 0; i < d; ++i) {
+    const std::uint32_t v = s | (static_cast<std::uint32_t>((bits[i >> 3] >> (i & 7)) & 1) << 31);
+    std::memcpy(o + i, &v, 4);
+  }
 }
 
 double SignCodec::error_bound(const at::Tensor& x) const {
   check_float_tensor("error_bound input", x);
   const float* p = x.data_ptr<float>();
   double max_abs = 0;
-  for (std::int64_t i = 0; i < x.numel(); ++i) max_abs = std::max(max_abs, static_cast<double>(std::fabs(p[i])));
+  for (std::int64_t i = 0; i < x.numel(); ++i)
+    max_abs = std::max(max_abs, static_cast<double>(std::fabs(p[i])));
   return max_abs + static_cast<float>(l1_mean(p, x.numel()));
 }
 

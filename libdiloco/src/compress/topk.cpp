@@ -85,10 +85,12 @@ float load_float(const std::uint8_t* p) {
   return v;
 }
 
-void store_float(std::uint8_t* p, float v) { std::memcpy(p, &v, sizeof v); }
+void store_float(std::uint8_t* p, float v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
-float half_round_trip(float v) {
-  return static_cast<float>(c10::Half(std::max(-kHalfMax, std::min(kHalfMax, v))));
+c10::Half saturated_half(float v) {
+  return c10::Half(std::max(-kHalfMax, std::min(kHalfMax, v)));
 }
 
 // Calls fn(count, tile_rows, tile_cols) for the (at most four) kinds of tile of the grid.
@@ -101,6 +103,15 @@ void for_each_tile_kind(const ChunkGrid& g, Fn fn) {
   if (rem_c) fn(full_r, g.tile_rows, rem_c);
   if (rem_r) fn(full_c, rem_r, g.tile_cols);
   if (rem_r && rem_c) fn(1, rem_r, rem_c);
+}
+
+// Total bits of the index stream: sum over chunks of k_c * ceil(log2(n_c)).
+std::int64_t index_stream_bits(const ChunkGrid& grid, std::int64_t k) {
+  std::int64_t bits = 0;
+  for_each_tile_kind(grid, [&](std::int64_t count, std::int64_t r, std::int64_t c) {
+    bits += count * std::min(k, r * c) * index_bits(r * c);
+  });
+  return bits;
 }
 
 // One chunk's kept values as they travel and as they decode. For kTwoBit and kSign, `scale` is
@@ -119,7 +130,7 @@ void code_chunk(SparseValues mode, const float* v, std::int64_t n, ChunkValues& 
       std::copy(v, v + n, cv.decoded.begin());
       return;
     case SparseValues::kFp16:
-      for (std::int64_t j = 0; j < n; ++j) cv.decoded[j] = half_round_trip(v[j]);
+      for (std::int64_t j = 0; j < n; ++j) cv.decoded[j] = static_cast<float>(saturated_half(v[j]));
       return;
     case SparseValues::kTwoBit: {
       double sum = 0;
@@ -128,8 +139,8 @@ void code_chunk(SparseValues mode, const float* v, std::int64_t n, ChunkValues& 
       std::int64_t low = 0;
       for (std::int64_t j = 0; j < n; ++j) low += std::fabs(v[j]) < mean;
       // The scale for which the decoded magnitudes add up to the kept ones (see topk.h).
-      const double denom = kTwoBitLow * static_cast<double>(low) +
-                           kTwoBitHigh * static_cast<double>(n - low);
+      const double denom =
+          kTwoBitLow * static_cast<double>(low) + kTwoBitHigh * static_cast<double>(n - low);
       const double s = denom > 0 ? std::min(sum / denom, kMaxTwoBitScale) : 0.0;
       cv.scale = static_cast<float>(s);
       const float lo = static_cast<float>(kTwoBitLow * cv.scale);
@@ -199,8 +210,8 @@ ChunkGrid::Chunk ChunkGrid::chunk(std::int64_t i) const {
 std::string ChunkGrid::describe(std::int64_t i) const {
   const Chunk c = chunk(i);
   std::ostringstream s;
-  s << "chunk " << i << " of " << num_chunks() << " (rows " << c.row0 << ".."
-    << c.row0 + c.rows - 1 << ", cols " << c.col0 << ".." << c.col0 + c.cols - 1 << ")";
+  s << "chunk " << i << " of " << num_chunks() << " (rows " << c.row0 << ".." << c.row0 + c.rows - 1
+    << ", cols " << c.col0 << ".." << c.col0 + c.cols - 1 << ")";
   return s.str();
 }
 
@@ -210,21 +221,27 @@ SparseChunkCoder::SparseChunkCoder(std::string codec, std::int64_t k, SparseValu
     : codec_(std::move(codec)), k_(k), values_(values) {}
 
 std::int64_t SparseChunkCoder::payload_bytes(const ChunkGrid& grid) const {
-  std::int64_t index_bits_total = 0, kept = 0;
+  std::int64_t kept = 0;
   for_each_tile_kind(grid, [&](std::int64_t count, std::int64_t r, std::int64_t c) {
-    const std::int64_t kc = std::min(k_, r * c);
-    kept += count * kc;
-    index_bits_total += count * kc * index_bits(r * c);
+    kept += count * std::min(k_, r * c);
   });
   const std::int64_t chunks = grid.num_chunks();
   std::int64_t values = 0;
   switch (values_) {
-    case SparseValues::kFp32: values = 4 * kept; break;
-    case SparseValues::kFp16: values = 2 * kept; break;
-    case SparseValues::kTwoBit: values = 4 * chunks + (2 * kept + 7) / 8; break;
-    case SparseValues::kSign: values = 4 * chunks + (kept + 7) / 8; break;
+    case SparseValues::kFp32:
+      values = 4 * kept;
+      break;
+    case SparseValues::kFp16:
+      values = 2 * kept;
+      break;
+    case SparseValues::kTwoBit:
+      values = 4 * chunks + (2 * kept + 7) / 8;
+      break;
+    case SparseValues::kSign:
+      values = 4 * chunks + (kept + 7) / 8;
+      break;
   }
-  return (index_bits_total + 7) / 8 + values;
+  return (index_stream_bits(grid, k_) + 7) / 8 + values;
 }
 
 void SparseChunkCoder::select(const float* data, const ChunkGrid& grid, std::int64_t i,
@@ -253,10 +270,9 @@ void SparseChunkCoder::select(const float* data, const ChunkGrid& grid, std::int
     // Larger magnitude first, lower position on ties: a strict total order, so the kept set is
     // the same whatever the selection algorithm.
     const float* m = mag.data();
-    std::nth_element(order.begin(), order.begin() + kc, order.end(),
-                     [m](std::int32_t a, std::int32_t b) {
-                       return m[a] > m[b] || (m[a] == m[b] && a < b);
-                     });
+    std::nth_element(
+        order.begin(), order.begin() + kc, order.end(),
+        [m](std::int32_t a, std::int32_t b) { return m[a] > m[b] || (m[a] == m[b] && a < b); });
   }
   kept.assign(order.begin(), order.begin() + kc);
   std::sort(kept.begin(), kept.end());
@@ -279,12 +295,7 @@ void SparseChunkCoder::encode(const float* data, const ChunkGrid& grid, std::uin
     begin[i + 1] = static_cast<std::int64_t>(vals.size());
   }
   index_stream.flush();
-  std::int64_t index_bytes = 0;
-  for_each_tile_kind(grid, [&](std::int64_t count, std::int64_t r, std::int64_t c) {
-    index_bytes += count * std::min(k_, r * c) * index_bits(r * c);
-  });
-  index_bytes = (index_bytes + 7) / 8;
-  std::uint8_t* v = out + index_bytes;
+  std::uint8_t* v = out + (index_stream_bits(grid, k_) + 7) / 8;
   const std::int64_t total = static_cast<std::int64_t>(vals.size());
 
   switch (values_) {
@@ -293,8 +304,7 @@ void SparseChunkCoder::encode(const float* data, const ChunkGrid& grid, std::uin
       return;
     case SparseValues::kFp16:
       for (std::int64_t j = 0; j < total; ++j) {
-        const std::uint16_t h =
-            c10::Half(std::max(-kHalfMax, std::min(kHalfMax, vals[j]))).x;
+        const std::uint16_t h = saturated_half(vals[j]).x;
         std::memcpy(v + 2 * j, &h, 2);
       }
       return;
@@ -317,10 +327,6 @@ void SparseChunkCoder::encode(const float* data, const ChunkGrid& grid, std::uin
 void SparseChunkCoder::decode(const std::uint8_t* payload, std::int64_t bytes,
                               const ChunkGrid& grid, float* out) const {
   const std::int64_t chunks = grid.num_chunks();
-  std::int64_t index_bits_total = 0;
-  for_each_tile_kind(grid, [&](std::int64_t count, std::int64_t r, std::int64_t c) {
-    index_bits_total += count * std::min(k_, r * c) * index_bits(r * c);
-  });
   // The codec checked the size against the shape; checked again here because every read below
   // relies on it.
   if (bytes != payload_bytes(grid)) {
@@ -331,7 +337,7 @@ void SparseChunkCoder::decode(const std::uint8_t* payload, std::int64_t bytes,
   if (chunks == 0) return;
 
   BitReader index_stream(payload);
-  const std::uint8_t* v = payload + (index_bits_total + 7) / 8;
+  const std::uint8_t* v = payload + (index_stream_bits(grid, k_) + 7) / 8;
   const std::uint8_t* scales = v;
   BitReader codes(v + 4 * chunks);
   // stamp[p] == i + 1 marks position p as already seen in chunk i: no clearing between chunks.
@@ -373,7 +379,9 @@ void SparseChunkCoder::decode(const std::uint8_t* payload, std::int64_t bytes,
     for (std::int64_t j = 0; j < kc; ++j, ++next_value) {
       float x = 0;
       switch (values_) {
-        case SparseValues::kFp32: x = load_float(v + 4 * next_value); break;
+        case SparseValues::kFp32:
+          x = load_float(v + 4 * next_value);
+          break;
         case SparseValues::kFp16: {
           std::uint16_t h;
           std::memcpy(&h, v + 2 * next_value, 2);
@@ -385,7 +393,9 @@ void SparseChunkCoder::decode(const std::uint8_t* payload, std::int64_t bytes,
           x = (code & 1 ? -1.0f : 1.0f) * (code & 2 ? hi : lo);
           break;
         }
-        case SparseValues::kSign: x = codes.get(1) ? -scale : scale; break;
+        case SparseValues::kSign:
+          x = codes.get(1) ? -scale : scale;
+          break;
       }
       if (!std::isfinite(x)) {
         std::ostringstream s;
@@ -442,18 +452,24 @@ namespace {
 
 SparseValues sparse_values(TopkCodec::Values v) {
   switch (v) {
-    case TopkCodec::Values::kFp16: return SparseValues::kFp16;
-    case TopkCodec::Values::kTwoBit: return SparseValues::kTwoBit;
-    case TopkCodec::Values::kFp32: break;
+    case TopkCodec::Values::kFp16:
+      return SparseValues::kFp16;
+    case TopkCodec::Values::kTwoBit:
+      return SparseValues::kTwoBit;
+    case TopkCodec::Values::kFp32:
+      break;
   }
   return SparseValues::kFp32;
 }
 
 const char* values_name(TopkCodec::Values v) {
   switch (v) {
-    case TopkCodec::Values::kFp16: return "fp16";
-    case TopkCodec::Values::kTwoBit: return "2bit";
-    case TopkCodec::Values::kFp32: break;
+    case TopkCodec::Values::kFp16:
+      return "fp16";
+    case TopkCodec::Values::kTwoBit:
+      return "2bit";
+    case TopkCodec::Values::kFp32:
+      break;
   }
   return "fp32";
 }
@@ -462,8 +478,7 @@ const char* values_name(TopkCodec::Values v) {
 
 std::string TopkCodec::spec() const {
   return "topk(k=" + std::to_string(k_) + ",chunk=" + std::to_string(chunk_) +
-         ",vector_chunk=" + std::to_string(vector_chunk_) + ",values=" + values_name(values_) +
-         ")";
+         ",vector_chunk=" + std::to_string(vector_chunk_) + ",values=" + values_name(values_) + ")";
 }
 
 std::int64_t TopkCodec::payload_bytes(c10::IntArrayRef shape) const {
@@ -484,8 +499,8 @@ void TopkCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tens
   const std::int64_t expected = coder.payload_bytes(grid);
   if (bytes != expected) {
     throw Error("[codec topk] payload of " + std::to_string(bytes) + " bytes for shape " +
-                shape_str(out.sizes()) + ", expected " + std::to_string(expected) + " (" +
-                spec() + ")");
+                shape_str(out.sizes()) + ", expected " + std::to_string(expected) + " (" + spec() +
+                ")");
   }
   coder.decode(payload, bytes, grid, out.data_ptr<float>());
 }
@@ -494,11 +509,12 @@ double TopkCodec::error_bound(const at::Tensor& x) const {
   check_float_tensor("topk", "error_bound input", x);
   const SparseChunkCoder coder("topk", k_, sparse_values(values_));
   double bound = 0;
-  for (const auto& st : coder.chunk_stats(x.data_ptr<float>(),
-                                          ChunkGrid(x.sizes(), chunk_, vector_chunk_))) {
+  for (const auto& st :
+       coder.chunk_stats(x.data_ptr<float>(), ChunkGrid(x.sizes(), chunk_, vector_chunk_))) {
     double value_err = 0;
     switch (values_) {
-      case Values::kFp32: break;
+      case Values::kFp32:
+        break;
       case Values::kFp16:
         value_err = st.max_kept * std::ldexp(1.0, -11) + std::ldexp(1.0, -25) +
                     std::max(0.0, st.max_kept - kHalfMax);

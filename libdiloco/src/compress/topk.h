@@ -59,7 +59,8 @@ extern const char* const kTopkHelp;
 //         subnormal spacing, saturation);
 //   2bit  max(m_c, M_c - m_c) (1 + 2^-20): a low value lies in [0, m_c) and its level in
 //         [m_c/2, m_c); a high one in [m_c, M_c] and its level in [m_c, 2m_c) (s_c lies in
-//         [3m_c/4, 3m_c/2]); the factor covers float rounding.
+//         [3m_c/4, 3m_c/2]); the factor covers float rounding. (Scales are capped at
+//         0.75 FLT_MAX so that (4/3)s_c stays finite; beyond |x| ~ 1e38 the bound does not hold.)
 class TopkCodec : public Codec {
  public:
   enum class Values { kFp32, kFp16, kTwoBit };
@@ -132,9 +133,8 @@ class SparseChunkCoder {
 
  private:
   // Fills `kept` with the chunk's kept positions, ascending; `mag` and `order` are scratch.
-  void select(const float* data, const ChunkGrid& grid, std::int64_t i,
-              std::vector<float>& mag, std::vector<std::int32_t>& order,
-              std::vector<std::int32_t>& kept) const;
+  void select(const float* data, const ChunkGrid& grid, std::int64_t i, std::vector<float>& mag,
+              std::vector<std::int32_t>& order, std::vector<std::int32_t>& kept) const;
 
   std::string codec_;
   std::int64_t k_;
