@@ -80,7 +80,7 @@ void Compressor::sum(Group& group, at::Tensor& flat, const std::vector<at::Tenso
     }
   }
   switch (codec_->aggregation()) {
-    case Aggregation::kSummable: return sum_summable(group, flat, views, label);
+    case Aggregation::kSummable: return sum_summable(group, views, label);
     case Aggregation::kGathered: return sum_gathered(group, flat, views, label);
     case Aggregation::kRingRequantized: return sum_ring(group, flat, views, label);
   }
@@ -91,56 +91,45 @@ void Compressor::apply_error_feedback(const std::vector<at::Tensor>& p,
   for (std::size_t i = 0; i < p.size(); ++i) at::sub_out(residuals_[i], p[i], sent[i]);
 }
 
-void Compressor::sum_summable(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
-                              const std::string& label) {
-  const auto dtype = codec_->payload_dtype();
-  const std::int64_t elem = static_cast<std::int64_t>(c10::elementSize(dtype));
-  const std::int64_t total = payload_bytes(views);
-  at::Tensor payload = at::empty({total / elem}, at::TensorOptions().dtype(dtype));
+std::vector<std::int64_t> Compressor::encode_all(const std::vector<at::Tensor>& views,
+                                                 std::uint8_t* payload) {
   std::vector<std::int64_t> offsets;
   std::int64_t off = 0;
   for (const auto& v : views) {
     offsets.push_back(off);
-    codec_->encode(v.contiguous(), bytes_of(payload) + off);
+    codec_->encode(v.contiguous(), payload + off);
     off += codec_->payload_bytes(v.sizes());
   }
   if (error_feedback_) {
+    // What this island sent is what its own payload decodes to.
     std::vector<at::Tensor> sent;
     for (std::size_t i = 0; i < views.size(); ++i) {
       at::Tensor s = at::empty_like(views[i]);
-      codec_->decode(bytes_of(payload) + offsets[i], codec_->payload_bytes(views[i].sizes()), s);
+      codec_->decode(payload + offsets[i], codec_->payload_bytes(views[i].sizes()), s);
       sent.push_back(s);
     }
     apply_error_feedback(views, sent);
   }
+  return offsets;
+}
+
+void Compressor::sum_summable(Group& group, const std::vector<at::Tensor>& views,
+                              const std::string& label) {
+  const auto dtype = codec_->payload_dtype();
+  const auto elem = static_cast<std::int64_t>(c10::elementSize(dtype));
+  at::Tensor payload = at::empty({payload_bytes(views) / elem}, at::TensorOptions().dtype(dtype));
+  const auto offsets = encode_all(views, bytes_of(payload));
   group.allreduce_sum(payload, label);
   for (std::size_t i = 0; i < views.size(); ++i) {
     at::Tensor v = views[i];
     codec_->decode(bytes_of(payload) + offsets[i], codec_->payload_bytes(v.sizes()), v);
   }
-  (void)flat;
 }
 
 void Compressor::sum_gathered(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
                               const std::string& label) {
-  const std::int64_t total = payload_bytes(views);
-  at::Tensor payload = at::empty({total}, at::kByte);
-  std::vector<std::int64_t> offsets;
-  std::int64_t off = 0;
-  for (const auto& v : views) {
-    offsets.push_back(off);
-    codec_->encode(v.contiguous(), bytes_of(payload) + off);
-    off += codec_->payload_bytes(v.sizes());
-  }
-  if (error_feedback_) {
-    std::vector<at::Tensor> sent;
-    for (std::size_t i = 0; i < views.size(); ++i) {
-      at::Tensor s = at::empty_like(views[i]);
-      codec_->decode(bytes_of(payload) + offsets[i], codec_->payload_bytes(views[i].sizes()), s);
-      sent.push_back(s);
-    }
-    apply_error_feedback(views, sent);
-  }
+  at::Tensor payload = at::empty({payload_bytes(views)}, at::kByte);
+  const auto offsets = encode_all(views, bytes_of(payload));
   std::vector<at::Tensor> all = group.allgather(payload, label);
   // Sum in rank order, the same on every rank, so the result is bit-identical everywhere.
   flat.zero_();

@@ -52,8 +52,9 @@ class Compressor {
  private:
   void apply_error_feedback(const std::vector<at::Tensor>& views,
                             const std::vector<at::Tensor>& sent);
-  void sum_summable(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
-                    const std::string& label);
+  // Encodes every view into `payload` (error feedback applied) and returns each one's offset.
+  std::vector<std::int64_t> encode_all(const std::vector<at::Tensor>& views, std::uint8_t* payload);
+  void sum_summable(Group& group, const std::vector<at::Tensor>& views, const std::string& label);
   void sum_gathered(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
                     const std::string& label);
   void sum_ring(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
