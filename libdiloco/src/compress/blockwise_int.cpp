@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "compress/codec_checks.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -31,31 +32,7 @@ namespace {
 // 1.5 * 2^23: adding and subtracting it rounds |t| < 2^22 to an integer, ties to even, with two
 // float adds (std::nearbyint needs SSE4.1 to vectorize).
 constexpr float kRoundMagic = 12582912.f;
-constexpr std::int32_t kAbsMask = 0x7fffffff;
 constexpr std::int32_t kExpMask = 0x7f800000;
-
-void check_tensor(const std::string& codec, const at::Tensor& t, const char* what) {
-  if (t.scalar_type() != at::kFloat || !t.device().is_cpu() || !t.is_contiguous()) {
-    throw Error("[codec '" + codec + "'] " + what +
-                " must be a contiguous float32 CPU tensor, got " +
-                std::string(c10::toString(t.scalar_type())) + " on " + t.device().str() +
-                (t.is_contiguous() ? "" : " (not contiguous)"));
-  }
-}
-
-// max |x| of a block as the bits of a non-negative float: for those, integer order is float
-// order, and inf/NaN compare above every finite value, so one integer max (which vectorizes,
-// unlike a float max without -ffast-math) also says whether the block is finite.
-std::int32_t abs_max_bits(const float* x, std::int64_t len) {
-  std::int32_t m = 0;
-  for (std::int64_t i = 0; i < len; ++i) {
-    std::int32_t u;
-    std::memcpy(&u, x + i, 4);
-    u &= kAbsMask;
-    m = u > m ? u : m;
-  }
-  return m;
-}
 
 float bits_float(std::int32_t u) {
   float f;
@@ -199,7 +176,7 @@ std::int64_t BlockwiseIntCodec::payload_bytes(c10::IntArrayRef shape) const {
 }
 
 void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
-  check_tensor(name(), x, "input");
+  check_cpu_float(name(), x, "input");
   const std::int64_t n = x.numel();
   const float* in = x.data_ptr<float>();
   const float qmax = static_cast<float>(qmax_);
@@ -244,7 +221,7 @@ void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
 
 void BlockwiseIntCodec::decode(const std::uint8_t* payload, std::int64_t bytes,
                                at::Tensor& out) const {
-  check_tensor(name(), out, "output");
+  check_cpu_float(name(), out, "output");
   const std::int64_t n = out.numel();
   const std::int64_t expected = payload_bytes(out.sizes());
   if (bytes != expected) {
@@ -291,7 +268,7 @@ void BlockwiseIntCodec::decode(const std::uint8_t* payload, std::int64_t bytes,
 }
 
 double BlockwiseIntCodec::error_bound(const at::Tensor& x) const {
-  check_tensor(name(), x, "input");
+  check_cpu_float(name(), x, "input");
   const std::int64_t n = x.numel();
   const float* in = x.data_ptr<float>();
   const double margin = qmax_ * std::ldexp(1.0, -22);

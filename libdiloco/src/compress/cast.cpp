@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "compress/codec_checks.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -21,14 +22,6 @@ const char* const kFp16Help =
 namespace {
 
 std::string prefix(const char* codec) { return std::string("[codec '") + codec + "'] "; }
-
-void check_tensor(const char* codec, const at::Tensor& t, const char* what) {
-  if (t.scalar_type() != at::kFloat || !t.device().is_cpu() || !t.is_contiguous()) {
-    throw Error(prefix(codec) + what + " must be a contiguous float32 CPU tensor, got " +
-                std::string(c10::toString(t.scalar_type())) + " on " + t.device().str() +
-                (t.is_contiguous() ? "" : " (not contiguous)"));
-  }
-}
 
 void check_size(const char* codec, std::int64_t bytes, std::int64_t expected, std::int64_t n) {
   if (bytes != expected) {
@@ -97,12 +90,12 @@ std::int64_t Fp32Codec::payload_bytes(c10::IntArrayRef shape) const {
 }
 
 void Fp32Codec::encode(const at::Tensor& x, std::uint8_t* out) {
-  check_tensor("fp32", x, "input");
+  check_cpu_float("fp32", x, "input");
   std::memcpy(out, x.data_ptr<float>(), static_cast<std::size_t>(x.numel()) * 4);
 }
 
 void Fp32Codec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tensor& out) const {
-  check_tensor("fp32", out, "output");
+  check_cpu_float("fp32", out, "output");
   const std::int64_t n = out.numel();
   check_size("fp32", bytes, 4 * n, n);
   float* y = out.data_ptr<float>();
@@ -128,7 +121,7 @@ std::int64_t Fp16Codec::payload_bytes(c10::IntArrayRef shape) const {
 }
 
 void Fp16Codec::encode(const at::Tensor& x, std::uint8_t* out) {
-  check_tensor("fp16", x, "input");
+  check_cpu_float("fp16", x, "input");
   const std::int64_t n = x.numel();
   const float* in = x.data_ptr<float>();
   std::uint32_t special = 0;
@@ -146,7 +139,7 @@ void Fp16Codec::encode(const at::Tensor& x, std::uint8_t* out) {
 }
 
 void Fp16Codec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tensor& out) const {
-  check_tensor("fp16", out, "output");
+  check_cpu_float("fp16", out, "output");
   const std::int64_t n = out.numel();
   check_size("fp16", bytes, 2 * n, n);
   float* y = out.data_ptr<float>();
@@ -169,7 +162,7 @@ void Fp16Codec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tens
 }
 
 double Fp16Codec::error_bound(const at::Tensor& x) const {
-  check_tensor("fp16", x, "input");
+  check_cpu_float("fp16", x, "input");
   const float* in = x.data_ptr<float>();
   float m = 0.f;
   for (std::int64_t i = 0; i < x.numel(); ++i) m = std::max(m, std::fabs(in[i]));

@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "compress/codec_checks.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -24,32 +25,9 @@ const char* const kFp4Help =
 namespace {
 
 constexpr const char* kName = "fp4";
-constexpr std::int32_t kAbsMask = 0x7fffffff;
 constexpr std::int32_t kExpMask = 0x7f800000;
 // Below this scale s 2^-6 is subnormal and decoding needs a table of rounded magnitudes.
 constexpr float kMinArithmeticScale = 0x1p-120f;
-
-void check_tensor(const at::Tensor& t, const char* what) {
-  if (t.scalar_type() != at::kFloat || !t.device().is_cpu() || !t.is_contiguous()) {
-    throw Error(std::string("[codec '") + kName + "'] " + what +
-                " must be a contiguous float32 CPU tensor, got " +
-                std::string(c10::toString(t.scalar_type())) + " on " + t.device().str() +
-                (t.is_contiguous() ? "" : " (not contiguous)"));
-  }
-}
-
-// max |x| as the bits of a non-negative float; >= kExpMask means an inf or NaN in the block
-// (integer max vectorizes where a float max would need -ffast-math).
-std::int32_t abs_max_bits(const float* x, std::int64_t len) {
-  std::int32_t m = 0;
-  for (std::int64_t i = 0; i < len; ++i) {
-    std::int32_t u;
-    std::memcpy(&u, x + i, 4);
-    u &= kAbsMask;
-    m = u > m ? u : m;
-  }
-  return m;
-}
 
 // The smallest float >= v (v >= 0 in float range): |x| >= v exactly iff |x| >= this.
 float float_at_least(double v) {
@@ -145,7 +123,7 @@ std::int64_t Fp4Codec::payload_bytes(c10::IntArrayRef shape) const {
 }
 
 void Fp4Codec::encode(const at::Tensor& x, std::uint8_t* out) {
-  check_tensor(x, "input");
+  check_cpu_float(kName, x, "input");
   const std::int64_t n = x.numel();
   const float* in = x.data_ptr<float>();
   std::vector<std::int32_t> q(static_cast<std::size_t>(block_) + 2, 0);
@@ -175,7 +153,7 @@ void Fp4Codec::encode(const at::Tensor& x, std::uint8_t* out) {
 }
 
 void Fp4Codec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tensor& out) const {
-  check_tensor(out, "output");
+  check_cpu_float(kName, out, "output");
   const std::int64_t n = out.numel();
   const std::int64_t expected = payload_bytes(out.sizes());
   if (bytes != expected) {
@@ -218,7 +196,7 @@ void Fp4Codec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tenso
 }
 
 double Fp4Codec::error_bound(const at::Tensor& x) const {
-  check_tensor(x, "input");
+  check_cpu_float(kName, x, "input");
   const std::int64_t n = x.numel();
   const float* in = x.data_ptr<float>();
   double bound = 0.0;

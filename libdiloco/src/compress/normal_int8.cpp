@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 
+#include "compress/codec_checks.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -25,15 +26,6 @@ namespace {
 constexpr const char* kName = "int8_normal";
 constexpr std::int64_t kHeader = 8;
 constexpr int kDegenerateCode = 128;
-
-void check_tensor(const at::Tensor& t, const char* what) {
-  if (t.scalar_type() != at::kFloat || !t.device().is_cpu() || !t.is_contiguous()) {
-    throw Error(std::string("[codec '") + kName + "'] " + what +
-                " must be a contiguous float32 CPU tensor, got " +
-                std::string(c10::toString(t.scalar_type())) + " on " + t.device().str() +
-                (t.is_contiguous() ? "" : " (not contiguous)"));
-  }
-}
 
 // The quantities encode and decode derive from the header, in one place so that both agree.
 struct Bins {
@@ -126,7 +118,7 @@ std::int64_t NormalInt8Codec::payload_bytes(c10::IntArrayRef shape) const {
 }
 
 void NormalInt8Codec::encode(const at::Tensor& x, std::uint8_t* out) {
-  check_tensor(x, "input");
+  check_cpu_float(kName, x, "input");
   const std::int64_t n = x.numel();
   const float* in = x.data_ptr<float>();
   const Stats st = compute_stats(in, n);
@@ -155,7 +147,7 @@ void NormalInt8Codec::encode(const at::Tensor& x, std::uint8_t* out) {
 
 void NormalInt8Codec::decode(const std::uint8_t* payload, std::int64_t bytes,
                              at::Tensor& out) const {
-  check_tensor(out, "output");
+  check_cpu_float(kName, out, "output");
   const std::int64_t n = out.numel();
   if (bytes != kHeader + n) {
     throw Error(std::string("[codec '") + kName + "'] malformed payload: " +
@@ -184,7 +176,7 @@ void NormalInt8Codec::decode(const std::uint8_t* payload, std::int64_t bytes,
 }
 
 double NormalInt8Codec::error_bound(const at::Tensor& x) const {
-  check_tensor(x, "input");
+  check_cpu_float(kName, x, "input");
   const std::int64_t n = x.numel();
   if (n == 0) return 0.0;
   const float* in = x.data_ptr<float>();
