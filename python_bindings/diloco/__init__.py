@@ -1,0 +1,59 @@
+"""libdiloco for PyTorch: DiLoCo and data-parallel training across islands over Gloo.
+
+    import torch, diloco
+    pg = diloco.init_process_group()          # torchrun's MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+    model = MyModel()
+    inner = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    outer = diloco.DiLoCo(model, inner, pg, inner_steps=500, compression="topk(k=64)+ef")
+    for x, y in data:
+        loss_fn(model(x), y).backward(); inner.step(); inner.zero_grad()
+        outer.step()                           # every inner_steps-th call: one outer step
+    print(outer.stats())
+
+The model's parameters are shared with the C++ core without copies; the optimizer stays the
+user's own torch.optim object. Errors: diloco.Error (a RuntimeError), diloco.OptionError (also a
+ValueError) and diloco.PeerLostError carry the C++ library's messages.
+"""
+
+# LibTorch's Python bindings must be loaded before the extension, which links against them.
+import torch  # noqa: F401
+
+from . import _C
+from ._C import (
+    CommStats,
+    Error,
+    Group,
+    OpStats,
+    OptionError,
+    PeerLostError,
+    SyncStats,
+    aggregation,
+    codec_help,
+    codec_names,
+    collective_bytes,
+    compressor_spec,
+    payload_bytes,
+)
+from ._api import DataParallel, DiLoCo, init_process_group, named_tensors
+
+__version__ = _C.__version__
+
+__all__ = [
+    "CommStats",
+    "DataParallel",
+    "DiLoCo",
+    "Error",
+    "Group",
+    "OpStats",
+    "OptionError",
+    "PeerLostError",
+    "SyncStats",
+    "aggregation",
+    "codec_help",
+    "codec_names",
+    "collective_bytes",
+    "compressor_spec",
+    "init_process_group",
+    "named_tensors",
+    "payload_bytes",
+]

@@ -1,0 +1,228 @@
+// Bindings of diloco/sync: DiLoCo and DataParallel over a list of named tensors, and SyncStats.
+//
+// The tensors are the caller's own (the torch.nn.Parameter objects of a Python model): the
+// library rebinds their storage into flat buffers with Tensor::set_data, which changes the very
+// TensorImpl the Python objects wrap, so the model, its optimizer and the library share memory
+// with no copies. The Python package (diloco/_api.py) builds the arguments from a torch.nn.Module
+// and a torch.optim optimizer.
+#include <diloco/errors.h>
+#include <diloco/sync/data_parallel.h>
+#include <diloco/sync/diloco.h>
+#include <diloco/sync/parameters.h>
+#include <diloco/sync/sync_stats.h>
+#include <pybind11/stl.h>
+#include <torch/optim/sgd.h>
+
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bindings.h"
+
+namespace diloco_python {
+namespace {
+
+using Release = py::call_guard<py::gil_scoped_release>;
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+std::vector<diloco::NamedParameter> to_named(NamedTensors tensors) {
+  std::vector<diloco::NamedParameter> out;
+  out.reserve(tensors.size());
+  for (auto& [name, tensor] : tensors) out.push_back({std::move(name), std::move(tensor)});
+  return out;
+}
+
+// DiLoCo plus what the binding must keep alive. The inner optimizer is the user's Python object
+// and steps on its own; the library only needs to know which tensors it optimizes, to check that
+// every parameter is among them. That check runs inside the collective model check, so a
+// parameter missing on one rank raises the same error on every rank instead of leaving the others
+// waiting. `membership_` is a C++ optimizer over exactly the tensors of the Python optimizer's
+// param_groups; it is never stepped.
+class PyDiLoCo {
+ public:
+  PyDiLoCo(NamedTensors parameters, std::optional<std::vector<at::Tensor>> optimizer_tensors,
+           std::shared_ptr<diloco::Group> group, diloco::DiLoCoOptions options)
+      : group_(group) {
+    if (optimizer_tensors) {
+      // lr 0: never stepped, it only lists the tensors.
+      membership_ = std::make_unique<torch::optim::SGD>(*optimizer_tensors,
+                                                        torch::optim::SGDOptions(0.0));
+    }
+    impl_ = std::make_unique<diloco::DiLoCo>(to_named(std::move(parameters)), membership_.get(),
+                                             std::move(group), std::move(options));
+  }
+
+  diloco::DiLoCo& impl() { return *impl_; }
+  const diloco::DiLoCo& impl() const { return *impl_; }
+  const std::shared_ptr<diloco::Group>& group() const { return group_; }
+
+ private:
+  std::shared_ptr<diloco::Group> group_;
+  std::unique_ptr<torch::optim::SGD> membership_;
+  std::unique_ptr<diloco::DiLoCo> impl_;
+};
+
+diloco::DiLoCoOptions make_options(std::int64_t inner_steps, double outer_lr,
+                                   double outer_momentum, bool nesterov,
+                                   const std::optional<std::string>& outer_device,
+                                   const std::string& compression) {
+  diloco::DiLoCoOptions options;
+  options.inner_steps = inner_steps;
+  options.outer.lr = outer_lr;
+  options.outer.momentum = outer_momentum;
+  options.outer.nesterov = nesterov;
+  options.compression = compression;
+  if (outer_device) {
+    try {
+      options.outer_device = c10::Device(*outer_device);
+    } catch (const c10::Error& e) {
+      throw diloco::OptionError("[DiLoCo] outer_device '" + *outer_device +
+                                "' is not a device (expected e.g. 'cpu' or 'cuda:0'): " +
+                                e.what_without_backtrace());
+    }
+  }
+  return options;
+}
+
+std::string repr(const diloco::SyncStats& s) {
+  std::ostringstream out;
+  out << "SyncStats(inner_steps=" << s.inner_steps << ", outer_steps=" << s.outer_steps
+      << ", sync_seconds=" << s.sync_seconds << ", bytes_sent=" << s.bytes_sent
+      << ", bytes_received=" << s.bytes_received << ")";
+  return out.str();
+}
+
+std::vector<std::string> names_of(const diloco::FlatParameters& params) {
+  std::vector<std::string> names;
+  for (const auto& p : params.parameters()) names.push_back(p.name);
+  return names;
+}
+
+std::vector<at::Tensor> flats_of(const diloco::FlatParameters& params) {
+  std::vector<at::Tensor> flats;
+  for (const auto& b : params.buckets()) flats.push_back(b.flat);
+  return flats;
+}
+
+}  // namespace
+
+void bind_sync(py::module_& m) {
+  py::class_<diloco::SyncStats>(
+      m, "SyncStats",
+      "What a synchronizer reports: inner_steps (step() calls), outer_steps (completed syncs), "
+      "sync_seconds (wall time inside syncs, compute and communication), bytes_sent and "
+      "bytes_received (by this rank, all collectives of its group).")
+      .def_readonly("inner_steps", &diloco::SyncStats::inner_steps)
+      .def_readonly("outer_steps", &diloco::SyncStats::outer_steps)
+      .def_readonly("sync_seconds", &diloco::SyncStats::sync_seconds)
+      .def_readonly("bytes_sent", &diloco::SyncStats::bytes_sent)
+      .def_readonly("bytes_received", &diloco::SyncStats::bytes_received)
+      .def("_asdict",
+           [](const diloco::SyncStats& s) {
+             py::dict d;
+             d["inner_steps"] = s.inner_steps;
+             d["outer_steps"] = s.outer_steps;
+             d["sync_seconds"] = s.sync_seconds;
+             d["bytes_sent"] = s.bytes_sent;
+             d["bytes_received"] = s.bytes_received;
+             return d;
+           },
+           "The fields as a dict.")
+      .def("__repr__", &repr);
+
+  py::class_<PyDiLoCo>(
+      m, "DiLoCo",
+      "The C++ DiLoCo synchronizer over named tensors. Use diloco.DiLoCo, which builds it from "
+      "a torch.nn.Module and a torch.optim optimizer.")
+      .def(py::init([](NamedTensors parameters,
+                       std::optional<std::vector<at::Tensor>> optimizer_tensors,
+                       std::shared_ptr<diloco::Group> group, std::int64_t inner_steps,
+                       double outer_lr, double outer_momentum, bool nesterov,
+                       std::optional<std::string> outer_device, std::string compression) {
+             return std::make_unique<PyDiLoCo>(
+                 std::move(parameters), std::move(optimizer_tensors), std::move(group),
+                 make_options(inner_steps, outer_lr, outer_momentum, nesterov, outer_device,
+                              compression));
+           }),
+           py::arg("parameters"), py::arg("optimizer_tensors"), py::arg("group"),
+           py::arg("inner_steps") = 500, py::arg("outer_lr") = 0.7,
+           py::arg("outer_momentum") = 0.9, py::arg("nesterov") = true,
+           py::arg("outer_device") = py::none(), py::arg("compression") = "none", Release(),
+           "A collective: checks that every rank holds the same parameters (names, shapes, "
+           "dtypes) and that each is in optimizer_tensors (unless None), then copies rank 0's "
+           "values to every rank.")
+      .def(
+          "step", [](PyDiLoCo& d) { return d.impl().step(); }, Release(),
+          "Call after each inner optimizer step. Every inner_steps-th call runs an outer step "
+          "(a collective: all ranks call step() the same number of times) and returns True; "
+          "the others return False at once.\n\n"
+          "Raises PeerLostError if a peer is lost (the model then holds this rank's global "
+          "weights), and Error if any rank's pseudo-gradient holds a NaN or an infinity (no "
+          "non-finite value enters the global weights; the model is set to them).")
+      .def(
+          "sync", [](PyDiLoCo& d) { d.impl().sync(); }, Release(),
+          "Run an outer step now, whatever the inner step count (all ranks together), e.g. to "
+          "end training on the global weights.")
+      .def(
+          "stats", [](const PyDiLoCo& d) { return d.impl().stats(); },
+          "SyncStats: inner and outer steps, seconds in syncs, bytes sent and received.")
+      .def_property_readonly(
+          "group", [](const PyDiLoCo& d) { return d.group(); }, "the Group the syncs run over")
+      .def_property_readonly(
+          "inner_steps", [](const PyDiLoCo& d) { return d.impl().options().inner_steps; },
+          "H: inner steps between outer steps")
+      .def_property_readonly(
+          "outer_lr", [](const PyDiLoCo& d) { return d.impl().options().outer.lr; },
+          "learning rate of the outer SGD")
+      .def_property_readonly(
+          "outer_momentum", [](const PyDiLoCo& d) { return d.impl().options().outer.momentum; },
+          "momentum of the outer SGD")
+      .def_property_readonly(
+          "nesterov", [](const PyDiLoCo& d) { return d.impl().options().outer.nesterov; },
+          "whether the outer momentum is Nesterov's")
+      .def_property_readonly(
+          "compression", [](const PyDiLoCo& d) { return d.impl().options().compression; },
+          "the compressor spec pseudo-gradients are sent with")
+      .def_property_readonly(
+          "outer_device",
+          [](const PyDiLoCo& d) { return d.impl().global_weights().front().device().str(); },
+          "where the global weights and the outer momentum live")
+      .def(
+          "parameter_names", [](const PyDiLoCo& d) { return names_of(d.impl().parameters()); },
+          "The synchronized parameters' names, in the order the library holds them.")
+      .def(
+          "flat_parameters", [](const PyDiLoCo& d) { return flats_of(d.impl().parameters()); },
+          "The model's storage: one flat tensor per dtype bucket, which every parameter is a "
+          "view of (shared memory, not a copy).")
+      .def(
+          "global_weights",
+          [](const PyDiLoCo& d) {
+            std::vector<at::Tensor> copies;
+            for (const auto& g : d.impl().global_weights()) copies.push_back(g.clone());
+            return copies;
+          },
+          "Copies of the global weights, one flat float32 tensor per bucket.");
+
+  py::class_<diloco::DataParallel>(
+      m, "DataParallel",
+      "The C++ data-parallel synchronizer over named tensors. Use diloco.DataParallel, which "
+      "builds it from a torch.nn.Module.")
+      .def(py::init([](NamedTensors parameters, std::shared_ptr<diloco::Group> group) {
+             return std::make_unique<diloco::DataParallel>(to_named(std::move(parameters)),
+                                                           std::move(group));
+           }),
+           py::arg("parameters"), py::arg("group"), Release(),
+           "A collective: checks that every rank holds the same parameters, then copies rank "
+           "0's values to every rank.")
+      .def("sync_gradients", &diloco::DataParallel::sync_gradients, Release(),
+           "Call after backward() and before the optimizer step: every .grad becomes the mean "
+           "over ranks (one all-reduce of one flat buffer). Raises Error on every rank if any "
+           "rank's gradient holds a NaN or an infinity.")
+      .def("stats", &diloco::DataParallel::stats,
+           "SyncStats: steps, seconds in gradient syncs, bytes sent and received.");
+}
+
+}  // namespace diloco_python

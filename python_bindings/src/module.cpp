@@ -1,0 +1,74 @@
+// The extension module diloco._C: the library's Group, DiLoCo, DataParallel, compressor registry
+// and statistics for Python. The Python package diloco/ wraps it with PyTorch-style constructors;
+// import `diloco`, not `diloco._C` (torch must be imported first, and diloco/__init__.py does it).
+#include <diloco/errors.h>
+#include <diloco/version.h>
+
+#include "bindings.h"
+
+namespace diloco_python {
+namespace {
+
+// Python exception types, created once when the module is imported. Owned by the module (which
+// holds a reference as an attribute) for the life of the interpreter.
+PyObject* g_error = nullptr;
+PyObject* g_option_error = nullptr;
+PyObject* g_peer_lost_error = nullptr;
+
+PyObject* new_exception(const char* name, const char* doc, PyObject* bases) {
+  PyObject* type = PyErr_NewExceptionWithDoc(name, doc, bases, nullptr);
+  if (type == nullptr) throw py::error_already_set();
+  return type;
+}
+
+}  // namespace
+
+void bind_errors(py::module_& m) {
+  g_error = new_exception(
+      "diloco.Error",
+      "An error raised by libdiloco (diloco::Error): an invariant or input check failed. The "
+      "message starts with the operation in brackets, e.g. \"[DiLoCo] rank 2: ...\".",
+      PyExc_RuntimeError);
+  PyObject* option_bases = PyTuple_Pack(2, g_error, PyExc_ValueError);
+  g_option_error = new_exception(
+      "diloco.OptionError",
+      "An option outside its allowed range (diloco::OptionError). The message names the option "
+      "and the range. A subclass of both diloco.Error and ValueError.",
+      option_bases);
+  Py_DECREF(option_bases);
+  g_peer_lost_error = new_exception(
+      "diloco.PeerLostError",
+      "A peer left the group (process exited, connection closed, or a collective timed out; "
+      "diloco::PeerLostError). The group is unusable afterwards; build a new one to continue.",
+      g_error);
+  m.add_object("Error", py::handle(g_error));
+  m.add_object("OptionError", py::handle(g_option_error));
+  m.add_object("PeerLostError", py::handle(g_peer_lost_error));
+
+  py::register_exception_translator([](std::exception_ptr thrown) {
+    try {
+      if (thrown) std::rethrow_exception(thrown);
+    } catch (const diloco::PeerLostError& e) {
+      PyErr_SetString(g_peer_lost_error, e.what());
+    } catch (const diloco::OptionError& e) {
+      PyErr_SetString(g_option_error, e.what());
+    } catch (const diloco::Error& e) {
+      PyErr_SetString(g_error, e.what());
+    } catch (const c10::Error& e) {
+      // TORCH_CHECK inside the library: the message without LibTorch's C++ backtrace.
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
+}
+
+}  // namespace diloco_python
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() =
+      "libdiloco's C++ core (import the package `diloco`, which wraps this module).";
+  m.attr("__version__") = DILOCO_VERSION;
+  diloco_python::bind_errors(m);
+  diloco_python::bind_comm(m);
+  diloco_python::bind_compress(m);
+  diloco_python::bind_sync(m);
+}

@@ -1,0 +1,216 @@
+"""The bindings in one process (one-rank groups over loopback): parameters shared without copies
+with a Python model and its torch.optim optimizer, the options and statistics, the codec
+registry, and errors arriving as Python exceptions with the library's messages."""
+
+import datetime
+
+import pytest
+import torch
+
+import diloco
+from conftest import free_port
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def train_step(model, inner):
+    x = torch.randn(16, 4)
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    inner.step()
+    inner.zero_grad()
+
+
+def test_exception_hierarchy():
+    assert issubclass(diloco.Error, RuntimeError)
+    assert issubclass(diloco.OptionError, diloco.Error)
+    assert issubclass(diloco.OptionError, ValueError)
+    assert issubclass(diloco.PeerLostError, diloco.Error)
+    assert diloco.Error.__module__ == "diloco"
+
+
+def test_parameters_are_shared_without_copies(solo_group):
+    model = tiny_model()
+    params_before = list(model.parameters())
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    outer = diloco.DiLoCo(model, inner, solo_group, inner_steps=3)
+
+    # The same Parameter objects, now views into the library's flat buffer.
+    assert all(a is b for a, b in zip(params_before, model.parameters()))
+    assert all(a is b for a, b in zip(params_before, inner.param_groups[0]["params"]))
+    (flat,) = outer.flat_parameters()
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+    for p in model.parameters():
+        assert start <= p.data_ptr() < end
+    assert flat.numel() == sum(p.numel() for p in model.parameters())
+
+    # A write through Python is seen by the library's buffer and the other way round.
+    first = next(model.parameters())
+    with torch.no_grad():
+        first.view(-1)[0] = 123.0
+    assert flat[0].item() == 123.0
+    with torch.no_grad():
+        flat[0] = -7.0
+    assert first.view(-1)[0].item() == -7.0
+
+    # The user's optimizer keeps training the shared storage.
+    before = flat.clone()
+    train_step(model, inner)
+    assert outer.step() is False  # step 1 of 3: no sync
+    assert not torch.equal(before, flat), "inner.step() did not change the shared buffer"
+    assert len(inner.state) == len(params_before)
+
+    # After a sync (one island: global = local with lr 1 averaging) the model is the global model.
+    outer.sync()
+    (global_weights,) = outer.global_weights()
+    assert torch.equal(global_weights, flat)
+    assert outer.stats().outer_steps == 1
+
+
+def test_step_syncs_every_inner_steps_and_reports_stats(solo_group):
+    model = tiny_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    outer = diloco.DiLoCo(model, inner, solo_group, inner_steps=2, outer_lr=0.5,
+                          outer_momentum=0.0, nesterov=False)
+    results = []
+    for _ in range(5):
+        train_step(model, inner)
+        results.append(outer.step())
+    assert results == [False, True, False, True, False]
+    s = outer.stats()
+    assert (s.inner_steps, s.outer_steps) == (5, 2)
+    assert s.sync_seconds > 0
+    assert isinstance(s, diloco.SyncStats) and "outer_steps=2" in repr(s)
+    assert s._asdict()["inner_steps"] == 5
+    assert (outer.inner_steps, outer.outer_lr, outer.outer_momentum, outer.nesterov) == (
+        2, 0.5, 0.0, False)
+    assert outer.outer_device == "cpu" and outer.compression == "none"
+    assert outer.group is solo_group
+    comm = solo_group.stats()
+    assert isinstance(comm, diloco.CommStats)
+    assert comm.ops["allreduce:outer_sync"].calls == 2
+    assert "DiLoCo(" in repr(outer)
+
+
+def test_data_parallel_sync_gradients(solo_group):
+    model = tiny_model()
+    dp = diloco.DataParallel(model, solo_group)
+    model(torch.randn(8, 4)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    dp.sync_gradients()  # one rank: the mean is the gradient itself
+    for g, p in zip(grads, model.parameters()):
+        assert torch.equal(g, p.grad)
+    assert dp.stats().inner_steps == 1
+    assert dp.group is solo_group
+
+
+def test_codec_registry_and_payload_bytes():
+    names = diloco.codec_names()
+    for name in ("fp32", "fp16", "int8", "int4", "int2", "int8_normal", "fp4", "topk", "dct",
+                 "randomk", "sign"):
+        assert name in names
+    assert len(diloco.codec_help()) == len(names)
+    x = torch.zeros(1000)
+    assert diloco.payload_bytes("none", [x]) == 4000
+    assert diloco.payload_bytes("fp16", [x]) == 2000
+    assert diloco.payload_bytes("sign", [x]) == 4 + 125
+    assert diloco.aggregation("int8") == "ring-requantized"
+    assert diloco.aggregation("topk") == "gathered"
+    assert diloco.aggregation("fp16+ef") == "summable"
+    assert diloco.compressor_spec("int8+ef").startswith("int8(")
+    assert diloco.collective_bytes("allreduce", 1000, 4, 0) == (1500, 1500)
+
+
+def test_bad_compression_spec_lists_the_codecs(solo_group):
+    model = tiny_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(diloco.OptionError) as info:
+        diloco.DiLoCo(model, inner, solo_group, compression="int9")
+    message = str(info.value)
+    assert "int9" in message and "topk" in message and "int8" in message
+    with pytest.raises(ValueError):  # OptionError is a ValueError
+        diloco.compressor_spec("topk(k=banana)")
+
+
+def test_bad_options_raise_option_error(solo_group):
+    model = tiny_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(diloco.OptionError, match="inner_steps"):
+        diloco.DiLoCo(model, inner, solo_group, inner_steps=0)
+    with pytest.raises(diloco.OptionError, match="momentum"):
+        diloco.DiLoCo(model, inner, solo_group, outer_momentum=1.5)
+    with pytest.raises(diloco.OptionError, match="outer_device"):
+        diloco.DiLoCo(model, inner, solo_group, outer_device="banana")
+
+
+def test_non_tensor_parameters_raise_type_error(solo_group):
+    with pytest.raises(TypeError, match="parameter 'w' is a int, not a torch.Tensor"):
+        diloco.DiLoCo([("w", 3)], None, solo_group)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        diloco.DiLoCo(42, None, solo_group)
+    model = tiny_model()
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        diloco.DiLoCo(model, "adam", solo_group)
+    with pytest.raises(TypeError, match="diloco.Group"):
+        diloco.DiLoCo(model, None, "gloo")
+    with pytest.raises(TypeError, match="diloco.Group"):
+        diloco.DataParallel(model, None)
+
+
+def test_integer_parameters_raise_library_error(solo_group):
+    with pytest.raises(diloco.Error, match="floating"):
+        diloco.DiLoCo([("steps", torch.zeros(3, dtype=torch.long))], None, solo_group)
+
+
+def test_parameter_missing_from_optimizer(solo_group):
+    model = tiny_model()
+    inner = torch.optim.SGD(list(model.parameters())[:-1], lr=0.1)
+    with pytest.raises(diloco.Error, match=r"parameter '2.bias' is not in the inner optimizer"):
+        diloco.DiLoCo(model, inner, solo_group)
+
+
+def test_group_arguments():
+    with pytest.raises(diloco.OptionError, match="rank"):
+        diloco.init_process_group("127.0.0.1", free_port(), rank=2, world_size=2, timeout=5)
+    with pytest.raises(diloco.OptionError, match="world_size"):
+        diloco.init_process_group("127.0.0.1", free_port(), rank=0, world_size=0, timeout=5)
+    with pytest.raises(diloco.OptionError, match="timeout"):
+        diloco.init_process_group("127.0.0.1", free_port(), rank=0, world_size=1, timeout=-1)
+    with pytest.raises(diloco.OptionError, match="master_port"):
+        diloco.init_process_group("127.0.0.1", "http", rank=0, world_size=1)
+    g = diloco.init_process_group("127.0.0.1", free_port(), rank=0, world_size=1,
+                                  timeout=datetime.timedelta(seconds=7))
+    assert (g.rank, g.world_size, g.timeout) == (0, 1, 7.0)
+
+
+def test_init_process_group_reads_torchrun_environment(monkeypatch):
+    port = free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    g = diloco.init_process_group()
+    assert (g.rank, g.world_size) == (0, 1)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(diloco.OptionError, match="RANK is not set"):
+        diloco.init_process_group()
+
+
+def test_port_in_use_is_reported(solo_group):
+    port = free_port()
+    holder = diloco.init_process_group("127.0.0.1", port, rank=0, world_size=1, timeout=5)
+    assert holder.world_size == 1
+    with pytest.raises(diloco.Error, match="in use"):
+        diloco.init_process_group("127.0.0.1", port, rank=0, world_size=1, timeout=5)
+
+
+def test_help_is_useful():
+    doc = diloco.DiLoCo.__doc__
+    for word in ("inner_steps", "outer_lr", "compression", "set_data", "collective"):
+        assert word in doc
+    for method in ("step", "sync", "stats"):
+        assert getattr(diloco.DiLoCo, method).__doc__
+    assert diloco.init_process_group.__doc__ and diloco.DataParallel.__doc__

@@ -1,0 +1,99 @@
+"""A Python island for the multi-process tests, started by the tests with torchrun's variables
+(MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE). Its twin in C++ is cpp_peer.cpp: both read the same
+JSON config and write the same files, so the tests compare their results byte for byte.
+
+Usage: worker.py CONFIG.json OUTDIR
+Tasks (config["task"]):
+  train   the example's GPT (tiny), inner SGD, DiLoCo; writes rank<R>.bin (the final parameters,
+          float32, in the library's order), rank<R>.json (stats, losses) and, with
+          config["trace"], rank<R>.trace.pt (per outer step: local weights before, global after).
+  bytes   for each spec in config["specs"]: DiLoCo over fixed tensors, one outer step; writes the
+          byte accounting per operation label of that step to rank<R>.json.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "examples", "python"))
+import diloco  # noqa: E402
+from gpt import GPT, language_model_loss  # noqa: E402
+
+
+def flat_copy(outer):
+    return torch.cat([t.detach().reshape(-1).clone() for t in outer.flat_parameters()])
+
+
+def train(config, group, out):
+    rank = group.rank
+    torch.manual_seed(config["seed"])
+    m = config["model"]
+    model = GPT(d_model=m["d_model"], layers=m["layers"], heads=m["heads"], seq_len=m["seq_len"])
+    inner = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    outer = diloco.DiLoCo(model, inner, group, inner_steps=config["inner_steps"],
+                          outer_lr=config["outer_lr"], outer_momentum=config["outer_momentum"],
+                          nesterov=True, compression=config.get("compression", "none"))
+    initial = flat_copy(outer)
+    torch.manual_seed(config["seed"] * 1000 + 1 + rank)
+    trace = []
+    losses = []
+    for step in range(1, config["steps"] + 1):
+        tokens = torch.randint(0, config["symbols"], (config["batch"], m["seq_len"] + 1))
+        inputs = tokens[:, :-1].contiguous()
+        targets = tokens[:, 1:].contiguous()
+        loss = language_model_loss(model, inputs, targets)
+        inner.zero_grad()
+        loss.backward()
+        inner.step()
+        losses.append(loss.item())
+        local = flat_copy(outer) if config.get("trace") else None
+        if outer.step() and local is not None:
+            trace.append((local, flat_copy(outer)))
+    if config["steps"] % config["inner_steps"]:
+        outer.sync()
+    flat_copy(outer).numpy().tofile(os.path.join(out, "rank%d.bin" % rank))
+    if config.get("trace"):
+        torch.save({"initial": initial, "steps": trace}, os.path.join(out, "rank%d.trace.pt" % rank))
+    stats = outer.stats()
+    return {"names": outer.parameter_names(), "losses": losses, "stats": stats._asdict()}
+
+
+def bytes_task(config, group):
+    result = {}
+    shapes = config["shapes"]
+    for spec in config["specs"]:
+        torch.manual_seed(1 + group.rank)
+        tensors = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+        named = [("t%d" % i, t) for i, t in enumerate(tensors)]
+        outer = diloco.DiLoCo(named, None, group, inner_steps=1, compression=spec)
+        with torch.no_grad():
+            for t in tensors:
+                t.add_(torch.randn(t.shape) * 0.01)
+        group.reset_stats()
+        outer.step()
+        ops = group.stats().ops
+        result[spec] = {label: [s.calls, s.bytes_sent, s.bytes_received]
+                        for label, s in ops.items()}
+    return result
+
+
+def main():
+    with open(sys.argv[1]) as f:
+        config = json.load(f)
+    out = sys.argv[2]
+    torch.set_num_threads(1)
+    group = diloco.init_process_group(timeout=config.get("timeout_s", 60))
+    if config["task"] == "train":
+        result = train(config, group, out)
+    else:
+        result = bytes_task(config, group)
+    result["language"] = "python"
+    with open(os.path.join(out, "rank%d.json" % group.rank), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
