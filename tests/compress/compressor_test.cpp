@@ -33,7 +33,7 @@ TEST_CASE("compressed sums are within bound and bit-identical on every rank", "[
     for (const auto& s : shapes) {
       const auto numel = c10::multiply_integers(s);
       views.push_back(flat.narrow(0, off, numel).view(s));
-      bound = std::max(bound, compressor->codec().error_bound(views.back()));
+      bound = std::max(bound, compressor->codec()->error_bound(views.back()));
       off += numel;
     }
     bounds[rank] = bound;

@@ -15,6 +15,14 @@
 #include "compress/codec_checks.h"
 #include "diloco/errors.h"
 
+#ifdef DILOCO_WITH_CUDA_KERNELS
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/cuda_kernels.h"
+#endif
+
 namespace diloco {
 
 const char* const kInt8Help =
@@ -60,15 +68,33 @@ void quantize_nearest(const float* x, std::int64_t len, float s, float qmax, std
   }
 }
 
-// Codes floor(x / s + u): the float-to-int conversion truncates toward zero, so subtract one
-// where that went up (negative non-integers).
-void quantize_stochastic(const float* x, const float* u, std::int64_t len, float s, float qmax,
-                         std::int8_t* q) {
+// lowbias32 (an integer hash with low bias, by C. Wellons): all 32-bit lane operations, so the
+// loop below vectorizes.
+inline std::uint32_t mix32(std::uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Codes floor(x / s + u) with u drawn for stream elements first, first + 1, ... (see the header):
+// the float-to-int conversion truncates toward zero, so subtract one where that went up
+// (negative non-integers). The hash's 32-bit multiplies need SSE4.1/AVX2 to vectorize well, so
+// x86-64 builds also carry an AVX2 clone, picked at load time where the CPU has it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void quantize_stochastic(const float* x, std::uint32_t first, std::uint32_t key, std::int64_t len,
+                         float s, float qmax, std::int8_t* q) {
   for (std::int64_t i = 0; i < len; ++i) {
+    const std::uint32_t h = mix32(((first + static_cast<std::uint32_t>(i)) * 0x9e3779b9u) ^ key);
+    const float u = static_cast<float>(static_cast<std::int32_t>(h >> 8)) * (1.f / 16777216.f);
     float t = x[i] / s;
     t = t > -qmax ? t : -qmax;
     t = t < qmax ? t : qmax;
-    const float v = t + u[i];
+    const float v = t + u;
     std::int32_t c = static_cast<std::int32_t>(v);
     c -= static_cast<float>(c) > v ? 1 : 0;
     c = c < static_cast<std::int32_t>(qmax) ? c : static_cast<std::int32_t>(qmax);
@@ -137,6 +163,75 @@ std::uint32_t unpack_scale(const std::uint8_t* in, std::int64_t len, float s, fl
   return bad;
 }
 
+#ifdef DILOCO_WITH_CUDA_KERNELS
+// CUDA tensors (nearest rounding): the payload is made or read on the tensor's device by the
+// kernels of kernels/cuda_kernels.cu, bit-identical to the CPU loops above, and copied from or to
+// the host buffer on the current stream; errors carry the CPU path's messages.
+void encode_cuda(const std::string& name, int bits, std::int64_t block, const at::Tensor& x,
+                 std::uint8_t* out) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  void* stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const std::int64_t n = x.numel();
+  const std::int64_t bytes = kernels::cuda::blockwise_int_payload_bytes(n, bits, block);
+  at::Tensor payload = at::empty({bytes}, x.options().dtype(at::kByte));
+  at::Tensor word = at::empty({1}, x.options().dtype(at::kLong));
+  auto* status = reinterpret_cast<std::uint64_t*>(word.data_ptr<std::int64_t>());
+  kernels::cuda::blockwise_int_encode_async(x.data_ptr<float>(), n, bits, block,
+                                            payload.data_ptr<std::uint8_t>(), status, stream);
+  kernels::cuda::copy_async(out, payload.data_ptr<std::uint8_t>(), static_cast<std::size_t>(bytes),
+                            stream);
+  const std::uint64_t bad = kernels::cuda::read_status(status, stream);
+  if (bad != kernels::cuda::kNoReport) {
+    throw Error("[codec '" + name + "'] cannot encode a non-finite input (element " +
+                std::to_string(bad) + ", block " + std::to_string(bad / static_cast<std::uint64_t>(block)) + ")");
+  }
+}
+
+void decode_cuda(const std::string& name, int bits, std::int64_t block, const std::uint8_t* payload,
+                 std::int64_t bytes, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  void* stream = c10::cuda::getCurrentCUDAStream(out.device().index()).stream();
+  const std::int64_t n = out.numel();
+  at::Tensor on_device = at::empty({bytes}, out.options().dtype(at::kByte));
+  at::Tensor word = at::empty({1}, out.options().dtype(at::kLong));
+  auto* status = reinterpret_cast<std::uint64_t*>(word.data_ptr<std::int64_t>());
+  kernels::cuda::copy_async(on_device.data_ptr<std::uint8_t>(), payload,
+                            static_cast<std::size_t>(bytes), stream);
+  kernels::cuda::blockwise_int_decode_async(on_device.data_ptr<std::uint8_t>(), n, bits, block,
+                                            out.data_ptr<float>(), status, stream);
+  const std::uint64_t fault = kernels::cuda::read_status(status, stream);
+  if (fault == kernels::cuda::kNoReport) return;
+  const std::int64_t j = static_cast<std::int64_t>(fault >> 3);
+  const std::int64_t start = j * block;
+  const std::int64_t len = std::min(block, n - start);
+  const int qmax = (1 << (bits - 1)) - 1;
+  float s;
+  std::memcpy(&s, payload + j * (4 + block * bits / 8), 4);
+  std::string what;
+  switch (static_cast<kernels::cuda::PayloadFault>(fault & 7)) {
+    case kernels::cuda::PayloadFault::kScaleNotFinite:
+      what = "scale " + std::to_string(s) + " is not finite";
+      break;
+    case kernels::cuda::PayloadFault::kScaleNegative:
+      what = "scale " + std::to_string(s) + " is negative";
+      break;
+    case kernels::cuda::PayloadFault::kScaleOverflows:
+      what = "scale " + std::to_string(s) + " times " + std::to_string(qmax) + " overflows float32";
+      break;
+    case kernels::cuda::PayloadFault::kCodeOutOfRange:
+      what = "code " + std::to_string(-qmax - 1) + " is out of range [" + std::to_string(-qmax) +
+             ", " + std::to_string(qmax) + "]";
+      break;
+    default:
+      what = "padding bits of the last byte are not zero";
+      break;
+  }
+  throw Error("[codec '" + name + "'] malformed payload: block " + std::to_string(j) +
+              " (elements " + std::to_string(start) + ".." + std::to_string(start + len - 1) +
+              "): " + what);
+}
+#endif
+
 // Validated before qmax_ is derived from it.
 int checked_bits(int bits) {
   if (bits != 8 && bits != 4 && bits != 2) {
@@ -153,8 +248,7 @@ BlockwiseIntCodec::BlockwiseIntCodec(int bits, std::int64_t block, Rounding roun
       qmax_((1 << (bits_ - 1)) - 1),
       block_(block),
       rounding_(rounding),
-      seed_(seed),
-      rng_(seed) {
+      seed_(seed) {
   if (block < 32 || block > 4096 || (block & (block - 1)) != 0) {
     throw OptionError("[codec '" + name() + "'] block must be a power of two in [32, 4096], got '" +
                       std::to_string(block) + "'");
@@ -176,13 +270,24 @@ std::int64_t BlockwiseIntCodec::payload_bytes(c10::IntArrayRef shape) const {
 }
 
 void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
+#ifdef DILOCO_WITH_CUDA_KERNELS
+  if (x.is_cuda()) {
+    check_cpu_or_cuda_float(name(), x, "input");
+    if (rounding_ != Rounding::kNearest) {
+      throw Error("[codec '" + name() + "'] stochastic rounding runs on the CPU only; got a tensor on " +
+                  x.device().str() + " (move it to the CPU or use rounding=nearest)");
+    }
+    encode_cuda(name(), bits_, block_, x, out);
+    drawn_ += static_cast<std::uint64_t>((x.numel() + block_ - 1) / block_ * block_);
+    return;
+  }
+#endif
   check_cpu_float(name(), x, "input");
   const std::int64_t n = x.numel();
   const float* in = x.data_ptr<float>();
   const float qmax = static_cast<float>(qmax_);
-  // Codes of one block, padded to whole bytes with zeros; uniforms for stochastic rounding.
+  // Codes of one block, padded to whole bytes with zeros.
   std::vector<std::int8_t> q(static_cast<std::size_t>(block_) + 8, 0);
-  std::vector<float> u(rounding_ == Rounding::kStochastic ? static_cast<std::size_t>(block_) : 0);
   for (std::int64_t start = 0, j = 0; start < n; start += block_, ++j) {
     const std::int64_t len = std::min(block_, n - start);
     const float* xb = in + start;
@@ -195,19 +300,18 @@ void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
     const float s = block_scale(bits_float(amax_bits), qmax_);
     std::memcpy(out, &s, 4);
     out += 4;
-    if (rounding_ == Rounding::kStochastic) {
-      // One draw per element even in an all-zero block, so that the stream of draws depends on
-      // the element count alone.
-      for (std::int64_t i = 0; i < len; ++i) {
-        u[i] = static_cast<float>(rng_() >> 8) * (1.f / 16777216.f);
-      }
-    }
+    // Every block takes its place in the stochastic stream, even an all-zero one, so that the
+    // draws depend on the shapes alone. A block never straddles a 2^32 boundary of the stream
+    // (block sizes divide 2^32 and the stream advances by whole blocks).
+    const std::uint64_t first = drawn_;
+    drawn_ += static_cast<std::uint64_t>(block_);
     if (s == 0.f) {
       std::fill(q.begin(), q.begin() + len, 0);
     } else if (rounding_ == Rounding::kNearest) {
       quantize_nearest(xb, len, s, qmax, q.data());
     } else {
-      quantize_stochastic(xb, u.data(), len, s, qmax, q.data());
+      const std::uint32_t key = mix32(seed_ ^ (0x9e3779b9u * static_cast<std::uint32_t>(first >> 32)) ^ 0x85ebca6bu);
+      quantize_stochastic(xb, static_cast<std::uint32_t>(first), key, len, s, qmax, q.data());
     }
     std::fill(q.begin() + len, q.begin() + len + 8, 0);  // padding codes of a partial block
     switch (bits_) {
@@ -221,7 +325,11 @@ void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
 
 void BlockwiseIntCodec::decode(const std::uint8_t* payload, std::int64_t bytes,
                                at::Tensor& out) const {
+#ifdef DILOCO_WITH_CUDA_KERNELS
+  check_cpu_or_cuda_float(name(), out, "output");
+#else
   check_cpu_float(name(), out, "output");
+#endif
   const std::int64_t n = out.numel();
   const std::int64_t expected = payload_bytes(out.sizes());
   if (bytes != expected) {
@@ -229,6 +337,9 @@ void BlockwiseIntCodec::decode(const std::uint8_t* payload, std::int64_t bytes,
                 " bytes, expected " + std::to_string(expected) + " for " + std::to_string(n) +
                 " elements in blocks of " + std::to_string(block_));
   }
+#ifdef DILOCO_WITH_CUDA_KERNELS
+  if (out.is_cuda()) return decode_cuda(name(), bits_, block_, payload, bytes, out);
+#endif
   float* y = out.data_ptr<float>();
   const float qmax = static_cast<float>(qmax_);
   const std::uint8_t* in = payload;

@@ -6,7 +6,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <random>
 #include <string>
 
 #include "diloco/compress/codec.h"
@@ -29,10 +28,16 @@ extern const char* const kInt2Help;
 // scale s_j = max|x| / qmax (0 for an all-zero block) and codes
 //   nearest:     q = clamp(round_half_even(x / s_j), -qmax, qmax)
 //   stochastic:  q = clamp(floor(x / s_j + u), -qmax, qmax),  u uniform in [0, 1)
-// (stochastic rounding is unbiased: E[q s_j] = x). u = (r >> 8) 2^-24 for successive 32-bit
-// draws r of a std::mt19937 seeded with `seed` at construction, one draw per element in order;
-// the generator keeps running across encode() calls, so a codec instance is deterministic and
-// two instances with the same seed produce the same payloads for the same inputs.
+// (stochastic rounding is unbiased: E[q s_j] = x). The uniforms come from a counter-based
+// generator, so that they vectorize with the rounding: the k-th block the codec encodes (counting
+// across encode() calls, a partial last block counting whole) takes stream positions
+// c = k * block + i for its elements i, and element c gets
+//   h = mix32(0x9e3779b9 * uint32(c) ^ mix32(seed ^ 0x9e3779b9 * uint32(c >> 32) ^ 0x85ebca6b))
+//   (products modulo 2^32),
+//   u = (h >> 8) 2^-24,
+// with mix32 the lowbias32 integer hash (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15;
+// x *= 0x846ca68b; x ^= x >> 16). A codec instance is deterministic, and two instances with the
+// same seed produce the same payloads for the same inputs.
 // Block j is laid out as its scale (4 bytes, little-endian binary32) followed by its codes in
 // two's complement, packed little-endian: int8 one per byte; int4 two per byte, the first in the
 // low nibble; int2 four per byte, the first in the lowest two bits; unused bits of a block's last
@@ -82,7 +87,7 @@ class BlockwiseIntCodec : public Codec {
   std::int64_t block_;
   Rounding rounding_;
   std::uint32_t seed_;
-  std::mt19937 rng_;
+  std::uint64_t drawn_ = 0;  // elements of the stochastic stream used so far
 };
 
 // Builds int<bits>(block=256,rounding=nearest|stochastic,seed=0) for bits in {8, 4, 2}.

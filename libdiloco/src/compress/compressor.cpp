@@ -5,7 +5,9 @@
 
 #include <cstring>
 
+#include "compress/spec_parse.h"
 #include "diloco/comm/group.h"
+#include "diloco/compress/powersgd.h"
 #include "diloco/compress/registry.h"
 #include "diloco/errors.h"
 
@@ -43,10 +45,17 @@ std::unique_ptr<Compressor> Compressor::from_spec(const std::string& spec) {
       }
     }
   }
-  return std::make_unique<Compressor>(make_codec(codec_spec), ef, beta);
+  auto [name, values] = parse_spec(codec_spec);
+  if (name == "powersgd") {
+    CodecParams params(name, values);
+    auto c = std::make_unique<PowerSGD>(PowerSGD::Options::from_params(params), ef, beta);
+    params.reject_unknown();
+    return c;
+  }
+  return std::make_unique<CodecCompressor>(make_codec(codec_spec), ef, beta);
 }
 
-Compressor::Compressor(std::unique_ptr<Codec> codec, bool error_feedback, double beta)
+CodecCompressor::CodecCompressor(std::unique_ptr<Codec> codec, bool error_feedback, double beta)
     : codec_(std::move(codec)), error_feedback_(error_feedback), beta_(beta) {
   if (!codec_) throw OptionError("[compression] codec must not be null");
   if (!(beta >= 0.0 && beta <= 1.0)) {
@@ -54,19 +63,19 @@ Compressor::Compressor(std::unique_ptr<Codec> codec, bool error_feedback, double
   }
 }
 
-std::string Compressor::spec() const {
+std::string CodecCompressor::spec() const {
   std::string s = codec_->spec();
   if (error_feedback_) s += "+ef(beta=" + std::to_string(beta_) + ")";
   return s;
 }
 
-std::int64_t Compressor::payload_bytes(const std::vector<at::Tensor>& views) const {
+std::int64_t CodecCompressor::payload_bytes(const std::vector<at::Tensor>& views) const {
   std::int64_t n = 0;
   for (const auto& v : views) n += codec_->payload_bytes(v.sizes());
   return n;
 }
 
-void Compressor::sum(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
+void CodecCompressor::sum(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
                      const std::string& label) {
   TORCH_CHECK(flat.device().is_cpu() && flat.scalar_type() == at::kFloat && flat.is_contiguous(),
               "[compression] the pseudo-gradient buffer must be contiguous float32 on the CPU");
@@ -86,12 +95,12 @@ void Compressor::sum(Group& group, at::Tensor& flat, const std::vector<at::Tenso
   }
 }
 
-void Compressor::apply_error_feedback(const std::vector<at::Tensor>& p,
+void CodecCompressor::apply_error_feedback(const std::vector<at::Tensor>& p,
                                       const std::vector<at::Tensor>& sent) {
   for (std::size_t i = 0; i < p.size(); ++i) at::sub_out(residuals_[i], p[i], sent[i]);
 }
 
-std::vector<std::int64_t> Compressor::encode_all(const std::vector<at::Tensor>& views,
+std::vector<std::int64_t> CodecCompressor::encode_all(const std::vector<at::Tensor>& views,
                                                  std::uint8_t* payload) {
   std::vector<std::int64_t> offsets;
   std::int64_t off = 0;
@@ -113,7 +122,7 @@ std::vector<std::int64_t> Compressor::encode_all(const std::vector<at::Tensor>& 
   return offsets;
 }
 
-void Compressor::sum_summable(Group& group, const std::vector<at::Tensor>& views,
+void CodecCompressor::sum_summable(Group& group, const std::vector<at::Tensor>& views,
                               const std::string& label) {
   const auto dtype = codec_->payload_dtype();
   const auto elem = static_cast<std::int64_t>(c10::elementSize(dtype));
@@ -126,7 +135,7 @@ void Compressor::sum_summable(Group& group, const std::vector<at::Tensor>& views
   }
 }
 
-void Compressor::sum_gathered(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
+void CodecCompressor::sum_gathered(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
                               const std::string& label) {
   at::Tensor payload = at::empty({payload_bytes(views)}, at::kByte);
   const auto offsets = encode_all(views, bytes_of(payload));
@@ -143,7 +152,7 @@ void Compressor::sum_gathered(Group& group, at::Tensor& flat, const std::vector<
   }
 }
 
-void Compressor::sum_ring(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
+void CodecCompressor::sum_ring(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
                           const std::string& label) {
   if (error_feedback_) {
     // The island's own contribution is its quantize-dequantize: feed that error back.

@@ -13,6 +13,8 @@
 #include "compress/randomk.h"
 #include "compress/sign.h"
 #include "compress/topk.h"
+#include "compress/spec_parse.h"
+#include "diloco/compress/powersgd.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -68,8 +70,9 @@ std::string all_help() {
                     "'+ef' or '+ef(beta=B)' for error feedback):" + all_help());
 }
 
-// "name" or "name(key=value,key=value)" -> name and values.
-std::pair<std::string, std::map<std::string, std::string>> parse(const std::string& spec) {
+}  // namespace
+
+std::pair<std::string, std::map<std::string, std::string>> parse_spec(const std::string& spec) {
   std::string s;
   for (char c : spec) {
     if (!std::isspace(static_cast<unsigned char>(c))) s += c;
@@ -101,8 +104,6 @@ std::pair<std::string, std::map<std::string, std::string>> parse(const std::stri
   return {name, values};
 }
 
-}  // namespace
-
 const char* aggregation_name(Aggregation a) {
   switch (a) {
     case Aggregation::kSummable: return "summable";
@@ -113,8 +114,12 @@ const char* aggregation_name(Aggregation a) {
 }
 
 std::unique_ptr<Codec> make_codec(const std::string& spec) {
-  auto [name, values] = parse(spec);
+  auto [name, values] = parse_spec(spec);
   if (name == "none") name = "fp32";
+  if (name == "powersgd") {
+    bad_spec(spec, "powersgd is an exchange of two all-reduce rounds, not a single-payload codec: "
+                   "use it as a compression spec (Compressor::from_spec, DiLoCoOptions::compression)");
+  }
   CodecParams params(name, values);
   for (const auto& b : kBuiltins) {
     if (name == b.name) {
@@ -139,6 +144,7 @@ std::unique_ptr<Codec> make_codec(const std::string& spec) {
 std::vector<std::string> codec_help() {
   std::vector<std::string> out;
   for (const auto& b : kBuiltins) out.push_back(*b.help);
+  out.push_back(PowerSGD::kHelp);
   std::lock_guard<std::mutex> lock(user_mutex());
   for (const auto& [name, c] : user_codecs()) out.push_back(c.help);
   return out;
@@ -146,7 +152,7 @@ std::vector<std::string> codec_help() {
 
 void register_codec(const std::string& name, const std::string& help, CodecFactory factory) {
   for (const auto& b : kBuiltins) {
-    if (name == b.name || name == "none") {
+    if (name == b.name || name == "none" || name == "powersgd") {
       throw OptionError("[compression] cannot register '" + name + "': a built-in codec has that name");
     }
   }

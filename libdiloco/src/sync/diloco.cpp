@@ -65,11 +65,11 @@ DiLoCo::DiLoCo(std::vector<NamedParameter> parameters, torch::optim::Optimizer* 
       params_(std::move(parameters)),
       outer_(options_.outer) {
   if (!group_) throw OptionError("[DiLoCo] group must not be null");
-  if (options_.compression != "none") compressor_ = Compressor::from_spec(options_.compression);
+  const bool compressed = options_.compression != "none";
   params_.agree_across(*group_, "DiLoCo", missing_from_optimizer(params_, inner));
   const at::Device outer_device =
       options_.outer_device.value_or(params_.buckets().front().flat.device());
-  if (compressor_ && !outer_device.is_cpu()) {
+  if (compressed && !outer_device.is_cpu()) {
     throw OptionError("[DiLoCo] compression '" + options_.compression +
                       "' runs on the CPU: set outer_device to the CPU (got " + outer_device.str() + ")");
   }
@@ -84,6 +84,7 @@ DiLoCo::DiLoCo(std::vector<NamedParameter> parameters, torch::optim::Optimizer* 
       views.push_back(delta.narrow(0, b.offsets[j], p.numel()).view(p.sizes()));
     }
     views_.push_back(std::move(views));
+    if (compressed) compressors_.push_back(Compressor::from_spec(options_.compression));
     global_.push_back(std::move(g));
   }
 }
@@ -132,7 +133,7 @@ void DiLoCo::start_sync(std::size_t /*fragment: the whole model for now*/) {
         finite = at::isfinite(seg).all().item<bool>();
       }
       local_finite_[i] = local_finite_[i] && finite;
-      if (compressor_) continue;  // exchanged below, whole buckets at a time
+      if (!compressors_.empty()) continue;  // exchanged below, whole buckets at a time
       try {
         pending_.push_back({i, off, len, group_->allreduce_sum_async(seg, "outer_sync")});
       } catch (const PeerLostError&) {
@@ -141,7 +142,7 @@ void DiLoCo::start_sync(std::size_t /*fragment: the whole model for now*/) {
       }
     }
   }
-  if (compressor_) exchange_compressed();
+  if (!compressors_.empty()) exchange_compressed();
 }
 
 void DiLoCo::exchange_compressed() {
@@ -167,7 +168,7 @@ void DiLoCo::exchange_compressed() {
     }
     for (std::size_t i = 0; i < buckets.size(); ++i) {
       at::Tensor& delta = staging_[i].defined() ? staging_[i] : buckets[i].flat;
-      compressor_->sum(*group_, delta, views_[i], "outer_sync");
+      compressors_[i]->sum(*group_, delta, views_[i], "outer_sync");
       pending_.push_back({i, 0, delta.numel(), PendingCollective()});
     }
   } catch (const PeerLostError&) {

@@ -114,7 +114,8 @@ class DiLoCo {
   std::shared_ptr<Group> group_;
   FlatParameters params_;
   OuterSGD outer_;
-  std::unique_ptr<Compressor> compressor_;  // null for "none"
+  // Per bucket (their state, residuals and factors, is per tensor); empty for "none".
+  std::vector<std::unique_ptr<Compressor>> compressors_;
   std::vector<std::vector<at::Tensor>> views_;  // per bucket: the parameters' shapes over delta
   std::vector<at::Tensor> global_;    // theta, per bucket
   std::vector<at::Tensor> momentum_;  // outer momentum, per bucket (undefined when mu = 0)
