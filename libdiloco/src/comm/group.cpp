@@ -11,10 +11,12 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
+#include <thread>
 
 #include "comm/c10d_compat.h"
 #include "diloco/errors.h"
@@ -39,6 +41,21 @@ long parse_env_int(const char* name, const std::string& value) {
   if (errno != 0 || end == value.c_str() || *end != '\0') {
     throw OptionError(std::string("[Group] environment variable ") + name + "='" + value +
                       "' is not an integer");
+  }
+  return v;
+}
+
+// A non-negative real number within [0, max] from an environment variable; `range` describes it
+// for the message ("Mbit/s in [0, 1e6] (0 = unlimited)").
+double parse_env_real(const char* name, const std::string& value, double max,
+                      const std::string& range) {
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(value.c_str(), &end);
+  const bool number = errno == 0 && end != value.c_str() && *end == '\0';
+  if (!number || !(v >= 0.0 && v <= max)) {  // also rejects nan and inf
+    throw OptionError(std::string("[Group] environment variable ") + name + "='" + value +
+                      "' must be a number of " + range);
   }
   return v;
 }
@@ -101,6 +118,7 @@ void GroupOptions::validate() const {
   if (timeout.count() <= 0) {
     throw OptionError("[Group] timeout must be > 0 ms, got " + std::to_string(timeout.count()));
   }
+  link.validate();
 }
 
 GroupOptions GroupOptions::from_env() {
@@ -115,6 +133,14 @@ GroupOptions GroupOptions::from_env() {
     o.timeout = std::chrono::seconds(s);
   }
   if (const char* h = std::getenv("DILOCO_HOSTNAME"); h != nullptr) o.hostname = h;
+  if (const char* r = std::getenv("DILOCO_LINK_MBPS"); r != nullptr && *r != '\0') {
+    o.link.mbit_per_s = parse_env_real("DILOCO_LINK_MBPS", r, LinkModel::kMaxMbitPerS,
+                                       "Mbit/s in [0, 1e6] (0 = unlimited)");
+  }
+  if (const char* l = std::getenv("DILOCO_LINK_LATENCY_MS"); l != nullptr && *l != '\0') {
+    o.link.latency_ms = parse_env_real("DILOCO_LINK_LATENCY_MS", l, LinkModel::kMaxLatencyMs,
+                                       "milliseconds in [0, 60000]");
+  }
   o.validate();
   return o;
 }
@@ -147,8 +173,10 @@ std::shared_ptr<Group> Group::create(const GroupOptions& options) {
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>("diloco", store);
   const std::string hostname =
       options.hostname.empty() ? local_address_towards(options.master_addr) : options.hostname;
-  return std::make_shared<Group>(prefixed, options.rank, options.world_size, options.timeout,
-                                 hostname);
+  auto group = std::make_shared<Group>(prefixed, options.rank, options.world_size,
+                                       options.timeout, hostname);
+  group->set_link(options.link);
+  return group;
 }
 
 std::shared_ptr<Group> Group::from_env() { return create(GroupOptions::from_env()); }
@@ -174,8 +202,13 @@ Group::Group(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
 
 Group::~Group() = default;
 
+void Group::set_link(const LinkModel& link) {
+  link.validate();
+  link_ = link;
+}
+
 void Group::account(Collective c, const std::string& label, std::uint64_t payload_bytes, int root,
-                    double seconds) {
+                    double seconds, double link_seconds) {
   const ByteCount b = collective_bytes(c, payload_bytes, world_size_, rank_, root);
   std::lock_guard<std::mutex> lock(stats_mutex_);
   OpStats& op = stats_.ops[std::string(collective_name(c)) + ":" + label];
@@ -183,6 +216,7 @@ void Group::account(Collective c, const std::string& label, std::uint64_t payloa
   op.bytes_sent += b.sent;
   op.bytes_received += b.received;
   op.seconds += seconds;
+  op.link_seconds += link_seconds;
 }
 
 struct PendingCollective::State {
@@ -192,6 +226,9 @@ struct PendingCollective::State {
   std::uint64_t payload_bytes = 0;
   int root = 0;
   std::chrono::steady_clock::time_point start;
+  // Emulated link: the collective completes no earlier than `link_done` (see group.h).
+  double link_seconds = 0.0;
+  std::chrono::steady_clock::time_point link_done;
   c10::intrusive_ptr<c10d::Work> work;  // null when there was nothing to send (one rank)
   bool done = false;
 };
@@ -218,9 +255,10 @@ void PendingCollective::wait() {
       throw Error(msg.str());
     }
   }
+  if (s.link_seconds > 0.0) std::this_thread::sleep_until(s.link_done);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - s.start).count();
-  g.account(s.kind, s.label, s.payload_bytes, s.root, seconds);
+  g.account(s.kind, s.label, s.payload_bytes, s.root, seconds, s.link_seconds);
 }
 
 template <typename Fn>
@@ -235,6 +273,25 @@ PendingCollective Group::issue(Collective c, const std::string& label,
   s.payload_bytes = payload_bytes;
   s.root = root;
   s.start = std::chrono::steady_clock::now();
+  if (world_size_ > 1 && link_.enabled()) {
+    // The collective starts on the link once the directions it uses have finished transmitting
+    // what was issued before it; its latency overlaps with the next one's transmission.
+    using Duration = std::chrono::steady_clock::duration;
+    const auto to_duration = [](double seconds) {
+      return std::chrono::duration_cast<Duration>(std::chrono::duration<double>(seconds));
+    };
+    const bool up = c != Collective::kRecv;
+    const bool down = c != Collective::kSend;
+    auto on_link = s.start;
+    if (up) on_link = std::max(on_link, uplink_free_);
+    if (down) on_link = std::max(on_link, downlink_free_);
+    const auto transmitted =
+        on_link + to_duration(link_transmission_seconds(c, payload_bytes, world_size_, root, link_));
+    if (up) uplink_free_ = transmitted;
+    if (down) downlink_free_ = transmitted;
+    s.link_seconds = link_seconds(c, payload_bytes, world_size_, root, link_);
+    s.link_done = on_link + to_duration(s.link_seconds);
+  }
   if (world_size_ > 1) {
     try {
       s.work = start();

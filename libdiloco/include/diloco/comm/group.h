@@ -8,6 +8,15 @@
 // tensors of the same sizes. All collectives block until complete and are thread-compatible
 // (one thread issues them) but the statistics may be read from any thread.
 //
+// Link emulation: with GroupOptions::link set (or DILOCO_LINK_MBPS / DILOCO_LINK_LATENCY_MS),
+// every collective and send/recv takes at least the time comm_stats.h's link model gives it on
+// a link of that rate and latency, counted from when it is issued: the wait for the real Gloo
+// operation and the emulated delay overlap, and an asynchronous collective's delay runs while
+// the caller computes, ending in wait(). Collectives in flight together share the link: each
+// island's outgoing (and incoming) direction transmits one collective after another, in issue
+// order. No root rights and no traffic shaping are involved; the bytes still cross the real
+// network at its own speed (benchmarks/netns_link.sh shapes a real link instead).
+//
 // It is not an intra-island group (that one is per-step and uncompressed) and it does not
 // compress anything: compression is layered above it.
 #pragma once
@@ -36,11 +45,13 @@ struct GroupOptions {
   int world_size = -1;                       // WORLD_SIZE, >= 1
   std::chrono::milliseconds timeout{60000};  // rendezvous and every collective
   std::string hostname = "";  // interface Gloo binds to; "" = resolve from master_addr's route
+  LinkModel link;             // emulated wide-area link; default unlimited (no delay)
 
   // Throws OptionError naming the option and its allowed range.
   void validate() const;
   // Reads MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (all required) and DILOCO_TIMEOUT_S
-  // (optional, seconds). Throws OptionError naming a missing or malformed variable.
+  // (optional, seconds), DILOCO_HOSTNAME, DILOCO_LINK_MBPS and DILOCO_LINK_LATENCY_MS (optional,
+  // see LinkModel). Throws OptionError naming a missing or malformed variable and its range.
   static GroupOptions from_env();
 };
 
@@ -81,6 +92,11 @@ class Group {
   int world_size() const { return world_size_; }
   std::chrono::milliseconds timeout() const { return timeout_; }
 
+  // The emulated link (see the class comment). Set it before issuing collectives, to the same
+  // value on every rank; create() sets it from GroupOptions::link. Throws OptionError.
+  void set_link(const LinkModel& link);
+  const LinkModel& link() const { return link_; }
+
   // Sum `tensor` (contiguous, CPU or CUDA) in place over all ranks. `label` names the purpose in
   // the statistics and in error messages ("outer_sync", "grad_sync", ...).
   void allreduce_sum(at::Tensor& tensor, const std::string& label);
@@ -107,7 +123,7 @@ class Group {
  private:
   struct Impl;
   void account(Collective c, const std::string& label, std::uint64_t payload_bytes, int root,
-               double seconds);
+               double seconds, double link_seconds);
   template <typename Fn>
   PendingCollective issue(Collective c, const std::string& label, std::uint64_t payload_bytes,
                           int root, Fn&& start);
@@ -117,6 +133,11 @@ class Group {
   int rank_;
   int world_size_;
   std::chrono::milliseconds timeout_;
+  LinkModel link_;
+  // When this island's outgoing and incoming directions finish what has been issued on them
+  // (touched only by the thread that issues collectives).
+  std::chrono::steady_clock::time_point uplink_free_{};
+  std::chrono::steady_clock::time_point downlink_free_{};
   mutable std::mutex stats_mutex_;
   CommStats stats_;
 };
