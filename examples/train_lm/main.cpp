@@ -13,6 +13,9 @@
 //   build/libdiloco/diloco-run -n 4 -- build/examples/train_lm --data data/brown --steps 600 --inner-steps 50
 //   # the same with data-parallel SGD (one gradient all-reduce per step), for comparison:
 //   build/libdiloco/diloco-run -n 4 -- build/examples/train_lm --mode dp --steps 600
+//   # the same islands as if joined by a 100 Mbit/s link with 20 ms latency (emulated in the
+//   # library; DILOCO_LINK_MBPS / DILOCO_LINK_LATENCY_MS do the same):
+//   build/libdiloco/diloco-run -n 4 -- build/examples/train_lm --link-mbps 100 --link-latency-ms 20
 //   # one island, no group and no launcher:
 //   build/examples/train_lm --mode single --steps 600 --metrics single.jsonl
 // clang-format on
@@ -70,6 +73,10 @@ struct Flags {
   std::int64_t eval_every = 0;  // 0 until parsed: then --eval-every or --inner-steps
   std::string metrics;
   int timeout_s = 120;
+  double link_mbps = 0.0;        // emulated link (diloco::LinkModel); used when given
+  double link_latency_ms = 0.0;
+  bool link_mbps_given = false;
+  bool link_latency_given = false;
 };
 
 void add_flags(CLI::App& app, Flags& f) {
@@ -148,6 +155,15 @@ void add_flags(CLI::App& app, Flags& f) {
                  "DILOCO_TIMEOUT_S when set)")
       ->check(CLI::Range(1, 86400));
 
+  app.add_option("--link-mbps", f.link_mbps,
+                 "emulate a wide-area link of this many Mbit/s per island (0 = unlimited; "
+                 "default DILOCO_LINK_MBPS or unlimited)")
+      ->check(CLI::Range(0.0, diloco::LinkModel::kMaxMbitPerS));
+  app.add_option("--link-latency-ms", f.link_latency_ms,
+                 "one-way latency of the emulated link per message step (default "
+                 "DILOCO_LINK_LATENCY_MS or 0)")
+      ->check(CLI::Range(0.0, diloco::LinkModel::kMaxLatencyMs));
+
   // Checks that span flags: CLI11 reports a ValidationError thrown here like any other.
   app.callback([&app, &f] {
     if (f.model.d_model % f.model.heads != 0) {
@@ -161,6 +177,8 @@ void add_flags(CLI::App& app, Flags& f) {
       throw CLI::ValidationError("--device", "cuda requested but no CUDA device is available");
     }
     if (app.count("--eval-every") == 0) f.eval_every = f.inner_steps;
+    f.link_mbps_given = app.count("--link-mbps") > 0;
+    f.link_latency_given = app.count("--link-latency-ms") > 0;
   });
 }
 
@@ -210,6 +228,8 @@ std::shared_ptr<diloco::Group> make_group(const Flags& f, bool timeout_given) {
   if (timeout_given || std::getenv("DILOCO_TIMEOUT_S") == nullptr) {
     options.timeout = std::chrono::seconds(f.timeout_s);
   }
+  if (f.link_mbps_given) options.link.mbit_per_s = f.link_mbps;
+  if (f.link_latency_given) options.link.latency_ms = f.link_latency_ms;
   return diloco::Group::create(options);
 }
 
@@ -323,8 +343,13 @@ int train(const Flags& f, bool timeout_given) {
   std::int64_t train_loss_count = 0;
   double last_train_loss = std::nan("");
   double last_val_loss = std::nan("");
+  // Compute utilization: time in forward, backward and the inner optimizer step over the wall
+  // time of training (evaluations left out).
+  double compute_seconds = 0.0;
+  double eval_seconds = 0.0;
 
   auto report = [&](std::int64_t step) {
+    const auto report_start = Clock::now();
     const double steps_per_s = double(step - interval_first_step) / seconds_since(interval_start);
     const double val_loss = evaluate();
     std::optional<double> train_loss;
@@ -363,6 +388,7 @@ int train(const Flags& f, bool timeout_given) {
     train_loss_count = 0;
     interval_start = Clock::now();
     interval_first_step = step;
+    eval_seconds += seconds_since(report_start);
     return val_loss;
   };
 
@@ -372,13 +398,17 @@ int train(const Flags& f, bool timeout_given) {
   const double initial_val_loss = report(0);
   for (std::int64_t step = 1; step <= f.steps; ++step) {
     set_learning_rate(optimizer, learning_rate(f, step - 1));
+    auto compute_start = Clock::now();
     auto batch = corpus.train_batch(rng);
     auto loss =
         train_lm::language_model_loss(model, batch.inputs.to(device), batch.targets.to(device));
     optimizer.zero_grad();
     loss.backward();
+    compute_seconds += seconds_since(compute_start);
     if (data_parallel) data_parallel->sync_gradients();
+    compute_start = Clock::now();
     optimizer.step();
+    compute_seconds += seconds_since(compute_start);
     const bool outer_step = sync && sync->step();
     train_loss_sum += loss.detach();
     ++train_loss_count;
@@ -400,6 +430,15 @@ int train(const Flags& f, bool timeout_given) {
       "received %s\n",
       rank, world_size, static_cast<long long>(f.steps), elapsed, last_train_loss, last_val_loss,
       format_bytes(stats.bytes_sent()).c_str(), format_bytes(stats.bytes_received()).c_str());
+  // Exact figures, one line per rank, for scripts (benchmarks/netns_link.sh compares the bytes
+  // with the network interfaces' counters).
+  const double train_seconds = elapsed - eval_seconds;
+  std::printf(
+      "rank %d/%d: bytes_sent %llu bytes_received %llu | compute %.3f s of %.3f s training, "
+      "utilization %.3f | link emulated %.3f s\n",
+      rank, world_size, static_cast<unsigned long long>(stats.bytes_sent()),
+      static_cast<unsigned long long>(stats.bytes_received()), compute_seconds, train_seconds,
+      train_seconds > 0 ? compute_seconds / train_seconds : 0.0, stats.link_seconds());
   std::fflush(stdout);
 
   if (leader) {
