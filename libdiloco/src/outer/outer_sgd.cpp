@@ -8,6 +8,13 @@
 #include "diloco/errors.h"
 #include "kernels/cpu_kernels.h"
 
+#ifdef DILOCO_WITH_CUDA_KERNELS
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/cuda_kernels.h"
+#endif
+
 namespace diloco {
 
 void OuterSGDOptions::validate() const {
@@ -42,6 +49,14 @@ namespace {
 bool fusable(const at::Tensor& t) {
   return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
 }
+
+#ifdef DILOCO_WITH_CUDA_KERNELS
+// Contiguous float32 on the CUDA device `device`: the fused CUDA kernel (same math and same
+// 2048-element skipping as the CPU loop, so both devices give bit-identical results).
+bool cuda_fusable(const at::Tensor& t, const at::Device& device) {
+  return t.defined() && t.device() == device && t.scalar_type() == at::kFloat && t.is_contiguous();
+}
+#endif
 }  // namespace
 
 std::int64_t OuterSGD::step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
@@ -58,6 +73,24 @@ std::int64_t OuterSGD::step(at::Tensor& global, at::Tensor& momentum, const at::
                        static_cast<float>(delta_scale), static_cast<float>(options_.lr),
                        static_cast<float>(mu), options_.nesterov);
   }
+#ifdef DILOCO_WITH_CUDA_KERNELS
+  const at::Device device = global.device();
+  if (device.is_cuda() && cuda_fusable(global, device) && cuda_fusable(delta_sum, device) &&
+      cuda_fusable(write_back, device) && (!need_momentum || cuda_fusable(momentum, device))) {
+    const c10::cuda::CUDAGuard guard(device);
+    void* stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+    at::Tensor word = at::empty({1}, global.options().dtype(at::kLong));
+    auto* first_bad = reinterpret_cast<std::uint64_t*>(word.data_ptr<std::int64_t>());
+    kernels::cuda::outer_sgd_async(global.data_ptr<float>(),
+                                   need_momentum ? momentum.data_ptr<float>() : nullptr,
+                                   delta_sum.data_ptr<float>(), write_back.data_ptr<float>(),
+                                   global.numel(), static_cast<float>(delta_scale),
+                                   static_cast<float>(options_.lr), static_cast<float>(mu),
+                                   options_.nesterov, first_bad, stream);
+    const std::uint64_t bad = kernels::cuda::read_status(first_bad, stream);
+    return bad == kernels::cuda::kNoReport ? -1 : static_cast<std::int64_t>(bad);
+  }
+#endif
   // Any device or dtype: the same update as a few ATen ops.
   if (!at::isfinite(delta_sum).all().item<bool>()) {
     const std::int64_t bad =

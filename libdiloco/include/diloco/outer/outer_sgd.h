@@ -41,15 +41,15 @@ class OuterSGD {
   at::Tensor make_state(const at::Tensor& global) const;
 
   // One outer step over a flat float32 buffer, fused in one pass where all buffers are
-  // contiguous float32 on the CPU:
+  // contiguous float32 on the CPU (or on one CUDA device, when built with the CUDA kernels):
   //   delta  = delta_sum * delta_scale          (delta_scale = 1/N turns a sum into a mean)
   //   momentum, global updated as above
   //   write_back <- global (the model's own storage; it may alias delta_sum)
   // `momentum` is ignored when options().momentum == 0. `write_back` may have another dtype or
   // device than `global` (it is then converted).
   // Non-finite sums never reach the state: a block of delta_sum holding a NaN or an infinity is
-  // skipped (the fused CPU loop skips 2048-element blocks, other devices the whole call), and the
-  // index of the first such element is returned; -1 when all was applied.
+  // skipped (the fused CPU and CUDA kernels skip 2048-element blocks, the ATen path the whole
+  // call), and the index of the first such element is returned; -1 when all was applied.
   std::int64_t step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
             double delta_scale, at::Tensor& write_back) const;
 
