@@ -51,7 +51,8 @@ std::int64_t outer_sgd(float* global, float* momentum, const float* delta_sum, f
     auto dv = d.head(len);
     dv = ConstArray(delta_sum + i, len) * scale;
     if ((dv * 0.f).sum() != 0.f) {  // not finite: keep this block's state, restore the model
-      if (first_bad < 0) first_bad = i + first_nonfinite(delta_sum + i, len);
+      // The scaled values decide (delta_sum may be finite and only overflow when scaled).
+      if (first_bad < 0) first_bad = i + first_nonfinite(d.data(), len);
       Array(write_back + i, len) = g;
       continue;
     }
