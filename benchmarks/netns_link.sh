@@ -109,7 +109,10 @@ ip -n "$wan" link set br0 mtu "$mtu" up
 for ((i = 0; i < islands; i++)); do
   ns="$tag-i$i"
   ns_add "$ns"
-  ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+  # No IPv6 chatter on the counted interface; no return to slow start after each compute phase
+  # (the setting long-lived bulk connections use; the emulated link has no slow start either).
+  ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 \
+    net.ipv6.conf.default.disable_ipv6=1 net.ipv4.tcp_slow_start_after_idle=0
   ip -n "$ns" link add veth0 mtu "$mtu" type veth peer name "p$i" netns "$wan"
   ip -n "$wan" link set "p$i" mtu "$mtu" master br0 up
   ip -n "$ns" addr add "$(address "$i")/24" dev veth0

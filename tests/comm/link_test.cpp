@@ -26,7 +26,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 LinkModel make_link(double mbit_per_s, double latency_ms) {
   LinkModel l;
@@ -99,12 +101,14 @@ TEST_CASE("link options are validated with their name and range", "[comm][link]"
   const double inf = std::numeric_limits<double>::infinity();
   for (double bad : {-1.0, nan, inf, 2e6}) {
     INFO("mbit_per_s " << bad);
-    CHECK_THROWS_WITH(make_link(bad, 0).validate(), Contains("mbit_per_s") && Contains("[0, 1e6]"));
+    CHECK_THROWS_WITH(make_link(bad, 0).validate(),
+                      Contains("mbit_per_s") && Contains("[0, 1e6]"));
     CHECK_THROWS_AS(make_link(bad, 0).validate(), diloco::OptionError);
   }
   for (double bad : {-0.5, nan, inf, 1e5}) {
     INFO("latency_ms " << bad);
-    CHECK_THROWS_WITH(make_link(0, bad).validate(), Contains("latency_ms") && Contains("[0, 60000]"));
+    CHECK_THROWS_WITH(make_link(0, bad).validate(),
+                      Contains("latency_ms") && Contains("[0, 60000]"));
   }
   diloco::GroupOptions o;
   o.rank = 0;
