@@ -26,6 +26,21 @@ std::chrono::milliseconds to_timeout(double seconds) {
   return std::chrono::milliseconds(static_cast<std::int64_t>(std::llround(seconds * 1000.0)));
 }
 
+// The last reference to a Group may be dropped while this thread holds the GIL (the Python object
+// is collected). Destroying it joins c10d's Gloo worker threads, which may themselves need the GIL
+// to release tensors that Python objects own: so the Group is destroyed with the GIL released.
+std::shared_ptr<diloco::Group> destroyed_without_gil(std::shared_ptr<diloco::Group> group) {
+  diloco::Group* raw = group.get();
+  return std::shared_ptr<diloco::Group>(raw, [owner = std::move(group)](diloco::Group*) mutable {
+    if (PyGILState_Check()) {
+      py::gil_scoped_release release;
+      owner.reset();
+    } else {
+      owner.reset();
+    }
+  });
+}
+
 diloco::Collective collective_from_name(const std::string& name) {
   using diloco::Collective;
   for (Collective c : {Collective::kAllReduce, Collective::kAllGather, Collective::kBroadcast,
@@ -107,14 +122,15 @@ void bind_comm(py::module_& m) {
             options.world_size = world_size;
             options.timeout = to_timeout(timeout_s);
             options.hostname = hostname;
-            return diloco::Group::create(options);
+            return destroyed_without_gil(diloco::Group::create(options));
           },
           py::arg("master_addr"), py::arg("master_port"), py::arg("rank"), py::arg("world_size"),
           py::arg("timeout_s") = 60.0, py::arg("hostname") = "", Release(),
           "Rendezvous (rank 0 hosts the TCPStore at master_addr:master_port) and connect. Raises "
           "OptionError for a bad option, Error if the port is in use or the peers do not all "
           "arrive within the timeout.")
-      .def_static("from_env", &diloco::Group::from_env, Release(),
+      .def_static(
+          "from_env", [] { return destroyed_without_gil(diloco::Group::from_env()); }, Release(),
                   "Group.create() from MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (torchrun's "
                   "variables) and the optional DILOCO_TIMEOUT_S.")
       .def_property_readonly("rank", &diloco::Group::rank, "this process's rank")

@@ -124,8 +124,11 @@ int main(int argc, char** argv) {
     options.timeout = std::chrono::milliseconds(
         static_cast<std::int64_t>(config.value("timeout_s", 60.0) * 1000));
     auto group = diloco::Group::create(options);
-    json result = config["task"] == "train" ? train(config, group, argv[2])
-                                            : bytes_task(config, group);
+    json result = json::object();
+    for (const std::string task : config["tasks"]) {
+      if (task == "train") result.update(train(config, group, argv[2]));
+      if (task == "bytes") result["bytes"] = bytes_task(config, group);
+    }
     result["language"] = "c++";
     std::ofstream(std::string(argv[2]) + "/rank" + std::to_string(group->rank()) + ".json")
         << result.dump();

@@ -3,12 +3,12 @@
 JSON config and write the same files, so the tests compare their results byte for byte.
 
 Usage: worker.py CONFIG.json OUTDIR
-Tasks (config["task"]):
+Tasks (config["tasks"], run in this order in one process):
   train   the example's GPT (tiny), inner SGD, DiLoCo; writes rank<R>.bin (the final parameters,
           float32, in the library's order), rank<R>.json (stats, losses) and, with
           config["trace"], rank<R>.trace.pt (per outer step: local weights before, global after).
   bytes   for each spec in config["specs"]: DiLoCo over fixed tensors, one outer step; writes the
-          byte accounting per operation label of that step to rank<R>.json.
+          byte accounting per operation label of that step to rank<R>.json under "bytes".
 """
 
 import json
@@ -86,10 +86,11 @@ def main():
     out = sys.argv[2]
     torch.set_num_threads(1)
     group = diloco.init_process_group(timeout=config.get("timeout_s", 60))
-    if config["task"] == "train":
-        result = train(config, group, out)
-    else:
-        result = bytes_task(config, group)
+    result = {}
+    if "train" in config["tasks"]:
+        result.update(train(config, group, out))
+    if "bytes" in config["tasks"]:
+        result["bytes"] = bytes_task(config, group)
     result["language"] = "python"
     with open(os.path.join(out, "rank%d.json" % group.rank), "w") as f:
         json.dump(result, f)
