@@ -5,6 +5,7 @@ C++ core. It holds no algorithm: every step, sync and statistic is the C++ libra
 
 import datetime
 import os
+import socket
 
 import torch
 
@@ -35,6 +36,16 @@ def _timeout_seconds(timeout):
             % (timeout,)) from None
 
 
+def _address_towards(host, port):
+    """This machine's address on the route to host (no packet is sent: UDP connect only)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, port))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
 def init_process_group(master_addr=None, master_port=None, rank=None, world_size=None,
                        timeout=None, hostname=""):
     """Join the wide-area group and return it (a diloco.Group).
@@ -59,8 +70,13 @@ def init_process_group(master_addr=None, master_port=None, rank=None, world_size
         diloco.OptionError: a missing or malformed argument or variable, named in the message.
         diloco.Error: the port is in use, or the peers did not all arrive within the timeout.
 
+    Under torchrun (TORCHELASTIC_USE_AGENT_STORE=True), torchrun's agent already serves the
+    rendezvous store on MASTER_PORT: the group then joins that store as a client instead of
+    having rank 0 serve another one.
+
     Collectives release the GIL while they wait.
     """
+    from_launcher = all(v is None for v in (master_addr, master_port, rank, world_size))
     master_addr = master_addr if master_addr is not None else (_env("MASTER_ADDR") or "127.0.0.1")
     if master_port is None:
         master_port = _env("MASTER_PORT") or 29500
@@ -78,6 +94,10 @@ def init_process_group(master_addr=None, master_port=None, rank=None, world_size
         timeout = _env("DILOCO_TIMEOUT_S") or 60.0
     if not hostname:
         hostname = _env("DILOCO_HOSTNAME") or ""
+    if from_launcher and _env("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return _C.Group._connect_to_store(
+            str(master_addr), master_port, values["rank"], values["world_size"],
+            _timeout_seconds(timeout), hostname or _address_towards(str(master_addr), master_port))
     return _C.Group.create(str(master_addr), master_port, values["rank"], values["world_size"],
                            _timeout_seconds(timeout), hostname)
 

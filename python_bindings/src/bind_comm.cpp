@@ -5,6 +5,8 @@
 #include <diloco/errors.h>
 #include <pybind11/chrono.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -39,6 +41,36 @@ std::shared_ptr<diloco::Group> destroyed_without_gil(std::shared_ptr<diloco::Gro
       owner.reset();
     }
   });
+}
+
+// A group over a TCPStore that someone else serves: torchrun's agent store, which already holds
+// MASTER_PORT (torchrun sets TORCHELASTIC_USE_AGENT_STORE=True for it). Group::create would have
+// rank 0 serve a second store on the same port. The keys go under their own prefix, a new one
+// for every group this process connects, so that groups never read each other's keys.
+std::shared_ptr<diloco::Group> connect_to_store(const diloco::GroupOptions& options) {
+  options.validate();
+  static int connections = 0;  // one process, groups connected in the same order on every rank
+  const std::string prefix =
+      connections == 0 ? "diloco" : "diloco/" + std::to_string(connections);
+  ++connections;
+  c10d::TCPStoreOptions store_options;
+  store_options.port = static_cast<std::uint16_t>(options.master_port);
+  store_options.isServer = false;
+  store_options.numWorkers = static_cast<std::size_t>(options.world_size);
+  store_options.waitWorkers = false;
+  store_options.timeout = options.timeout;
+  c10::intrusive_ptr<c10d::Store> store;
+  const std::string where = options.master_addr + ":" + std::to_string(options.master_port);
+  try {
+    store = c10::make_intrusive<c10d::TCPStore>(options.master_addr, store_options);
+  } catch (const std::exception& e) {
+    throw diloco::Error("[Group] rank " + std::to_string(options.rank) +
+                        ": cannot connect to the launcher's store at " + where + ": " + e.what());
+  }
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
+  auto group = std::make_shared<diloco::Group>(prefixed, options.rank, options.world_size,
+                                               options.timeout, options.hostname);
+  return group;
 }
 
 diloco::Collective collective_from_name(const std::string& name) {
@@ -129,6 +161,24 @@ void bind_comm(py::module_& m) {
           "Rendezvous (rank 0 hosts the TCPStore at master_addr:master_port) and connect. Raises "
           "OptionError for a bad option, Error if the port is in use or the peers do not all "
           "arrive within the timeout.")
+      .def_static(
+          "_connect_to_store",
+          [](const std::string& master_addr, int master_port, int rank, int world_size,
+             double timeout_s, const std::string& hostname) {
+            diloco::GroupOptions options;
+            options.master_addr = master_addr;
+            options.master_port = master_port;
+            options.rank = rank;
+            options.world_size = world_size;
+            options.timeout = to_timeout(timeout_s);
+            options.hostname = hostname;
+            return destroyed_without_gil(connect_to_store(options));
+          },
+          py::arg("master_addr"), py::arg("master_port"), py::arg("rank"), py::arg("world_size"),
+          py::arg("timeout_s"), py::arg("hostname"), Release(),
+          "Connect as a client of a store served by the launcher (torchrun's agent store) "
+          "instead of having rank 0 serve one; init_process_group() does this under torchrun. "
+          "`hostname` must be this rank's address towards the others.")
       .def_static(
           "from_env", [] { return destroyed_without_gil(diloco::Group::from_env()); }, Release(),
                   "Group.create() from MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (torchrun's "

@@ -13,6 +13,7 @@
 #include <pybind11/stl.h>
 #include <torch/optim/sgd.h>
 
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -166,6 +167,33 @@ void bind_sync(py::module_& m) {
           "sync", [](PyDiLoCo& d) { d.impl().sync(); }, Release(),
           "Run an outer step now, whatever the inner step count (all ranks together), e.g. to "
           "end training on the global weights.")
+      .def(
+          "_time_syncs",
+          [](PyDiLoCo& d, int count) {
+            std::vector<double> seconds;
+            for (int i = 0; i < count; ++i) {
+              const auto start = std::chrono::steady_clock::now();
+              d.impl().sync();
+              seconds.push_back(
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+            }
+            return seconds;
+          },
+          py::arg("count"), Release(),
+          "Benchmarking aid: run `count` syncs from a C++ loop (all ranks together) and return "
+          "each one's wall seconds, timed in C++: the reference for the same syncs driven from "
+          "Python.")
+      .def(
+          "_time_steps",
+          [](PyDiLoCo& d, std::int64_t count) {
+            const auto start = std::chrono::steady_clock::now();
+            for (std::int64_t i = 0; i < count; ++i) d.impl().step();
+            return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+                .count();
+          },
+          py::arg("count"), Release(),
+          "Benchmarking aid: call step() `count` times from a C++ loop and return the total "
+          "wall seconds (use inner_steps larger than count to time steps without a sync).")
       .def(
           "stats", [](const PyDiLoCo& d) { return d.impl().stats(); },
           "SyncStats: inner and outer steps, seconds in syncs, bytes sent and received.")
