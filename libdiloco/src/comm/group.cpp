@@ -285,8 +285,9 @@ PendingCollective Group::issue(Collective c, const std::string& label,
     auto on_link = s.start;
     if (up) on_link = std::max(on_link, uplink_free_);
     if (down) on_link = std::max(on_link, downlink_free_);
-    const auto transmitted =
-        on_link + to_duration(link_transmission_seconds(c, payload_bytes, world_size_, root, link_));
+    const double transmission =
+        link_transmission_seconds(c, payload_bytes, world_size_, root, link_);
+    const auto transmitted = on_link + to_duration(transmission);
     if (up) uplink_free_ = transmitted;
     if (down) downlink_free_ = transmitted;
     s.link_seconds = link_seconds(c, payload_bytes, world_size_, root, link_);
