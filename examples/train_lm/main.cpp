@@ -145,8 +145,8 @@ void add_flags(CLI::App& app, Flags& f) {
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{100000}))
       ->capture_default_str();
   app.add_option("--eval-every", f.eval_every,
-                 "steps between evaluations in dp and single mode (default: --inner-steps); "
-                 "diloco evaluates after every outer step")
+                 "steps between evaluations (default: --inner-steps); diloco evaluates the "
+                 "global model after the first outer step of each interval")
       ->check(CLI::Range(std::int64_t{1}, kMaxCount));
   app.add_option("--metrics", f.metrics,
                  "write one JSON object per evaluation to this file (JSON lines, rank 0 only)");
@@ -413,7 +413,11 @@ int train(const Flags& f, bool timeout_given) {
     train_loss_sum += loss.detach();
     ++train_loss_count;
 
-    bool evaluate_now = diloco_mode ? outer_step : step % f.eval_every == 0;
+    // DiLoCo evaluates the global model, right after the outer steps that end an --eval-every
+    // interval (every outer step by default).
+    bool evaluate_now =
+        diloco_mode ? outer_step && step % std::max(f.eval_every, f.inner_steps) < f.inner_steps
+                    : step % f.eval_every == 0;
     if (step == f.steps && !evaluate_now) {
       // Fold the inner steps since the last outer step into the global model, so every island
       // ends with the same weights and the reported loss is the global model's.

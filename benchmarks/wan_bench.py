@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Bandwidth against loss: data-parallel, DiLoCo at several H, and DiLoCo with each compressor.
+
+Trains the example language model (build/examples/train_lm) with 4 islands on this machine for
+the same number of steps per island with every method, then writes
+
+  OUT/results.json, OUT/results.csv   one record per run (machine-readable)
+  OUT/table.md                        the table: bytes per island, reduction vs data-parallel,
+                                      final validation loss, gap to data-parallel, gain recovered,
+                                      wall time, compute utilization per emulated link
+  OUT/loss_vs_bytes.png               final validation loss against bytes sent (log axis)
+  OUT/loss_vs_step.png                validation loss against step, one curve per run
+  OUT/scaling.json, OUT/scaling.md    sync time and bytes per island for 2, 4, 8 islands
+
+Gain recovered = (L_single - L_method) / (L_single - L_dp): 100% is data-parallel's loss, 0% is
+one island alone, both at the same steps per island.
+
+Bytes are this island's (rank 0's) from the library's accounting, counted from the first step:
+the one-time model check and broadcast at start-up are the same for every method and left out.
+
+Compute utilization is time in forward, backward and the inner optimizer step over the wall time
+of training (evaluations left out), averaged over the islands, measured with the library's link
+emulation (train_lm --link-mbps/--link-latency-ms) on the links of --links.
+
+Usage:
+  python3 benchmarks/wan_bench.py --quick          # about 12 minutes on 2 cores
+  python3 benchmarks/wan_bench.py                  # the full set, 600 steps (says how long)
+  python3 benchmarks/wan_bench.py --steps 2000 --only dp,single,h100_fp32
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Outer optimizer per H. Measured on this model (see the README's benchmark section): with few
+# outer steps, Nesterov momentum 0.9 at lr 0.7 overshoots at small H; plain averaging with a
+# mild outer learning rate boost is better until H is large.
+def outer_recipe(h):
+    if h <= 20:
+        return {"outer_lr": 1.0, "outer_momentum": 0.0}
+    return {"outer_lr": 0.7, "outer_momentum": 0.9}
+
+
+def run_specs(quick):
+    """(name, group, train_lm flags) for every run."""
+    runs = [("single", "baseline", ["--mode", "single"]), ("dp", "baseline", ["--mode", "dp"])]
+    for h in (10, 50, 100, 500):
+        r = outer_recipe(h)
+        runs.append((f"h{h}_fp32", "H sweep",
+                     ["--inner-steps", str(h), "--outer-lr", str(r["outer_lr"]),
+                      "--outer-momentum", str(r["outer_momentum"])]))
+    compressors = ["fp16", "int8", "int4", "fp4", "int2+ef", "topk(k=64,values=2bit)+ef", "dct+ef",
+                   "randomk(fraction=0.05)+ef", "sign+ef", "powersgd(rank=4)+ef"]
+    if quick:
+        compressors = ["fp16", "int8", "fp4", "topk(k=64,values=2bit)+ef", "dct+ef",
+                       "powersgd(rank=4)+ef"]
+    r = outer_recipe(100)
+    for c in compressors:
+        runs.append((f"h100_{short(c)}", "H=100 compressed",
+                     ["--inner-steps", "100", "--compress", c, "--outer-lr", str(r["outer_lr"]),
+                      "--outer-momentum", str(r["outer_momentum"])]))
+    # Best combinations found: small H with quantization (>= 100x fewer bytes than data-parallel)
+    # and small H with sparse 2-bit top-k (>= 1,000x).
+    for h, c in ((16, "int4"), (8, "topk(k=64,values=2bit)+ef")):
+        r = outer_recipe(h)
+        runs.append((f"best_h{h}_{short(c)}", "best",
+                     ["--inner-steps", str(h), "--compress", c, "--outer-lr", str(r["outer_lr"]),
+                      "--outer-momentum", str(r["outer_momentum"])]))
+    return runs
+
+
+def short(spec):
+    s = re.sub(r"\(.*?\)", "", spec.split("+")[0])
+    if "2bit" in spec:
+        s += "2bit"
+    if "+ef" in spec:
+        s += "_ef"
+    return s
+
+
+def run(cmd, env_extra, log_path, timeout_s):
+    env = dict(os.environ)
+    env.update(env_extra)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
+                              cwd=ROOT)
+    if proc.returncode != 0:
+        tail = open(log_path).read()[-2000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{tail}")
+
+
+UTIL_RE = re.compile(r"compute ([0-9.]+) s of ([0-9.]+) s training, utilization ([0-9.]+)")
+
+
+def read_run(metrics_path, log_path):
+    records = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    first, last = records[0], records[-1]
+    utils, train_s = [], []
+    for line in open(log_path):
+        m = UTIL_RE.search(line)
+        if m:
+            train_s.append(float(m.group(2)))
+            utils.append(float(m.group(3)))
+    return {
+        "val_loss": last["val_loss"],
+        "initial_val_loss": first["val_loss"],
+        "bytes_sent": last["bytes_sent"] - first["bytes_sent"],
+        "wall_s": last["elapsed_s"],
+        "train_s": max(train_s) if train_s else None,
+        "utilization": sum(utils) / len(utils) if utils else None,
+        "parameters": last.get("parameters"),
+        "curve": [(r["step"], r["val_loss"]) for r in records],
+    }
+
+
+def train_cmd(args, name, flags, steps, metrics, islands):
+    train_lm = os.path.join(args.build, "examples", "train_lm")
+    common = ["--data", args.data, "--steps", str(steps), "--metrics", metrics,
+              "--eval-every", str(args.eval_every), "--seed", str(args.seed)]
+    if "single" in flags:
+        return [train_lm] + flags + common
+    launcher = os.path.join(args.build, "libdiloco", "diloco-run")
+    return [launcher, "-n", str(islands), "--", train_lm] + flags + common
+
+
+def fmt_bytes(b):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer steps and compressors (~12 min on 2 cores)")
+    p.add_argument("--steps", type=int, help="inner steps per island (default 600, quick 300)")
+    p.add_argument("--islands", type=int, default=4)
+    p.add_argument("--build", default=os.environ.get("BUILD_DIR", os.path.join(ROOT, "build")))
+    p.add_argument("--data", default=os.path.join(ROOT, "data", "brown"))
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "wan"))
+    p.add_argument("--only", help="comma-separated run names (baselines single and dp always run)")
+    p.add_argument("--links", default="1000,100", help="emulated links in Mbit/s for utilization")
+    p.add_argument("--latency-ms", type=float, default=10.0, help="one-way latency of each link")
+    p.add_argument("--link-steps", type=int, help="steps of each link run (default steps / 3)")
+    p.add_argument("--link-runs", default="dp,h100_fp32,best_h16_int4,best_h8_topk2bit_ef",
+                   help="runs repeated on each emulated link")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-scaling", action="store_true", help="skip the 2/4/8-island scaling runs")
+    args = p.parse_args()
+    if args.islands < 2:
+        p.error("--islands must be >= 2")
+    steps = args.steps or (300 if args.quick else 600)
+    if steps < 10:
+        p.error("--steps must be >= 10")
+    link_steps = args.link_steps or max(30, steps // 3)
+    links = [float(x) for x in args.links.split(",") if x.strip()]
+    if any(not (x > 0) for x in links):
+        p.error("--links must be positive Mbit/s values")
+    for exe in ("examples/train_lm", "libdiloco/diloco-run"):
+        if not os.path.exists(os.path.join(args.build, exe)):
+            p.error(f"{exe} not found under --build {args.build}: build first (libdiloco/scripts/build.sh)")
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+
+    specs = run_specs(args.quick)
+    if args.only:
+        wanted = set(args.only.split(",")) | {"single", "dp"}
+        unknown = wanted - {n for n, _, _ in specs}
+        if unknown:
+            p.error(f"--only: unknown run(s) {sorted(unknown)}; runs are {[n for n, _, _ in specs]}")
+        specs = [s for s in specs if s[0] in wanted]
+
+    started = time.time()
+    results = []
+    total = len(specs)
+    for i, (name, group, flags) in enumerate(specs, 1):
+        metrics = os.path.join(args.out, "logs", f"{name}.jsonl")
+        log = os.path.join(args.out, "logs", f"{name}.log")
+        t0 = time.time()
+        run(train_cmd(args, name, flags, steps, metrics, args.islands), {}, log, 3600)
+        r = read_run(metrics, log)
+        r.update({"name": name, "group": group, "flags": " ".join(flags), "steps": steps,
+                  "islands": 1 if name == "single" else args.islands, "links": {}})
+        results.append(r)
+        print(f"[{i}/{total}] {name:28s} val {r['val_loss']:.4f}  sent {fmt_bytes(r['bytes_sent']):>10s}"
+              f"  {time.time() - t0:6.1f} s  (elapsed {(time.time() - started) / 60:.1f} min)", flush=True)
+
+    by_name = {r["name"]: r for r in results}
+    l_single, l_dp = by_name["single"]["val_loss"], by_name["dp"]["val_loss"]
+    dp_bytes = by_name["dp"]["bytes_sent"]
+    for r in results:
+        r["reduction_vs_dp"] = dp_bytes / r["bytes_sent"] if r["bytes_sent"] > 0 else None
+        r["gap_to_dp_pct"] = 100.0 * (r["val_loss"] - l_dp) / l_dp
+        r["gain_recovered_pct"] = (100.0 * (l_single - r["val_loss"]) / (l_single - l_dp)
+                                   if l_single != l_dp else None)
+
+    # Utilization on emulated links: the same runs, shorter, with the link shaped in the library.
+    link_names = [n for n in args.link_runs.split(",") if n in by_name]
+    for mbps in links:
+        for name in link_names:
+            flags = next(f for n, _, f in specs if n == name)
+            tag = f"{name}_link{mbps:g}"
+            metrics = os.path.join(args.out, "logs", f"{tag}.jsonl")
+            log = os.path.join(args.out, "logs", f"{tag}.log")
+            cmd = train_cmd(args, name, flags + ["--link-mbps", f"{mbps:g}", "--link-latency-ms",
+                                                 f"{args.latency_ms:g}"], link_steps, metrics,
+                            args.islands)
+            run(cmd, {}, log, 3600)
+            lr = read_run(metrics, log)
+            by_name[name]["links"][f"{mbps:g}"] = {"utilization": lr["utilization"],
+                                                   "train_s": lr["train_s"], "steps": link_steps,
+                                                   "latency_ms": args.latency_ms}
+            print(f"link {mbps:g} Mbit/s {name:28s} utilization {lr['utilization']:.3f}"
+                  f"  train {lr['train_s']:.1f} s for {link_steps} steps", flush=True)
+
+    scaling = [] if args.no_scaling else run_scaling(args)
+    elapsed = time.time() - started
+    write_outputs(args.out, results, scaling, links, steps, elapsed, args)
+    print(f"\nwan_bench: {len(results)} runs in {elapsed / 60:.1f} min; results in {args.out}/"
+          f"{{results.json,results.csv,table.md,loss_vs_bytes.png,loss_vs_step.png}}")
+
+
+def run_scaling(args):
+    bench = os.path.join(args.build, "benchmarks", "scaling_bench")
+    if not os.path.exists(bench):
+        print("scaling_bench not built: skipping the scaling runs")
+        return []
+    rows = []
+    for n in (2, 4, 8):
+        out = os.path.join(args.out, "logs", f"scaling_{n}")
+        log = out + ".log"
+        run([os.path.join(args.build, "libdiloco", "diloco-run"), "-n", str(n), "--", bench,
+             "--params", "1048576", "--rounds", "3", "--out", out], {}, log, 1800)
+        rows += json.load(open(out + ".json"))
+        print(f"scaling: {n} islands done", flush=True)
+    return rows
+
+
+def write_outputs(out, results, scaling, links, steps, elapsed, args):
+    slim = [{k: v for k, v in r.items() if k != "curve"} for r in results]
+    json.dump({"steps": steps, "islands": args.islands, "elapsed_s": elapsed, "runs": results,
+               "scaling": scaling}, open(os.path.join(out, "results.json"), "w"), indent=1)
+    fields = ["name", "group", "flags", "steps", "islands", "bytes_sent", "reduction_vs_dp",
+              "val_loss", "gap_to_dp_pct", "gain_recovered_pct", "wall_s", "train_s", "utilization"]
+    fields += [f"utilization_{m:g}mbps" for m in links]
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in slim:
+            row = {k: r.get(k) for k in fields}
+            for m in links:
+                row[f"utilization_{m:g}mbps"] = r["links"].get(f"{m:g}", {}).get("utilization")
+            w.writerow(row)
+
+    def pct(x):
+        return "—" if x is None else f"{x:.0f}%"
+
+    lines = [f"# Bandwidth against loss: {args.islands} islands, {steps} steps per island",
+             "", f"Model: {results[0].get('parameters')} parameters. Links for utilization: "
+             + ", ".join(f"{m:g} Mbit/s" for m in links) + f", {args.latency_ms:g} ms latency.", "",
+             "| run | bytes sent per island | fewer bytes than DP | val loss | gap to DP | gain recovered | wall s | utilization (loopback) | "
+             + " | ".join(f"utilization {m:g} Mbit/s" for m in links) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(links)]
+    for r in slim:
+        red = "—" if r["reduction_vs_dp"] is None else f"{r['reduction_vs_dp']:.0f}x"
+        util = "—" if r["utilization"] is None else f"{r['utilization']:.2f}"
+        link_cells = []
+        for m in links:
+            u = r["links"].get(f"{m:g}", {}).get("utilization")
+            link_cells.append("—" if u is None else f"{u:.2f}")
+        lines.append(f"| {r['name']} | {fmt_bytes(r['bytes_sent'])} | {red} | {r['val_loss']:.4f} | "
+                     f"{r['gap_to_dp_pct']:+.1f}% | {pct(r['gain_recovered_pct'])} | {r['wall_s']:.0f} | "
+                     f"{util} | " + " | ".join(link_cells) + " |")
+    if scaling:
+        lines += ["", "## Scaling with the number of islands (1M float32 values per island)", "",
+                  "| spec | aggregation | islands | bytes sent per island per sync | sync ms |",
+                  "|---|---|---|---|---|"]
+        for s in sorted(scaling, key=lambda s: (s["spec"], s["islands"])):
+            lines.append(f"| {s['spec']} | {s['aggregation']} | {s['islands']} | "
+                         f"{fmt_bytes(s['bytes_sent_per_sync'])} | {1e3 * s['sync_s']:.1f} |")
+    lines += ["", f"Whole benchmark: {elapsed / 60:.1f} min."]
+    open(os.path.join(out, "table.md"), "w").write("\n".join(lines) + "\n")
+    plot(out, results, scaling)
+
+
+def plot(out, results, scaling):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"baseline": "s", "H sweep": "o", "H=100 compressed": "^", "best": "*"}
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for r in results:
+        if r["bytes_sent"] <= 0:
+            ax.axhline(r["val_loss"], color="gray", ls="--", lw=1)
+            ax.text(0.01, r["val_loss"], f"{r['name']} (sends nothing)", va="bottom", fontsize=8,
+                    color="gray", transform=ax.get_yaxis_transform())
+            continue
+        ax.scatter(r["bytes_sent"], r["val_loss"], marker=markers.get(r["group"], "o"), s=60,
+                   label=r["name"])
+        ax.annotate(r["name"], (r["bytes_sent"], r["val_loss"]), fontsize=7,
+                    xytext=(4, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent per island (log)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("Validation loss against bytes on the wide-area link")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss_vs_bytes.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for r in results:
+        steps, losses = zip(*r["curve"])
+        ax.plot(steps, losses, label=r["name"], lw=1.2)
+    ax.set_xlabel("step (per island)")
+    ax.set_ylabel("validation loss")
+    ax.set_ylim(top=min(4.0, max(max(l for _, l in r["curve"]) for r in results)))
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Validation loss against step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss_vs_step.png"), dpi=120)
+    plt.close(fig)
+
+    if scaling:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for spec in sorted({s["spec"] for s in scaling}):
+            pts = sorted((s["islands"], s["bytes_sent_per_sync"], s["sync_s"]) for s in scaling
+                         if s["spec"] == spec)
+            n, b, t = zip(*pts)
+            axes[0].plot(n, b, marker="o", label=spec)
+            axes[1].plot(n, [1e3 * x for x in t], marker="o", label=spec)
+        axes[0].set_yscale("log")
+        axes[0].set_ylabel("bytes sent per island per sync")
+        axes[1].set_ylabel("sync time (ms)")
+        for a in axes:
+            a.set_xlabel("islands")
+            a.set_xticks([2, 4, 8])
+            a.grid(True, alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "scaling.png"), dpi=120)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"wan_bench: {e}", file=sys.stderr)
+        sys.exit(1)
