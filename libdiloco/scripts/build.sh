@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Configures and builds libdiloco (library, launcher, examples, benchmarks, tests) in BUILD_DIR
+# Configures and builds libdiloco (library, launcher, examples, benchmarks, tests, Python module) in BUILD_DIR
 # (default build/ under the repository root). Extra arguments go to cmake's configure step.
 # Under CI (CI=true) warnings are errors.
 #
@@ -9,5 +9,6 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 build_dir=${BUILD_DIR:-$root/build}
 werror=OFF
 [ "${CI:-}" = "true" ] && werror=ON
-cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DDILOCO_WERROR=$werror "$@"
+cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DDILOCO_WERROR=$werror \
+  -DDILOCO_BUILD_PYTHON=ON "$@"
 cmake --build "$build_dir" -j"$(nproc)"
