@@ -4,8 +4,8 @@ run on the same model.
   1. step() between syncs: the time of one outer.step() call that does not sync, called from
      Python, against the same calls from a C++ loop (target: under 5 us from Python);
   2. sync: the wall time of one outer step (a float32 ring all-reduce of the model plus the outer
-     Nesterov update) driven from Python against the same sync driven from C++, interleaved so
-     that both see the same load (target: Python within 1.05x of C++).
+     Nesterov update) driven from Python against the same sync driven from C++, interleaved (and
+     alternating which goes first) so that both see the same load (target: Python within 1.05x of C++).
 
 It is not a benchmark of the sync itself (benchmarks/run_outer_sync.sh is).
 
@@ -34,7 +34,7 @@ def parse():
     p.add_argument("--ranks", type=int, default=2, help="processes to start (without torchrun)")
     p.add_argument("--params", type=int, default=4_000_000, help="model parameters (float32)")
     p.add_argument("--steps", type=int, default=200_000, help="step() calls timed per side")
-    p.add_argument("--syncs", type=int, default=10, help="syncs timed per side")
+    p.add_argument("--syncs", type=int, default=20, help="syncs timed per side")
     p.add_argument("--out", default="", help="write the results as JSON to this file")
     return p.parse_args()
 
@@ -85,13 +85,20 @@ def main():
     # 2. syncs, interleaved: Python-driven, then C++-driven, per round.
     python_sync, cpp_sync = [], []
     outer.sync()  # warm-up: first-touch of the buffers and Gloo's connections
-    for _ in range(args.syncs):
+    def python_driven():
         group.barrier("bench")
         start = time.perf_counter()
         outer.sync()
         python_sync.append(time.perf_counter() - start)
+
+    def cpp_driven():
         group.barrier("bench")
-        cpp_sync += outer._time_syncs(1)
+        cpp_sync.extend(outer._time_syncs(1))
+
+    for round_ in range(args.syncs):
+        # Alternate which goes first, so that neither always follows the other.
+        for run in ((python_driven, cpp_driven) if round_ % 2 == 0 else (cpp_driven, python_driven)):
+            run()
 
     if group.rank == 0:
         result = {
