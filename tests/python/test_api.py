@@ -214,3 +214,29 @@ def test_help_is_useful():
     for method in ("step", "sync", "stats"):
         assert getattr(diloco.DiLoCo, method).__doc__
     assert diloco.init_process_group.__doc__ and diloco.DataParallel.__doc__
+
+
+def test_lost_peer_raises_peer_lost_error():
+    # Two ranks as threads of this process (the rendezvous releases the GIL); rank 1 leaves by
+    # destroying its group, rank 0's next collective must raise PeerLostError.
+    import threading
+
+    port = free_port()
+    groups = {}
+
+    def join(rank):
+        groups[rank] = diloco.init_process_group("127.0.0.1", port, rank=rank, world_size=2,
+                                                 timeout=5)
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(groups) == [0, 1]
+    x = torch.ones(4)
+    del groups[1]
+    with pytest.raises(diloco.PeerLostError) as info:
+        groups[0].allreduce_sum(x, "after_loss")
+    assert "after_loss" in str(info.value) and "rank 0" in str(info.value)
+    assert isinstance(info.value, diloco.Error) and isinstance(info.value, RuntimeError)
