@@ -71,8 +71,8 @@ def parse_flags(argv):
                    help="model init (same on all islands) and batches (drawn from (seed, rank))")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="steps between evaluations in dp and single mode (default: "
-                        "--inner-steps); diloco evaluates after every outer step")
+                   help="steps between evaluations (default: --inner-steps); diloco evaluates "
+                        "the global model after the first outer step of each interval")
     p.add_argument("--metrics", default="",
                    help="write one JSON object per evaluation to this file (rank 0 only)")
     p.add_argument("--timeout-s", type=float, default=None,
@@ -233,7 +233,13 @@ def train(f):
         state["loss_sum"] += loss.item()
         state["loss_count"] += 1
 
-        evaluate_now = outer_step if outer else step % f.eval_every == 0
+        # DiLoCo evaluates the global model right after the outer steps that end an --eval-every
+        # interval (every outer step by default), as the C++ example does: the final sync below
+        # depends on it, and a C++ island in the same run must issue the same collectives.
+        if outer:
+            evaluate_now = outer_step and step % max(f.eval_every, f.inner_steps) < f.inner_steps
+        else:
+            evaluate_now = step % f.eval_every == 0
         if step == f.steps and not evaluate_now:
             # Fold the inner steps since the last outer step into the global model, so every
             # island ends with the same weights and the reported loss is the global model's.
