@@ -11,6 +11,8 @@
 #include <optional>
 #include <thread>
 
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
 #include "support/ranks.h"
@@ -70,6 +72,13 @@ TEST_CASE("group options come from torchrun's environment variables", "[comm]") 
     CHECK(o.rank == 3);
     CHECK(o.world_size == 4);
     CHECK(o.timeout == std::chrono::seconds(7));
+    CHECK_FALSE(o.join_existing_store);
+  }
+  {
+    // Under torchrun the agent serves the store: rank 0 joins it like the others.
+    EnvGuard env({{"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29555"}, {"RANK", "0"},
+                  {"WORLD_SIZE", "2"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"}});
+    CHECK(diloco::GroupOptions::from_env().join_existing_store);
   }
   {
     EnvGuard env({{"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29555"}, {"RANK", nullptr},
@@ -161,5 +170,65 @@ TEST_CASE("a peer that leaves makes the others' next collective raise PeerLostEr
     INFO(errors[r]);
     CHECK_THAT(errors[r], Contains("allreduce 'after_loss'") && Contains("rank " + std::to_string(r)) &&
                               Contains("lost a peer"));
+  }
+}
+
+TEST_CASE("a rank started with another world size is told so, naming both", "[comm][gloo]") {
+  const int port = diloco_test::free_port();
+  std::vector<std::string> errors(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        diloco::GroupOptions o;
+        o.master_port = port;
+        o.rank = r;
+        o.world_size = r == 0 ? 2 : 3;  // rank 1 believes in three ranks
+        o.timeout = std::chrono::milliseconds(3000);
+        diloco::Group::create(o);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK_THAT(errors[1], Contains("WORLD_SIZE") && Contains("rank 1 has 3") && Contains("rank 0 has 2"));
+  CHECK_FALSE(errors[0].empty());  // rank 0's peer never connects: it fails within its timeout
+}
+
+TEST_CASE("ranks join a store that is already served (torchrun's agent)", "[comm][gloo]") {
+  const int port = diloco_test::free_port();
+  // The agent's store: a TCPStore server that is not one of the ranks.
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<std::uint16_t>(port);
+  so.isServer = true;
+  so.waitWorkers = false;
+  auto agent = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", so);
+  std::vector<std::string> errors(2);
+  std::vector<float> results(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        diloco::GroupOptions o;
+        o.master_port = port;
+        o.rank = r;
+        o.world_size = 2;
+        o.join_existing_store = true;
+        o.timeout = std::chrono::milliseconds(10000);
+        auto g = diloco::Group::create(o);
+        at::Tensor t = at::ones({3});
+        g->allreduce_sum(t, "x");
+        results[r] = t[0].item<float>();
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < 2; ++r) {
+    INFO(errors[r]);
+    CHECK(errors[r].empty());
+    CHECK(results[r] == 2.0f);
   }
 }

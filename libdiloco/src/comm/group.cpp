@@ -133,6 +133,9 @@ GroupOptions GroupOptions::from_env() {
     o.timeout = std::chrono::seconds(s);
   }
   if (const char* h = std::getenv("DILOCO_HOSTNAME"); h != nullptr) o.hostname = h;
+  if (const char* a = std::getenv("TORCHELASTIC_USE_AGENT_STORE"); a != nullptr) {
+    o.join_existing_store = std::string(a) == "True" || std::string(a) == "1";
+  }
   if (const char* r = std::getenv("DILOCO_LINK_MBPS"); r != nullptr && *r != '\0') {
     o.link.mbit_per_s = parse_env_real("DILOCO_LINK_MBPS", r, LinkModel::kMaxMbitPerS,
                                        "Mbit/s in [0, 1e6] (0 = unlimited)");
@@ -144,6 +147,34 @@ GroupOptions GroupOptions::from_env() {
   o.validate();
   return o;
 }
+
+namespace {
+
+// Rank 0 publishes its world size; every other rank compares its own with it, so a rank started
+// with another WORLD_SIZE fails here, naming both, instead of in Gloo's connection handshake.
+void check_world_size(c10d::Store& store, const GroupOptions& options) {
+  const std::string key = "world_size";
+  const std::string mine = std::to_string(options.world_size);
+  if (options.rank == 0) {
+    store.set(key, std::vector<std::uint8_t>(mine.begin(), mine.end()));
+    return;
+  }
+  std::vector<std::uint8_t> theirs;
+  try {
+    theirs = store.get(key);
+  } catch (const std::exception& e) {
+    throw PeerLostError("[Group] rank " + std::to_string(options.rank) + " of " + mine +
+                        ": rank 0 did not publish its world size within " +
+                        std::to_string(options.timeout.count()) + " ms: " + first_line(e.what()));
+  }
+  const std::string rank0(theirs.begin(), theirs.end());
+  if (rank0 != mine) {
+    throw OptionError("[Group] world_size (WORLD_SIZE) differs between ranks: rank " +
+                      std::to_string(options.rank) + " has " + mine + ", rank 0 has " + rank0);
+  }
+}
+
+}  // namespace
 
 struct Group::Impl {
   c10::intrusive_ptr<c10d::Store> store;
@@ -157,7 +188,8 @@ std::shared_ptr<Group> Group::create(const GroupOptions& options) {
   try {
     store = compat::make_tcp_store(options.master_addr,
                                    static_cast<std::uint16_t>(options.master_port),
-                                   options.rank == 0, options.world_size, options.timeout);
+                                   options.rank == 0 && !options.join_existing_store,
+                                   options.world_size, options.timeout);
   } catch (const std::exception& e) {
     const std::string what = e.what();
     if (options.rank == 0 && what.find("in use") != std::string::npos) {
@@ -171,6 +203,7 @@ std::shared_ptr<Group> Group::create(const GroupOptions& options) {
                 " ranks started with the same MASTER_ADDR/MASTER_PORT?): " + first_line(what));
   }
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>("diloco", store);
+  check_world_size(*prefixed, options);
   const std::string hostname =
       options.hostname.empty() ? local_address_towards(options.master_addr) : options.hostname;
   auto group = std::make_shared<Group>(prefixed, options.rank, options.world_size,

@@ -46,12 +46,16 @@ struct GroupOptions {
   std::chrono::milliseconds timeout{60000};  // rendezvous and every collective
   std::string hostname = "";  // interface Gloo binds to; "" = resolve from master_addr's route
   LinkModel link;             // emulated wide-area link; default unlimited (no delay)
+  // Every rank joins a store that someone else already serves at master_addr:master_port
+  // (torchrun's agent does, and says so with TORCHELASTIC_USE_AGENT_STORE=True); by default
+  // rank 0 serves it.
+  bool join_existing_store = false;
 
   // Throws OptionError naming the option and its allowed range.
   void validate() const;
   // Reads MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (all required) and DILOCO_TIMEOUT_S
   // (optional, seconds), DILOCO_HOSTNAME, DILOCO_LINK_MBPS and DILOCO_LINK_LATENCY_MS (optional,
-  // see LinkModel). Throws OptionError naming a missing or malformed variable and its range.
+  // see LinkModel), TORCHELASTIC_USE_AGENT_STORE (set by torchrun). Throws OptionError naming a missing or malformed variable and its range.
   static GroupOptions from_env();
 };
 
@@ -74,8 +78,9 @@ class PendingCollective {
 class Group {
  public:
   // Rendezvous over a c10d::TCPStore (rank 0 hosts it at master_addr:master_port) and connect
-  // a Gloo process group. Throws OptionError for bad options, Error when the port is in use or
-  // the peers do not all arrive within the timeout.
+  // a Gloo process group. Throws OptionError for bad options or when this rank's world_size
+  // differs from rank 0's, Error when the port is in use or the peers do not all arrive within
+  // the timeout.
   static std::shared_ptr<Group> create(const GroupOptions& options);
   static std::shared_ptr<Group> from_env();
 
