@@ -5,8 +5,6 @@
 #include <diloco/errors.h>
 #include <pybind11/chrono.h>
 #include <pybind11/stl.h>
-#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -41,36 +39,6 @@ std::shared_ptr<diloco::Group> destroyed_without_gil(std::shared_ptr<diloco::Gro
       owner.reset();
     }
   });
-}
-
-// A group over a TCPStore that someone else serves: torchrun's agent store, which already holds
-// MASTER_PORT (torchrun sets TORCHELASTIC_USE_AGENT_STORE=True for it). Group::create would have
-// rank 0 serve a second store on the same port. The keys go under their own prefix, a new one
-// for every group this process connects, so that groups never read each other's keys.
-std::shared_ptr<diloco::Group> connect_to_store(const diloco::GroupOptions& options) {
-  options.validate();
-  static int connections = 0;  // one process, groups connected in the same order on every rank
-  const std::string prefix =
-      connections == 0 ? "diloco" : "diloco/" + std::to_string(connections);
-  ++connections;
-  c10d::TCPStoreOptions store_options;
-  store_options.port = static_cast<std::uint16_t>(options.master_port);
-  store_options.isServer = false;
-  store_options.numWorkers = static_cast<std::size_t>(options.world_size);
-  store_options.waitWorkers = false;
-  store_options.timeout = options.timeout;
-  c10::intrusive_ptr<c10d::Store> store;
-  const std::string where = options.master_addr + ":" + std::to_string(options.master_port);
-  try {
-    store = c10::make_intrusive<c10d::TCPStore>(options.master_addr, store_options);
-  } catch (const std::exception& e) {
-    throw diloco::Error("[Group] rank " + std::to_string(options.rank) +
-                        ": cannot connect to the launcher's store at " + where + ": " + e.what());
-  }
-  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
-  auto group = std::make_shared<diloco::Group>(prefixed, options.rank, options.world_size,
-                                               options.timeout, options.hostname);
-  return group;
 }
 
 diloco::Collective collective_from_name(const std::string& name) {
@@ -172,7 +140,8 @@ void bind_comm(py::module_& m) {
             options.world_size = world_size;
             options.timeout = to_timeout(timeout_s);
             options.hostname = hostname;
-            return destroyed_without_gil(connect_to_store(options));
+            options.join_existing_store = true;
+            return destroyed_without_gil(diloco::Group::create(options));
           },
           py::arg("master_addr"), py::arg("master_port"), py::arg("rank"), py::arg("world_size"),
           py::arg("timeout_s"), py::arg("hostname"), Release(),

@@ -169,7 +169,8 @@ void check_world_size(c10d::Store& store, const GroupOptions& options) {
   }
   const std::string rank0(theirs.begin(), theirs.end());
   if (rank0 != mine) {
-    throw OptionError("[Group] world_size (WORLD_SIZE) differs between ranks: rank " +
+    throw OptionError("[Group] rank " + std::to_string(options.rank) + " of " + mine +
+                      ": world_size (WORLD_SIZE) differs between ranks: rank " +
                       std::to_string(options.rank) + " has " + mine + ", rank 0 has " + rank0);
   }
 }
@@ -202,7 +203,21 @@ std::shared_ptr<Group> Group::create(const GroupOptions& options) {
                 " ms (are all " + std::to_string(options.world_size) +
                 " ranks started with the same MASTER_ADDR/MASTER_PORT?): " + first_line(what));
   }
-  auto prefixed = c10::make_intrusive<c10d::PrefixStore>("diloco", store);
+  // A store of our own is new for every group; a shared one (torchrun's agent store) outlives
+  // them, so every group this process joins to it gets a prefix of its own (processes create
+  // their groups in the same order, so the prefixes match across ranks).
+  std::string prefix = "diloco";
+  if (options.join_existing_store) {
+    try {
+      const auto n = store->add("diloco_joins/" + std::to_string(options.rank), 1) - 1;
+      if (n > 0) prefix += "/" + std::to_string(n);
+    } catch (const std::exception& e) {
+      throw Error("[Group] rank " + std::to_string(options.rank) + " of " +
+                  std::to_string(options.world_size) + ": the store at " + where +
+                  " does not answer: " + first_line(e.what()));
+    }
+  }
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
   check_world_size(*prefixed, options);
   const std::string hostname =
       options.hostname.empty() ? local_address_towards(options.master_addr) : options.hostname;
