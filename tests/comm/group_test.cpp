@@ -15,27 +15,14 @@
 
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
+#include "support/env_guard.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;
 
 namespace {
 
-struct EnvGuard {
-  explicit EnvGuard(std::vector<std::pair<std::string, const char*>> vars) {
-    for (auto& [k, v] : vars) {
-      const char* old = std::getenv(k.c_str());
-      saved.emplace_back(k, old ? std::optional<std::string>(old) : std::nullopt);
-      if (v) ::setenv(k.c_str(), v, 1); else ::unsetenv(k.c_str());
-    }
-  }
-  ~EnvGuard() {
-    for (auto& [k, v] : saved) {
-      if (v) ::setenv(k.c_str(), v->c_str(), 1); else ::unsetenv(k.c_str());
-    }
-  }
-  std::vector<std::pair<std::string, std::optional<std::string>>> saved;
-};
+using diloco_test::EnvGuard;
 
 diloco::GroupOptions valid() {
   diloco::GroupOptions o;
