@@ -23,8 +23,8 @@ of training (evaluations left out), averaged over the islands, measured with the
 emulation (train_lm --link-mbps/--link-latency-ms) on the links of --links.
 
 Usage:
-  python3 benchmarks/wan_bench.py --quick          # about 12 minutes on 2 cores
-  python3 benchmarks/wan_bench.py                  # the full set, 600 steps (says how long)
+  python3 benchmarks/wan_bench.py --quick          # 300 steps, 4 compressors (prints its time)
+  python3 benchmarks/wan_bench.py                  # the full set, 600 steps: 44 min on 2 cores
   python3 benchmarks/wan_bench.py --steps 2000 --only dp,single,h100_fp32
 """
 import argparse
@@ -146,7 +146,7 @@ def fmt_bytes(b):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer steps and compressors (~12 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="300 steps, 4 compressors, shorter link and scaling runs")
     p.add_argument("--steps", type=int, help="inner steps per island (default 600, quick 300)")
     p.add_argument("--islands", type=int, default=4)
     p.add_argument("--build", default=os.environ.get("BUILD_DIR", os.path.join(ROOT, "build")))
@@ -167,7 +167,7 @@ def main():
     steps = args.steps or (300 if args.quick else 600)
     if steps < 10:
         p.error("--steps must be >= 10")
-    link_steps = args.link_steps or max(30, steps // 3)
+    link_steps = args.link_steps or max(30, steps // (5 if args.quick else 3))
     links = [float(x) for x in args.links.split(",") if x.strip()]
     if any(not (x > 0) for x in links):
         p.error("--links must be positive Mbit/s values")
@@ -227,14 +227,14 @@ def main():
             print(f"link {mbps:g} Mbit/s {name:28s} utilization {lr['utilization']:.3f}"
                   f"  train {lr['train_s']:.1f} s for {link_steps} steps", flush=True)
 
-    scaling = [] if args.no_scaling else run_scaling(args)
+    scaling = [] if args.no_scaling else run_scaling(args, 262144 if args.quick else 1048576)
     elapsed = time.time() - started
     write_outputs(args.out, results, scaling, links, steps, elapsed, args)
     print(f"\nwan_bench: {len(results)} runs in {elapsed / 60:.1f} min; results in {args.out}/"
           f"{{results.json,results.csv,table.md,loss_vs_bytes.png,loss_vs_step.png}}")
 
 
-def run_scaling(args):
+def run_scaling(args, params):
     bench = os.path.join(args.build, "benchmarks", "scaling_bench")
     if not os.path.exists(bench):
         print("scaling_bench not built: skipping the scaling runs")
@@ -244,7 +244,7 @@ def run_scaling(args):
         out = os.path.join(args.out, "logs", f"scaling_{n}")
         log = out + ".log"
         run([os.path.join(args.build, "libdiloco", "diloco-run"), "-n", str(n), "--", bench,
-             "--params", "1048576", "--rounds", "3", "--out", out], {}, log, 1800)
+             "--params", str(params), "--rounds", "3", "--out", out], {}, log, 1800)
         rows += json.load(open(out + ".json"))
         print(f"scaling: {n} islands done", flush=True)
     return rows
@@ -286,7 +286,8 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
                      f"{r['gap_to_dp_pct']:+.1f}% | {pct(r['gain_recovered_pct'])} | {r['wall_s']:.0f} | "
                      f"{util} | " + " | ".join(link_cells) + " |")
     if scaling:
-        lines += ["", "## Scaling with the number of islands (1M float32 values per island)", "",
+        lines += ["", "## Scaling with the number of islands "
+                  f"({scaling[0]['params']} float32 values per island)", "",
                   "| spec | aggregation | islands | bytes sent per island per sync | sync ms |",
                   "|---|---|---|---|---|"]
         for s in sorted(scaling, key=lambda s: (s["spec"], s["islands"])):
