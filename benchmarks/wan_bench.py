@@ -23,7 +23,7 @@ of training (evaluations left out), averaged over the islands, measured with the
 emulation (train_lm --link-mbps/--link-latency-ms) on the links of --links.
 
 Usage:
-  python3 benchmarks/wan_bench.py --quick          # 300 steps, 4 compressors (prints its time)
+  python3 benchmarks/wan_bench.py --quick          # 300 steps, 4 compressors: 11 min on 2 cores
   python3 benchmarks/wan_bench.py                  # the full set, 600 steps: 44 min on 2 cores
   python3 benchmarks/wan_bench.py --steps 2000 --only dp,single,h100_fp32
 """
