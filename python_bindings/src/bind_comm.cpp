@@ -41,6 +41,20 @@ std::shared_ptr<diloco::Group> destroyed_without_gil(std::shared_ptr<diloco::Gro
   });
 }
 
+std::shared_ptr<diloco::Group> create_group(const std::string& master_addr, int master_port,
+                                            int rank, int world_size, double timeout_s,
+                                            const std::string& hostname, bool join_existing_store) {
+  diloco::GroupOptions options;
+  options.master_addr = master_addr;
+  options.master_port = master_port;
+  options.rank = rank;
+  options.world_size = world_size;
+  options.timeout = to_timeout(timeout_s);
+  options.hostname = hostname;
+  options.join_existing_store = join_existing_store;
+  return destroyed_without_gil(diloco::Group::create(options));
+}
+
 diloco::Collective collective_from_name(const std::string& name) {
   using diloco::Collective;
   for (Collective c : {Collective::kAllReduce, Collective::kAllGather, Collective::kBroadcast,
@@ -115,14 +129,8 @@ void bind_comm(py::module_& m) {
           "create",
           [](const std::string& master_addr, int master_port, int rank, int world_size,
              double timeout_s, const std::string& hostname) {
-            diloco::GroupOptions options;
-            options.master_addr = master_addr;
-            options.master_port = master_port;
-            options.rank = rank;
-            options.world_size = world_size;
-            options.timeout = to_timeout(timeout_s);
-            options.hostname = hostname;
-            return destroyed_without_gil(diloco::Group::create(options));
+            return create_group(master_addr, master_port, rank, world_size, timeout_s, hostname,
+                                /*join_existing_store=*/false);
           },
           py::arg("master_addr"), py::arg("master_port"), py::arg("rank"), py::arg("world_size"),
           py::arg("timeout_s") = 60.0, py::arg("hostname") = "", Release(),
@@ -133,15 +141,8 @@ void bind_comm(py::module_& m) {
           "_connect_to_store",
           [](const std::string& master_addr, int master_port, int rank, int world_size,
              double timeout_s, const std::string& hostname) {
-            diloco::GroupOptions options;
-            options.master_addr = master_addr;
-            options.master_port = master_port;
-            options.rank = rank;
-            options.world_size = world_size;
-            options.timeout = to_timeout(timeout_s);
-            options.hostname = hostname;
-            options.join_existing_store = true;
-            return destroyed_without_gil(diloco::Group::create(options));
+            return create_group(master_addr, master_port, rank, world_size, timeout_s, hostname,
+                                /*join_existing_store=*/true);
           },
           py::arg("master_addr"), py::arg("master_port"), py::arg("rank"), py::arg("world_size"),
           py::arg("timeout_s"), py::arg("hostname"), Release(),
