@@ -10,14 +10,17 @@ Usage (from the repository root, after `bash libdiloco/scripts/build.sh` and
 `bash libdiloco/scripts/fetch_data.sh`):
   export PYTHONPATH=$PWD/build/python
   # 4 islands with DiLoCo, launched by diloco-run or by torchrun:
-  build/libdiloco/diloco-run -n 4 -- python3 examples/python/train_lm.py --steps 600 --inner-steps 50
-  python3 -m torch.distributed.run --nproc_per_node 4 examples/python/train_lm.py --steps 600
+  build/libdiloco/diloco-run -n 4 -- /usr/bin/python3 examples/python/train_lm.py --steps 600
+  /usr/bin/python3 -m torch.distributed.run --redirects 1 --tee 1 --nproc_per_node 4 \
+      examples/python/train_lm.py --steps 600
   # data-parallel, and one island alone:
-  build/libdiloco/diloco-run -n 4 -- python3 examples/python/train_lm.py --mode dp --steps 600
-  python3 examples/python/train_lm.py --mode single --steps 600 --metrics single.jsonl
+  build/libdiloco/diloco-run -n 4 -- /usr/bin/python3 examples/python/train_lm.py --mode dp
+  /usr/bin/python3 examples/python/train_lm.py --mode single --steps 600 --metrics single.jsonl
   # a Python island and a C++ island together (same flags):
-  build/libdiloco/diloco-run -n 2 -- bash -c 'if [ "$RANK" = 0 ]; then exec python3 \
+  build/libdiloco/diloco-run -n 2 -- bash -c 'if [ "$RANK" = 0 ]; then exec /usr/bin/python3 \
       examples/python/train_lm.py --steps 100; else exec build/examples/train_lm --steps 100; fi'
+/usr/bin/python3 is Debian's interpreter, the one that sees python3-torch and that the module is
+built for (a `python3` earlier on PATH may be another one, without torch).
 """
 
 import argparse
@@ -147,9 +150,7 @@ def train(f):
     if f.mode == "diloco":
         outer = diloco.DiLoCo(
             model, inner, group, inner_steps=f.inner_steps, outer_lr=f.outer_lr,
-            outer_momentum=f.outer_momentum, nesterov=not f.no_nesterov, compression=f.compress,
-            # Compressed exchanges run on the CPU: keep the outer state there for a CUDA model.
-            outer_device="cpu" if f.compress != "none" else None)
+            outer_momentum=f.outer_momentum, nesterov=not f.no_nesterov, compression=f.compress)
     elif f.mode == "dp":
         data_parallel = diloco.DataParallel(model, group)
 

@@ -4,7 +4,8 @@
     pg = diloco.init_process_group()          # torchrun's MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
     model = MyModel()
     inner = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    outer = diloco.DiLoCo(model, inner, pg, inner_steps=500, compression="topk(k=64)+ef")
+    outer = diloco.DiLoCo(model, inner, pg, inner_steps=500, compression="topk(k=64)+ef",
+                          buffers="average")      # BatchNorm statistics: averaged at outer steps
     for x, y in data:
         loss_fn(model(x), y).backward(); inner.step(); inner.zero_grad()
         outer.step()                           # every inner_steps-th call: one outer step
@@ -23,6 +24,8 @@ from ._C import (
     CommStats,
     Error,
     Group,
+    GroupOptions,
+    LinkModel,
     OpStats,
     OptionError,
     PeerLostError,
@@ -44,6 +47,8 @@ __all__ = [
     "DiLoCo",
     "Error",
     "Group",
+    "GroupOptions",
+    "LinkModel",
     "OpStats",
     "OptionError",
     "PeerLostError",

@@ -1,20 +1,14 @@
 """The PyTorch-facing layer over diloco._C: arguments in PyTorch's shapes (a torch.nn.Module, a
-torch.optim optimizer, torchrun's environment), checked with clear messages before they reach the
-C++ core. It holds no algorithm: every step, sync and statistic is the C++ library's.
+torch.optim optimizer, torch.distributed-style group arguments), checked with clear messages
+before they reach the C++ core. It holds no algorithm and reads no environment: every step, sync,
+statistic and the rendezvous (GroupOptions.read_env, Group.create) is the C++ library's.
 """
 
 import datetime
-import os
-import socket
 
 import torch
 
 from . import _C
-
-
-def _env(name):
-    value = os.environ.get(name)
-    return value if value not in (None, "") else None
 
 
 def _as_int(value, what):
@@ -36,25 +30,18 @@ def _timeout_seconds(timeout):
             % (timeout,)) from None
 
 
-def _address_towards(host, port):
-    """This machine's address on the route to host (no packet is sent: UDP connect only)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((host, port))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
-
-
 def init_process_group(master_addr=None, master_port=None, rank=None, world_size=None,
-                       timeout=None, hostname=""):
+                       timeout=None, hostname=None):
     """Join the wide-area group and return it (a diloco.Group).
 
-    Every argument left as None is read from torchrun's environment, as
-    torch.distributed.init_process_group(init_method="env://") does: MASTER_ADDR (default
-    127.0.0.1), MASTER_PORT (default 29500), RANK and WORLD_SIZE (required), and DILOCO_TIMEOUT_S
-    for `timeout` (default 60 s). So under `torchrun` or `diloco-run`,
-    `diloco.init_process_group()` needs no arguments.
+    Starts from diloco.GroupOptions.read_env(), the C++ library's reading of torchrun's
+    environment, as torch.distributed.init_process_group(init_method="env://") does:
+    MASTER_ADDR (default 127.0.0.1), MASTER_PORT (default 29500), RANK and WORLD_SIZE (required
+    unless given as arguments), DILOCO_TIMEOUT_S (default 60 s), DILOCO_HOSTNAME,
+    DILOCO_LINK_MBPS and DILOCO_LINK_LATENCY_MS (an emulated link, see diloco.LinkModel) and
+    TORCHELASTIC_USE_AGENT_STORE. Every argument that is not None overrides its variable; then
+    diloco.Group.create(options) runs the library's one rendezvous path. So under `torchrun` or
+    `diloco-run`, `diloco.init_process_group()` needs no arguments.
 
     Args:
         master_addr: address of rank 0, which hosts the rendezvous store.
@@ -63,43 +50,39 @@ def init_process_group(master_addr=None, master_port=None, rank=None, world_size
         world_size: number of processes (islands).
         timeout: seconds (or a datetime.timedelta) for the rendezvous and every collective;
             a peer silent for longer raises diloco.PeerLostError.
-        hostname: the interface Gloo binds to; "" resolves the one that routes to master_addr
-            (DILOCO_HOSTNAME when set).
+        hostname: the interface Gloo binds to; "" resolves the one that routes to master_addr.
 
     Raises:
         diloco.OptionError: a missing or malformed argument or variable, named in the message.
         diloco.Error: the port is in use, or the peers did not all arrive within the timeout.
 
-    Under torchrun (TORCHELASTIC_USE_AGENT_STORE=True), torchrun's agent already serves the
+    Under torchrun (TORCHELASTIC_USE_AGENT_STORE=1 or True), torchrun's agent already serves the
     rendezvous store on MASTER_PORT: the group then joins that store as a client instead of
-    having rank 0 serve another one.
+    having rank 0 serve another one (unless master_addr or master_port is given: then the store
+    is not the agent's, and rank 0 serves it).
 
-    Collectives release the GIL while they wait.
+    Collectives release the GIL while they wait. For every option at once (the link model, for
+    instance), build a diloco.GroupOptions and call diloco.Group.create(options).
     """
-    from_launcher = all(v is None for v in (master_addr, master_port, rank, world_size))
-    master_addr = master_addr if master_addr is not None else (_env("MASTER_ADDR") or "127.0.0.1")
-    if master_port is None:
-        master_port = _env("MASTER_PORT") or 29500
-    master_port = _as_int(master_port, "master_port (MASTER_PORT)")
-    values = {}
+    options = _C.GroupOptions.read_env()
+    if master_addr is not None or master_port is not None:
+        options.join_existing_store = False
+    if master_addr is not None:
+        options.master_addr = str(master_addr)
+    if master_port is not None:
+        options.master_port = _as_int(master_port, "master_port")
     for arg, var, value in (("rank", "RANK", rank), ("world_size", "WORLD_SIZE", world_size)):
-        if value is None:
-            value = _env(var)
-            if value is None:
-                raise _C.OptionError(
-                    "[init_process_group] %s not given and %s is not set: pass %s=... or "
-                    "launch under torchrun or diloco-run" % (arg, var, arg))
-        values[arg] = _as_int(value, "%s (%s)" % (arg, var))
-    if timeout is None:
-        timeout = _env("DILOCO_TIMEOUT_S") or 60.0
-    if not hostname:
-        hostname = _env("DILOCO_HOSTNAME") or ""
-    if from_launcher and _env("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        return _C.Group._connect_to_store(
-            str(master_addr), master_port, values["rank"], values["world_size"],
-            _timeout_seconds(timeout), hostname or _address_towards(str(master_addr), master_port))
-    return _C.Group.create(str(master_addr), master_port, values["rank"], values["world_size"],
-                           _timeout_seconds(timeout), hostname)
+        if value is not None:
+            setattr(options, arg, _as_int(value, arg))
+        elif getattr(options, arg) == -1:
+            raise _C.OptionError(
+                "[init_process_group] %s not given and %s is not set: pass %s=... or "
+                "launch under torchrun or diloco-run" % (arg, var, arg))
+    if timeout is not None:
+        options.timeout = _timeout_seconds(timeout)
+    if hostname is not None:
+        options.hostname = str(hostname)
+    return _C.Group.create(options)
 
 
 def named_tensors(model, who="DiLoCo"):
@@ -133,6 +116,30 @@ def named_tensors(model, who="DiLoCo"):
                             % (who, name, type(tensor).__name__))
         out.append((name, tensor))
     return out
+
+
+def _named_buffers(model):
+    """A Module's buffers (BatchNorm statistics, ...); none for a dict or pairs of tensors."""
+    if isinstance(model, torch.nn.Module):
+        return list(model.named_buffers())
+    return []
+
+
+def _agree_on(fields, who):
+    if fields is None:
+        return []
+    pairs = fields.items() if isinstance(fields, dict) else fields
+    try:
+        return [(str(k), str(v)) for k, v in pairs]
+    except (TypeError, ValueError):
+        raise TypeError("[%s] agree_on must be a dict of field -> value (or pairs), got %r"
+                        % (who, fields)) from None
+
+
+def _check_buffers(buffers, who):
+    if not isinstance(buffers, str):
+        raise TypeError("[%s] buffers must be 'average', 'rank0' or 'local', got %s"
+                        % (who, type(buffers).__name__))
 
 
 def _optimizer_tensors(inner):
@@ -170,12 +177,14 @@ class DiLoCo(_C.DiLoCo):
             outer.step()
 
     Construction is a collective: every rank must construct together. It checks that all ranks
-    hold the same parameters (names, shapes, dtypes; the first difference is named on every rank)
-    and that each parameter is in `inner`'s param_groups, then copies rank 0's weights to every
-    rank. The parameters are rebound (Tensor.set_data) into one flat buffer per dtype that the
-    C++ core reads and writes directly: the Parameter objects stay the same, so `inner` and any
-    reference to them keep working, with no copies. Move the model (model.to(...)) before, not
-    after. Besides the model, DiLoCo holds two float32 copies of the parameters (global weights,
+    are configured alike (every option below that changes the exchange, the library and wire
+    versions, `agree_on`: a difference is an OptionError on every rank naming the field and each
+    rank's value) and hold the same parameters (names, shapes, dtypes; the first difference is
+    named on every rank), and that each parameter is in `inner`'s param_groups, then copies rank
+    0's weights and buffers to every rank. The parameters are rebound (Tensor.set_data) into one
+    flat buffer per dtype that the C++ core reads and writes directly: the Parameter objects stay
+    the same, so `inner` and any reference to them keep working, with no copies. Move the model
+    (model.to(...)) before, not after. Besides the model, DiLoCo holds two float32 copies of the parameters (global weights,
     outer momentum) on `outer_device`.
 
     Args:
@@ -189,44 +198,57 @@ class DiLoCo(_C.DiLoCo):
         nesterov: Nesterov momentum (True) or heavy-ball (False). The update is exactly
             torch.optim.SGD(lr, momentum, nesterov) fed the mean pseudo-gradient.
         outer_device: where the global weights and momentum live ('cpu', 'cuda:0', a
-            torch.device); None: the model's device. Compression needs the CPU.
+            torch.device); None: the model's device, or the CPU when compressing (compressed
+            exchanges run on the CPU; the library decides, callers need not).
         compression: how pseudo-gradients cross the link: "none" (float32 all-reduce), "fp16",
             "int8", "int4", "int2", "fp4", "int8_normal", "topk(k=64,values=2bit)", "dct",
             "randomk", "sign", each optionally with "+ef" error feedback. diloco.codec_help()
             lists every codec and its parameters.
+        buffers: the module's buffers (BatchNorm running statistics; model.named_buffers(), none
+            when `model` is a dict or pairs) at every outer step: "average" (floating-point
+            buffers become the mean over islands, integer ones such as num_batches_tracked take
+            rank 0's), "rank0" (all take rank 0's) or "local" (left as each island computed
+            them). Every mode starts from rank 0's buffers.
+        agree_on: extra fields every island must agree on, a dict such as {"steps": 2000}
+            (values compared as strings), checked with the library's own at construction.
 
     Raises:
         diloco.OptionError: an option out of range or a bad compression spec (listing them all).
+        diloco.OptionError: the islands are configured differently (on every rank, naming the
+            field), or `buffers` is not one of the three modes.
         diloco.Error: the ranks hold different models, a parameter is missing from `inner`, ...
         TypeError: `model`, `inner` or `group` of the wrong type.
 
     Methods inherited from the C++ core: step(), sync(), stats(), parameter_names(),
-    flat_parameters(), global_weights(); properties group, inner_steps, outer_lr,
-    outer_momentum, nesterov, compression, outer_device.
+    buffer_names(), flat_parameters(), global_weights(); properties group, inner_steps,
+    outer_lr, outer_momentum, nesterov, compression, buffers, outer_device.
     """
 
     def __init__(self, model, inner, group, *, inner_steps=500, outer_lr=0.7,
-                 outer_momentum=0.9, nesterov=True, outer_device=None, compression="none"):
+                 outer_momentum=0.9, nesterov=True, outer_device=None, compression="none",
+                 buffers="average", agree_on=None):
         parameters = named_tensors(model, "DiLoCo")
-        tensors = None if inner is None else _optimizer_tensors(inner)
+        optimized = None if inner is None else _optimizer_tensors(inner)
         _check_group(group, "DiLoCo")
         if outer_device is not None:
             outer_device = str(outer_device)
         if not isinstance(compression, str):
             raise TypeError("[DiLoCo] compression must be a spec string such as 'int8', got %s"
                             % type(compression).__name__)
-        super().__init__(parameters, tensors, group, inner_steps=int(inner_steps),
-                         outer_lr=float(outer_lr), outer_momentum=float(outer_momentum),
-                         nesterov=bool(nesterov), outer_device=outer_device,
-                         compression=compression)
+        _check_buffers(buffers, "DiLoCo")
+        super().__init__(parameters, _named_buffers(model), optimized, group,
+                         inner_steps=int(inner_steps), outer_lr=float(outer_lr),
+                         outer_momentum=float(outer_momentum), nesterov=bool(nesterov),
+                         outer_device=outer_device, compression=compression,
+                         buffer_sync=buffers, agree_on=_agree_on(agree_on, "DiLoCo"))
         self.model = model
         self.inner = inner
 
     def __repr__(self):
         return ("DiLoCo(inner_steps=%d, outer_lr=%g, outer_momentum=%g, nesterov=%s, "
-                "compression=%r, outer_device=%r, world_size=%d)"
+                "compression=%r, buffers=%r, outer_device=%r, world_size=%d)"
                 % (self.inner_steps, self.outer_lr, self.outer_momentum, self.nesterov,
-                   self.compression, self.outer_device, self.group.world_size))
+                   self.compression, self.buffers, self.outer_device, self.group.world_size))
 
 
 class DataParallel(_C.DataParallel):
@@ -239,23 +261,24 @@ class DataParallel(_C.DataParallel):
         for x, y in data:
             loss_fn(model(x), y).backward(); dp.sync_gradients(); opt.step(); opt.zero_grad()
 
-    Construction is a collective that checks all ranks hold the same model and copies rank 0's
-    weights to all. The parameters are rebound into a flat buffer (same Parameter objects, no
-    copies), as with DiLoCo.
+    Construction is a collective that checks all ranks are configured alike and hold the same
+    model, and copies rank 0's weights and buffers to all. The parameters are rebound into a
+    flat buffer (same Parameter objects, no copies), as with DiLoCo.
 
     Args:
         model: a torch.nn.Module, or (name, tensor) pairs, or a dict name -> tensor.
         group: a diloco.Group from diloco.init_process_group().
+        buffers: the module's buffers at every gradient sync: "average", "rank0" or "local"
+            (see DiLoCo).
+        agree_on: extra fields every island must agree on (see DiLoCo).
+
+    Properties from the C++ core: group, buffers.
     """
 
-    def __init__(self, model, group):
+    def __init__(self, model, group, *, buffers="average", agree_on=None):
         parameters = named_tensors(model, "DataParallel")
         _check_group(group, "DataParallel")
-        super().__init__(parameters, group)
+        _check_buffers(buffers, "DataParallel")
+        super().__init__(parameters, _named_buffers(model), group, buffer_sync=buffers,
+                         agree_on=_agree_on(agree_on, "DataParallel"))
         self.model = model
-        self._group = group
-
-    @property
-    def group(self):
-        """the Group the gradient syncs run over"""
-        return self._group

@@ -1,5 +1,6 @@
-// Bindings of diloco/comm: Group (the wide-area process group), its byte accounting (CommStats,
-// OpStats) and the byte formulas (collective_bytes).
+// Bindings of diloco/comm: Group (the wide-area process group) and its options (GroupOptions,
+// LinkModel), its byte accounting (CommStats, OpStats) and the byte formulas (collective_bytes).
+// Group.create(GroupOptions) is the one rendezvous path: Python reads no environment itself.
 #include <diloco/comm/comm_stats.h>
 #include <diloco/comm/group.h>
 #include <diloco/errors.h>
@@ -17,6 +18,7 @@ namespace {
 
 using Release = py::call_guard<py::gil_scoped_release>;
 
+// GroupOptions::timeout in Python: seconds (a float), as torch.distributed's timeouts read.
 std::chrono::milliseconds to_timeout(double seconds) {
   if (!(seconds > 0) || !std::isfinite(seconds)) {
     std::ostringstream msg;
@@ -41,20 +43,6 @@ std::shared_ptr<diloco::Group> destroyed_without_gil(std::shared_ptr<diloco::Gro
   });
 }
 
-std::shared_ptr<diloco::Group> create_group(const std::string& master_addr, int master_port,
-                                            int rank, int world_size, double timeout_s,
-                                            const std::string& hostname, bool join_existing_store) {
-  diloco::GroupOptions options;
-  options.master_addr = master_addr;
-  options.master_port = master_port;
-  options.rank = rank;
-  options.world_size = world_size;
-  options.timeout = to_timeout(timeout_s);
-  options.hostname = hostname;
-  options.join_existing_store = join_existing_store;
-  return destroyed_without_gil(diloco::Group::create(options));
-}
-
 diloco::Collective collective_from_name(const std::string& name) {
   using diloco::Collective;
   for (Collective c : {Collective::kAllReduce, Collective::kAllGather, Collective::kBroadcast,
@@ -63,7 +51,8 @@ diloco::Collective collective_from_name(const std::string& name) {
   }
   throw diloco::OptionError(
       "[collective_bytes] kind must be one of allreduce, allgather, broadcast, barrier, send, "
-      "recv; got '" + name + "'");
+      "recv; got '" +
+      name + "'");
 }
 
 }  // namespace
@@ -76,10 +65,13 @@ void bind_comm(py::module_& m) {
       .def_readonly("bytes_sent", &diloco::OpStats::bytes_sent)
       .def_readonly("bytes_received", &diloco::OpStats::bytes_received)
       .def_readonly("seconds", &diloco::OpStats::seconds)
+      .def_readonly("link_seconds", &diloco::OpStats::link_seconds,
+                    "emulated link seconds (0 without a link)")
       .def("__repr__", [](const diloco::OpStats& s) {
         std::ostringstream out;
         out << "OpStats(calls=" << s.calls << ", bytes_sent=" << s.bytes_sent
-            << ", bytes_received=" << s.bytes_received << ", seconds=" << s.seconds << ")";
+            << ", bytes_received=" << s.bytes_received << ", seconds=" << s.seconds
+            << ", link_seconds=" << s.link_seconds << ")";
         return out.str();
       });
 
@@ -98,6 +90,8 @@ void bind_comm(py::module_& m) {
       .def_property_readonly("calls", &diloco::CommStats::calls, "collectives issued")
       .def_property_readonly("seconds", &diloco::CommStats::seconds,
                              "wall seconds spent in collectives")
+      .def_property_readonly("link_seconds", &diloco::CommStats::link_seconds,
+                             "emulated link seconds over all operations (0 without a link)")
       .def("__str__", &diloco::CommStats::to_string)
       .def("__repr__", [](const diloco::CommStats& s) {
         std::ostringstream out;
@@ -119,6 +113,93 @@ void bind_comm(py::module_& m) {
       "\"broadcast\", \"barrier\", \"send\", \"recv\") moves for `payload_bytes` per rank, by the "
       "same formula the Group's statistics use.");
 
+  py::class_<diloco::LinkModel>(
+      m, "LinkModel",
+      "An emulated wide-area link (diloco/comm/comm_stats.h): every collective takes at least "
+      "bytes * 8 / (mbit_per_s * 1e6) + steps * latency_ms / 1e3 seconds. 0 = unlimited.")
+      .def(py::init([](double mbit_per_s, double latency_ms) {
+             diloco::LinkModel link;
+             link.mbit_per_s = mbit_per_s;
+             link.latency_ms = latency_ms;
+             return link;
+           }),
+           py::arg("mbit_per_s") = 0.0, py::arg("latency_ms") = 0.0)
+      .def_readwrite("mbit_per_s", &diloco::LinkModel::mbit_per_s,
+                     "megabits (1e6 bits) per second in each direction, 0 = unlimited")
+      .def_readwrite("latency_ms", &diloco::LinkModel::latency_ms,
+                     "one-way latency per message step, milliseconds")
+      .def("enabled", &diloco::LinkModel::enabled, "whether any delay is emulated")
+      .def("validate", &diloco::LinkModel::validate, "Raise OptionError naming a bad field.")
+      .def("__repr__", [](const diloco::LinkModel& l) {
+        std::ostringstream out;
+        out << "LinkModel(mbit_per_s=" << l.mbit_per_s << ", latency_ms=" << l.latency_ms << ")";
+        return out.str();
+      });
+
+  py::class_<diloco::GroupOptions>(
+      m, "GroupOptions",
+      "The options of Group.create (diloco::GroupOptions), field for field: master_addr, "
+      "master_port, rank, world_size, timeout (seconds), hostname, link (a LinkModel), "
+      "join_existing_store. GroupOptions(**fields) starts from the C++ defaults; read_env() "
+      "from the environment. Group.create validates them; validate() does so alone.")
+      .def(py::init([](const py::kwargs& fields) {
+             diloco::GroupOptions options;
+             // Each keyword goes through the field's own setter (and its type conversion).
+             py::object view = py::cast(&options, py::return_value_policy::reference);
+             for (const auto& [key, value] : fields) {
+               const auto name = py::str(key).cast<std::string>();
+               if (name.empty() || name[0] == '_' || !py::hasattr(view, name.c_str())) {
+                 throw py::type_error("GroupOptions has no field '" + name + "'");
+               }
+               view.attr(name.c_str()) = value;
+             }
+             return options;
+           }),
+           "GroupOptions(**fields): the C++ defaults, with the given fields set.")
+      .def_readwrite("master_addr", &diloco::GroupOptions::master_addr,
+                     "address of rank 0, which serves the rendezvous store (MASTER_ADDR)")
+      .def_readwrite("master_port", &diloco::GroupOptions::master_port,
+                     "its port, 1..65535 (MASTER_PORT)")
+      .def_readwrite("rank", &diloco::GroupOptions::rank,
+                     "this process's rank, 0..world_size-1 (RANK); -1 = not set")
+      .def_readwrite("world_size", &diloco::GroupOptions::world_size,
+                     "number of processes (WORLD_SIZE); -1 = not set")
+      .def_property(
+          "timeout",
+          [](const diloco::GroupOptions& o) { return double(o.timeout.count()) / 1000.0; },
+          [](diloco::GroupOptions& o, double seconds) { o.timeout = to_timeout(seconds); },
+          "seconds for the rendezvous and every collective (DILOCO_TIMEOUT_S)")
+      .def_readwrite("hostname", &diloco::GroupOptions::hostname,
+                     "interface Gloo binds to; \"\" = the one routing to master_addr "
+                     "(DILOCO_HOSTNAME)")
+      .def_readwrite("link", &diloco::GroupOptions::link,
+                     "the emulated link, a LinkModel (DILOCO_LINK_MBPS, DILOCO_LINK_LATENCY_MS)")
+      .def_readwrite("join_existing_store", &diloco::GroupOptions::join_existing_store,
+                     "join a store someone else serves at master_addr:master_port (torchrun's "
+                     "agent: TORCHELASTIC_USE_AGENT_STORE=1 or True) instead of rank 0 serving")
+      .def("validate", &diloco::GroupOptions::validate,
+           "Raise OptionError naming the first option out of its range.")
+      .def_static("from_env", &diloco::GroupOptions::from_env,
+                  "From MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (required) and the optional "
+                  "DILOCO_TIMEOUT_S, DILOCO_HOSTNAME, DILOCO_LINK_MBPS, DILOCO_LINK_LATENCY_MS, "
+                  "TORCHELASTIC_USE_AGENT_STORE, validated. Raises OptionError naming a missing "
+                  "or malformed variable.")
+      .def_static("read_env", &diloco::GroupOptions::read_env,
+                  "The same variables, each optional: unset ones keep the defaults (rank and "
+                  "world_size stay -1), nothing validated as a whole; for front ends that take "
+                  "some values from arguments (init_process_group). Raises OptionError for a "
+                  "malformed variable.")
+      .def("__repr__", [](const diloco::GroupOptions& o) {
+        std::ostringstream out;
+        out << "GroupOptions(master_addr='" << o.master_addr << "', master_port=" << o.master_port
+            << ", rank=" << o.rank << ", world_size=" << o.world_size
+            << ", timeout=" << double(o.timeout.count()) / 1000.0 << ", hostname='" << o.hostname
+            << "', link=LinkModel(mbit_per_s=" << o.link.mbit_per_s
+            << ", latency_ms=" << o.link.latency_ms
+            << "), join_existing_store=" << (o.join_existing_store ? "True" : "False") << ")";
+        return out.str();
+      });
+
   py::class_<diloco::Group, std::shared_ptr<diloco::Group>>(
       m, "Group",
       "The wide-area process group: a c10d TCPStore rendezvous and a Gloo process group, with "
@@ -127,37 +208,25 @@ void bind_comm(py::module_& m) {
       "sizes (c10d's rule). Collectives block until complete and release the GIL meanwhile.")
       .def_static(
           "create",
-          [](const std::string& master_addr, int master_port, int rank, int world_size,
-             double timeout_s, const std::string& hostname) {
-            return create_group(master_addr, master_port, rank, world_size, timeout_s, hostname,
-                                /*join_existing_store=*/false);
+          [](const diloco::GroupOptions& options) {
+            return destroyed_without_gil(diloco::Group::create(options));
           },
-          py::arg("master_addr"), py::arg("master_port"), py::arg("rank"), py::arg("world_size"),
-          py::arg("timeout_s") = 60.0, py::arg("hostname") = "", Release(),
-          "Rendezvous (rank 0 hosts the TCPStore at master_addr:master_port) and connect. Raises "
-          "OptionError for a bad option, Error if the port is in use or the peers do not all "
-          "arrive within the timeout.")
-      .def_static(
-          "_connect_to_store",
-          [](const std::string& master_addr, int master_port, int rank, int world_size,
-             double timeout_s, const std::string& hostname) {
-            return create_group(master_addr, master_port, rank, world_size, timeout_s, hostname,
-                                /*join_existing_store=*/true);
-          },
-          py::arg("master_addr"), py::arg("master_port"), py::arg("rank"), py::arg("world_size"),
-          py::arg("timeout_s"), py::arg("hostname"), Release(),
-          "Connect as a client of a store served by the launcher (torchrun's agent store) "
-          "instead of having rank 0 serve one; init_process_group() does this under torchrun. "
-          "`hostname` must be this rank's address towards the others.")
+          py::arg("options"), Release(),
+          "Rendezvous (rank 0 serves the TCPStore at master_addr:master_port, or every rank "
+          "joins an existing one with join_existing_store) and connect. The one rendezvous path: "
+          "diloco.init_process_group() and from_env() call it. Raises OptionError for a bad "
+          "option, Error if the port is in use or the peers do not all arrive within the "
+          "timeout.")
       .def_static(
           "from_env", [] { return destroyed_without_gil(diloco::Group::from_env()); }, Release(),
-                  "Group.create() from MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (torchrun's "
-                  "variables) and the optional DILOCO_TIMEOUT_S.")
+          "Group.create(GroupOptions.from_env()).")
       .def_property_readonly("rank", &diloco::Group::rank, "this process's rank")
       .def_property_readonly("world_size", &diloco::Group::world_size, "number of ranks")
       .def_property_readonly(
           "timeout", [](const diloco::Group& g) { return double(g.timeout().count()) / 1000.0; },
           "rendezvous and collective timeout, seconds")
+      .def_property_readonly("link", &diloco::Group::link,
+                             "the emulated link (a LinkModel copy; GroupOptions.link)")
       .def("stats", &diloco::Group::stats,
            "A snapshot of the byte accounting (CommStats), per operation label.")
       .def("reset_stats", &diloco::Group::reset_stats, "Zero the statistics.")

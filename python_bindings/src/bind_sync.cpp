@@ -1,17 +1,18 @@
-// Bindings of diloco/sync: DiLoCo and DataParallel over a list of named tensors, and SyncStats.
+// Bindings of diloco/sync: DiLoCo and DataParallel over named tensors (diloco::ModelTensors:
+// parameters, buffers, and the tensors the inner optimizer steps), and SyncStats.
 //
 // The tensors are the caller's own (the torch.nn.Parameter objects of a Python model): the
 // library rebinds their storage into flat buffers with Tensor::set_data, which changes the very
 // TensorImpl the Python objects wrap, so the model, its optimizer and the library share memory
 // with no copies. The Python package (diloco/_api.py) builds the arguments from a torch.nn.Module
-// and a torch.optim optimizer.
+// (named_parameters, named_buffers) and a torch.optim optimizer (its param_groups' tensors).
 #include <diloco/errors.h>
+#include <diloco/sync/buffers.h>
 #include <diloco/sync/data_parallel.h>
 #include <diloco/sync/diloco.h>
 #include <diloco/sync/parameters.h>
 #include <diloco/sync/sync_stats.h>
 #include <pybind11/stl.h>
-#include <torch/optim/sgd.h>
 
 #include <chrono>
 #include <memory>
@@ -36,25 +37,29 @@ std::vector<diloco::NamedParameter> to_named(NamedTensors tensors) {
   return out;
 }
 
-// DiLoCo plus what the binding must keep alive. The inner optimizer is the user's Python object
-// and steps on its own; the library only needs to know which tensors it optimizes, to check that
-// every parameter is among them. That check runs inside the collective model check, so a
-// parameter missing on one rank raises the same error on every rank instead of leaving the others
-// waiting. `membership_` is a C++ optimizer over exactly the tensors of the Python optimizer's
-// param_groups; it is never stepped.
+using Fields = std::vector<std::pair<std::string, std::string>>;
+
+// What the Python wrappers hand over: the module's parameters and buffers, and the tensors the
+// user's torch.optim optimizer steps (None when the caller steps them itself). The library checks
+// inside its collective model check that every parameter is among them, so a parameter missing
+// on one rank raises the same error on every rank instead of leaving the others waiting.
+diloco::ModelTensors model_tensors(NamedTensors parameters, NamedTensors buffers,
+                                   std::optional<std::vector<at::Tensor>> optimized) {
+  diloco::ModelTensors model;
+  model.parameters = to_named(std::move(parameters));
+  model.buffers = to_named(std::move(buffers));
+  if (optimized) model.optimized = std::move(*optimized);
+  return model;
+}
+
+// DiLoCo plus the Group's Python handle, so that `outer.group is pg`.
 class PyDiLoCo {
  public:
-  PyDiLoCo(NamedTensors parameters, std::optional<std::vector<at::Tensor>> optimizer_tensors,
-           std::shared_ptr<diloco::Group> group, diloco::DiLoCoOptions options)
-      : group_(group) {
-    if (optimizer_tensors) {
-      // lr 0: never stepped, it only lists the tensors.
-      membership_ = std::make_unique<torch::optim::SGD>(*optimizer_tensors,
-                                                        torch::optim::SGDOptions(0.0));
-    }
-    impl_ = std::make_unique<diloco::DiLoCo>(to_named(std::move(parameters)), membership_.get(),
-                                             std::move(group), std::move(options));
-  }
+  PyDiLoCo(diloco::ModelTensors model, std::shared_ptr<diloco::Group> group,
+           diloco::DiLoCoOptions options)
+      : group_(group),
+        impl_(std::make_unique<diloco::DiLoCo>(std::move(model), std::move(group),
+                                               std::move(options))) {}
 
   diloco::DiLoCo& impl() { return *impl_; }
   const diloco::DiLoCo& impl() const { return *impl_; }
@@ -62,27 +67,49 @@ class PyDiLoCo {
 
  private:
   std::shared_ptr<diloco::Group> group_;
-  std::unique_ptr<torch::optim::SGD> membership_;
   std::unique_ptr<diloco::DiLoCo> impl_;
 };
 
-diloco::DiLoCoOptions make_options(std::int64_t inner_steps, double outer_lr,
-                                   double outer_momentum, bool nesterov,
-                                   const std::optional<std::string>& outer_device,
-                                   const std::string& compression) {
+// DataParallel plus its group and buffer mode (the C++ class keeps its options private).
+class PyDataParallel {
+ public:
+  PyDataParallel(diloco::ModelTensors model, std::shared_ptr<diloco::Group> group,
+                 diloco::DataParallelOptions options)
+      : group_(group),
+        buffers_(options.buffers),
+        impl_(std::make_unique<diloco::DataParallel>(std::move(model), std::move(group),
+                                                     std::move(options))) {}
+
+  diloco::DataParallel& impl() { return *impl_; }
+  const diloco::DataParallel& impl() const { return *impl_; }
+  const std::shared_ptr<diloco::Group>& group() const { return group_; }
+  diloco::BufferSync buffers() const { return buffers_; }
+
+ private:
+  std::shared_ptr<diloco::Group> group_;
+  diloco::BufferSync buffers_;
+  std::unique_ptr<diloco::DataParallel> impl_;
+};
+
+diloco::DiLoCoOptions make_options(std::int64_t inner_steps, double outer_lr, double outer_momentum,
+                                   bool nesterov, const std::optional<std::string>& outer_device,
+                                   const std::string& compression, const std::string& buffers,
+                                   Fields agree_on) {
   diloco::DiLoCoOptions options;
   options.inner_steps = inner_steps;
   options.outer.lr = outer_lr;
   options.outer.momentum = outer_momentum;
   options.outer.nesterov = nesterov;
   options.compression = compression;
+  options.buffers = diloco::parse_buffer_sync(buffers);
+  options.agree_on = std::move(agree_on);
   if (outer_device) {
     try {
       options.outer_device = c10::Device(*outer_device);
     } catch (const c10::Error& e) {
-      throw diloco::OptionError("[DiLoCo] outer_device '" + *outer_device +
-                                "' is not a device (expected e.g. 'cpu' or 'cuda:0'): " +
-                                e.what_without_backtrace());
+      throw diloco::OptionError(
+          "[DiLoCo] outer_device '" + *outer_device +
+          "' is not a device (expected e.g. 'cpu' or 'cuda:0'): " + e.what_without_backtrace());
     }
   }
   return options;
@@ -121,40 +148,45 @@ void bind_sync(py::module_& m) {
       .def_readonly("sync_seconds", &diloco::SyncStats::sync_seconds)
       .def_readonly("bytes_sent", &diloco::SyncStats::bytes_sent)
       .def_readonly("bytes_received", &diloco::SyncStats::bytes_received)
-      .def("_asdict",
-           [](const diloco::SyncStats& s) {
-             py::dict d;
-             d["inner_steps"] = s.inner_steps;
-             d["outer_steps"] = s.outer_steps;
-             d["sync_seconds"] = s.sync_seconds;
-             d["bytes_sent"] = s.bytes_sent;
-             d["bytes_received"] = s.bytes_received;
-             return d;
-           },
-           "The fields as a dict.")
+      .def(
+          "_asdict",
+          [](const diloco::SyncStats& s) {
+            py::dict d;
+            d["inner_steps"] = s.inner_steps;
+            d["outer_steps"] = s.outer_steps;
+            d["sync_seconds"] = s.sync_seconds;
+            d["bytes_sent"] = s.bytes_sent;
+            d["bytes_received"] = s.bytes_received;
+            return d;
+          },
+          "The fields as a dict.")
       .def("__repr__", &repr);
 
   py::class_<PyDiLoCo>(
       m, "DiLoCo",
       "The C++ DiLoCo synchronizer over named tensors. Use diloco.DiLoCo, which builds it from "
       "a torch.nn.Module and a torch.optim optimizer.")
-      .def(py::init([](NamedTensors parameters,
-                       std::optional<std::vector<at::Tensor>> optimizer_tensors,
+      .def(py::init([](NamedTensors parameters, NamedTensors buffers,
+                       std::optional<std::vector<at::Tensor>> optimized,
                        std::shared_ptr<diloco::Group> group, std::int64_t inner_steps,
                        double outer_lr, double outer_momentum, bool nesterov,
-                       std::optional<std::string> outer_device, std::string compression) {
+                       std::optional<std::string> outer_device, std::string compression,
+                       std::string buffer_sync, Fields agree_on) {
+             auto model =
+                 model_tensors(std::move(parameters), std::move(buffers), std::move(optimized));
              return std::make_unique<PyDiLoCo>(
-                 std::move(parameters), std::move(optimizer_tensors), std::move(group),
+                 std::move(model), std::move(group),
                  make_options(inner_steps, outer_lr, outer_momentum, nesterov, outer_device,
-                              compression));
+                              compression, buffer_sync, std::move(agree_on)));
            }),
-           py::arg("parameters"), py::arg("optimizer_tensors"), py::arg("group"),
-           py::arg("inner_steps") = 500, py::arg("outer_lr") = 0.7,
-           py::arg("outer_momentum") = 0.9, py::arg("nesterov") = true,
-           py::arg("outer_device") = py::none(), py::arg("compression") = "none", Release(),
-           "A collective: checks that every rank holds the same parameters (names, shapes, "
-           "dtypes) and that each is in optimizer_tensors (unless None), then copies rank 0's "
-           "values to every rank.")
+           py::arg("parameters"), py::arg("buffers"), py::arg("optimized"), py::arg("group"),
+           py::arg("inner_steps") = 500, py::arg("outer_lr") = 0.7, py::arg("outer_momentum") = 0.9,
+           py::arg("nesterov") = true, py::arg("outer_device") = py::none(),
+           py::arg("compression") = "none", py::arg("buffer_sync") = "average",
+           py::arg("agree_on") = Fields{}, Release(),
+           "A collective: checks that every rank has the same configuration and parameters "
+           "(names, shapes, dtypes) and that each parameter is in `optimized` (unless None), "
+           "then copies rank 0's parameters and buffers to every rank.")
       .def(
           "step", [](PyDiLoCo& d) { return d.impl().step(); }, Release(),
           "Call after each inner optimizer step. Every inner_steps-th call runs an outer step "
@@ -188,8 +220,7 @@ void bind_sync(py::module_& m) {
           [](PyDiLoCo& d, std::int64_t count) {
             const auto start = std::chrono::steady_clock::now();
             for (std::int64_t i = 0; i < count; ++i) d.impl().step();
-            return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-                .count();
+            return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
           },
           py::arg("count"), Release(),
           "Benchmarking aid: call step() `count` times from a C++ loop and return the total "
@@ -215,12 +246,27 @@ void bind_sync(py::module_& m) {
           "compression", [](const PyDiLoCo& d) { return d.impl().options().compression; },
           "the compressor spec pseudo-gradients are sent with")
       .def_property_readonly(
+          "buffers",
+          [](const PyDiLoCo& d) {
+            return std::string(diloco::to_string(d.impl().options().buffers));
+          },
+          "how module buffers are synchronized at every outer step: 'average', 'rank0' or "
+          "'local'")
+      .def_property_readonly(
           "outer_device",
           [](const PyDiLoCo& d) { return d.impl().global_weights().front().device().str(); },
           "where the global weights and the outer momentum live")
       .def(
           "parameter_names", [](const PyDiLoCo& d) { return names_of(d.impl().parameters()); },
           "The synchronized parameters' names, in the order the library holds them.")
+      .def(
+          "buffer_names",
+          [](const PyDiLoCo& d) {
+            std::vector<std::string> names;
+            for (const auto& b : d.impl().buffers().buffers()) names.push_back(b.name);
+            return names;
+          },
+          "The synchronized buffers' names (BatchNorm statistics, ...).")
       .def(
           "flat_parameters", [](const PyDiLoCo& d) { return flats_of(d.impl().parameters()); },
           "The model's storage: one flat tensor per dtype bucket, which every parameter is a "
@@ -234,23 +280,41 @@ void bind_sync(py::module_& m) {
           },
           "Copies of the global weights, one flat float32 tensor per bucket.");
 
-  py::class_<diloco::DataParallel>(
+  py::class_<PyDataParallel>(
       m, "DataParallel",
       "The C++ data-parallel synchronizer over named tensors. Use diloco.DataParallel, which "
       "builds it from a torch.nn.Module.")
-      .def(py::init([](NamedTensors parameters, std::shared_ptr<diloco::Group> group) {
-             return std::make_unique<diloco::DataParallel>(to_named(std::move(parameters)),
-                                                           std::move(group));
+      .def(py::init([](NamedTensors parameters, NamedTensors buffers,
+                       std::shared_ptr<diloco::Group> group, std::string buffer_sync,
+                       Fields agree_on) {
+             diloco::DataParallelOptions options;
+             options.buffers = diloco::parse_buffer_sync(buffer_sync);
+             options.agree_on = std::move(agree_on);
+             return std::make_unique<PyDataParallel>(
+                 model_tensors(std::move(parameters), std::move(buffers), std::nullopt),
+                 std::move(group), std::move(options));
            }),
-           py::arg("parameters"), py::arg("group"), Release(),
-           "A collective: checks that every rank holds the same parameters, then copies rank "
-           "0's values to every rank.")
-      .def("sync_gradients", &diloco::DataParallel::sync_gradients, Release(),
-           "Call after backward() and before the optimizer step: every .grad becomes the mean "
-           "over ranks (one all-reduce of one flat buffer). Raises Error on every rank if any "
-           "rank's gradient holds a NaN or an infinity.")
-      .def("stats", &diloco::DataParallel::stats,
-           "SyncStats: steps, seconds in gradient syncs, bytes sent and received.");
+           py::arg("parameters"), py::arg("buffers"), py::arg("group"),
+           py::arg("buffer_sync") = "average", py::arg("agree_on") = Fields{}, Release(),
+           "A collective: checks that every rank has the same configuration and parameters, "
+           "then copies rank 0's parameters and buffers to every rank.")
+      .def(
+          "sync_gradients", [](PyDataParallel& d) { d.impl().sync_gradients(); }, Release(),
+          "Call after backward() and before the optimizer step: every .grad becomes the mean "
+          "over ranks (one all-reduce of one flat buffer), and the buffers are synchronized as "
+          "`buffers` says. Raises Error on every rank if any rank's gradient holds a NaN or an "
+          "infinity.")
+      .def(
+          "stats", [](const PyDataParallel& d) { return d.impl().stats(); },
+          "SyncStats: steps, seconds in gradient syncs, bytes sent and received.")
+      .def_property_readonly(
+          "group", [](const PyDataParallel& d) { return d.group(); },
+          "the Group the gradient syncs run over")
+      .def_property_readonly(
+          "buffers",
+          [](const PyDataParallel& d) { return std::string(diloco::to_string(d.buffers())); },
+          "how module buffers are synchronized at every gradient sync: 'average', 'rank0' or "
+          "'local'");
 }
 
 }  // namespace diloco_python

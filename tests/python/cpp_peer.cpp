@@ -94,7 +94,7 @@ json bytes_task(const json& config, const std::shared_ptr<diloco::Group>& group)
     diloco::DiLoCoOptions options;
     options.inner_steps = 1;
     options.compression = spec;
-    diloco::DiLoCo sync(named, nullptr, group, options);
+    diloco::DiLoCo sync(diloco::ModelTensors{named, {}, c10::nullopt}, group, options);
     {
       torch::NoGradGuard no_grad;
       for (auto& t : tensors) t.add_(torch::randn(t.sizes()) * 0.01);

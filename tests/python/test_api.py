@@ -240,3 +240,131 @@ def test_lost_peer_raises_peer_lost_error():
         groups[0].allreduce_sum(x, "after_loss")
     assert "after_loss" in str(info.value) and "rank 0" in str(info.value)
     assert isinstance(info.value, diloco.Error) and isinstance(info.value, RuntimeError)
+
+
+def test_group_options_mirror_the_cpp_struct(monkeypatch):
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "DILOCO_TIMEOUT_S",
+                "DILOCO_HOSTNAME", "DILOCO_LINK_MBPS", "DILOCO_LINK_LATENCY_MS",
+                "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(var, raising=False)
+    defaults = diloco.GroupOptions()
+    assert (defaults.master_addr, defaults.master_port, defaults.rank, defaults.world_size,
+            defaults.timeout, defaults.hostname, defaults.join_existing_store) == (
+        "127.0.0.1", 29500, -1, -1, 60.0, "", False)
+    assert (defaults.link.mbit_per_s, defaults.link.latency_ms) == (0.0, 0.0)
+    # read_env with nothing set: the same defaults, nothing validated.
+    assert repr(diloco.GroupOptions.read_env()) == repr(defaults)
+    with pytest.raises(diloco.OptionError, match="MASTER_ADDR"):
+        diloco.GroupOptions.from_env()
+
+    o = diloco.GroupOptions(rank=1, world_size=3, timeout=2.5,
+                            link=diloco.LinkModel(mbit_per_s=100, latency_ms=20))
+    assert (o.rank, o.world_size, o.timeout, o.link.mbit_per_s, o.link.latency_ms) == (
+        1, 3, 2.5, 100.0, 20.0)
+    o.link.latency_ms = 30  # a field of the struct, not a copy
+    assert o.link.latency_ms == 30.0
+    o.validate()
+    with pytest.raises(TypeError, match="no field 'rnak'"):
+        diloco.GroupOptions(rnak=1)
+    with pytest.raises(diloco.OptionError, match="timeout"):
+        o.timeout = float("nan")
+    o.link.mbit_per_s = -1
+    with pytest.raises(diloco.OptionError, match="mbit_per_s"):
+        o.validate()
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("DILOCO_LINK_MBPS", "12.5")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "1")
+    env = diloco.GroupOptions.read_env()
+    assert (env.rank, env.world_size, env.link.mbit_per_s, env.join_existing_store) == (
+        1, -1, 12.5, True)
+    monkeypatch.setenv("DILOCO_LINK_MBPS", "fast")
+    with pytest.raises(diloco.OptionError, match="DILOCO_LINK_MBPS"):
+        diloco.GroupOptions.read_env()
+
+
+def test_init_process_group_honours_the_link_variables(monkeypatch):
+    # Two ranks as threads of this process; the link comes from the environment only.
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("DILOCO_LINK_MBPS", "80")
+    monkeypatch.setenv("DILOCO_LINK_LATENCY_MS", "5")
+    import threading
+
+    groups, errors = {}, {}
+
+    def join(rank):
+        try:
+            groups[rank] = diloco.init_process_group(rank=rank, timeout=30)
+            x = torch.ones(100_000)
+            groups[rank].allreduce_sum(x, "linked")
+        except Exception as e:  # reported below, with the rank
+            errors[rank] = e
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and sorted(groups) == [0, 1], errors
+    for rank, g in groups.items():
+        assert (g.link.mbit_per_s, g.link.latency_ms) == (80.0, 5.0)
+        op = g.stats().ops["allreduce:linked"]
+        # comm_stats.h: bytes sent * 8 / rate + 2(N-1) latency steps for a ring all-reduce.
+        expected = op.bytes_sent * 8 / 80e6 + 2 * 5e-3
+        assert op.bytes_sent == diloco.collective_bytes("allreduce", 400_000, 2, rank)[0]
+        assert op.link_seconds == pytest.approx(expected, rel=1e-9), (op, expected)
+        assert g.stats().link_seconds == pytest.approx(expected, rel=1e-9)
+        assert op.seconds >= expected * 0.99, op
+
+
+def test_init_process_group_joins_the_agent_store(monkeypatch):
+    # torchrun's agent serves the store on MASTER_PORT and sets TORCHELASTIC_USE_AGENT_STORE;
+    # a TCPStore served by this process stands in for it.
+    import torch.distributed as dist
+
+    port = free_port()
+    agent = dist.TCPStore("127.0.0.1", port, 1, True, datetime.timedelta(seconds=30))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("DILOCO_TIMEOUT_S", "10")
+    # Without the variable rank 0 tries to serve a store of its own on the agent's port.
+    with pytest.raises(diloco.Error, match="in use"):
+        diloco.init_process_group()
+    for value in ("1", "True"):
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", value)
+        g = diloco.init_process_group()
+        assert (g.rank, g.world_size, g.timeout) == (0, 1, 10.0)
+        g.barrier("joined")
+    # An explicit master_port is not the agent's store: rank 0 serves one there again.
+    with pytest.raises(diloco.Error, match="in use"):
+        diloco.init_process_group(master_port=port)
+    assert agent.num_keys() > 1  # the groups' keys went to the agent's store
+
+
+def test_buffers_option(solo_group):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    outer = diloco.DiLoCo(model, inner, solo_group, inner_steps=2)
+    assert outer.buffers == "average" and "buffers='average'" in repr(outer)
+    assert sorted(outer.buffer_names()) == [
+        "1.num_batches_tracked", "1.running_mean", "1.running_var"]
+    for mode in ("rank0", "local"):
+        assert diloco.DiLoCo(model, inner, solo_group, buffers=mode).buffers == mode
+        assert diloco.DataParallel(model, solo_group, buffers=mode).buffers == mode
+    assert diloco.DataParallel(model, solo_group).buffers == "average"
+    with pytest.raises(diloco.OptionError, match="buffers"):
+        diloco.DiLoCo(model, inner, solo_group, buffers="mean")
+    with pytest.raises(TypeError, match="buffers"):
+        diloco.DiLoCo(model, inner, solo_group, buffers=None)
+    # A dict or pairs of tensors has no buffers.
+    pairs = [("w", torch.nn.Parameter(torch.randn(3)))]
+    assert diloco.DiLoCo(pairs, None, solo_group).buffer_names() == []
+    # Compressing needs no outer_device: the library keeps the outer state on the CPU.
+    assert diloco.DiLoCo(model, inner, solo_group, compression="int8").outer_device == "cpu"
+    # agree_on: extra fields checked with the library's own (one rank: always agreed).
+    diloco.DiLoCo(model, inner, solo_group, agree_on={"steps": 400})

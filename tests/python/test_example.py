@@ -1,17 +1,22 @@
-"""The example examples/python/train_lm.py, launched as users do: by torchrun (python3 -m
+"""The Python examples, launched as users do. examples/python/train_lm.py by torchrun (python3 -m
 torch.distributed.run) and by diloco-run next to the C++ example (a Python island and a C++
-island in one run). A small text file stands in for the Brown corpus to keep it quick."""
+island in one run); a small text file stands in for the Brown corpus to keep it quick.
+examples/python/fashion_mnist.py on 2 islands for a few steps: both ranks end with the same
+parameters and BatchNorm buffers (the same hash)."""
 
 import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, launch
 
 EXAMPLE = str(REPO / "examples" / "python" / "train_lm.py")
+FASHION = str(REPO / "examples" / "python" / "fashion_mnist.py")
+FASHION_DATA = "/usr/share/datasets/fashion-mnist"
 FLAGS = ["--steps", "6", "--inner-steps", "3", "--eval-batches", "2", "--d-model", "16",
          "--heads", "2", "--layers", "1", "--seq-len", "16", "--batch-size", "4", "--warmup", "1"]
 
@@ -66,3 +71,30 @@ def test_python_and_cpp_examples_train_together(corpus):
     by_rank = {d[0]: d for d in done}
     # What the Python rank sent, the C++ rank received, and the other way round.
     assert by_rank["0"][1] == by_rank["1"][2] and by_rank["0"][2] == by_rank["1"][1], out
+
+
+def test_fashion_mnist_islands_end_with_the_same_model(tmp_path):
+    if not os.path.exists(os.path.join(FASHION_DATA, "t10k-labels-idx1-ubyte.gz")):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    flags = ["--steps", "8", "--inner-steps", "3", "--batch-size", "32", "--test-limit", "500",
+             "--eval-every", "6"]
+    start = time.monotonic()
+    results = launch([[sys.executable, FASHION] + flags] * 2, tmp_path, timeout=120)
+    seconds = time.monotonic() - start
+    hashes = {}
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, out[-4000:]
+        found = re.search(r"rank %d/2: test accuracy ([\d.]+) \| sha256 ([0-9a-f]{64}) \| sent"
+                          % rank, out)
+        assert found, out[-4000:]
+        hashes[rank] = found.group(2)
+    leader = results[0][1]
+    # Outer steps at 3 and 6, a final sync at 8; an evaluation after the one at 6.
+    assert "buffers (average at every outer step)" in leader, leader
+    assert "1.running_mean" in leader, leader
+    steps = re.findall(r"step (\d)/8 \| outer (\d) \| loss [\d.]+ \| sent [\d.]+ .B", leader)
+    assert steps == [("3", "1"), ("6", "2"), ("8", "3")], leader
+    assert re.search(r"step 6/8 .* \| test accuracy [\d.]+\n", leader), leader
+    print("2 islands in %.1f s, hashes %s" % (seconds, hashes))
+    assert hashes[0] == hashes[1], "the islands ended with different models"
+    assert seconds < 60

@@ -7,9 +7,11 @@
 - a Python island and a C++ island train together, bit-identical, and the same as two Python
   islands (the same LibTorch kernels run both);
 - every compressor spec sends from Python exactly the bytes it sends from C++, and the bytes the
-  exchange formulas give for its payload size.
+  exchange formulas give for its payload size;
+- islands configured differently fail at construction, on every rank, naming the field.
 """
 
+import json
 import threading
 
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 import diloco
-from conftest import cpp_island, free_port, python_island, run_islands
+from conftest import cpp_island, free_port, launch, python_island, run_islands
 
 TINY = {"d_model": 16, "layers": 1, "heads": 2, "seq_len": 8}
 TRAIN = {"tasks": ["train"], "model": TINY, "seed": 3, "lr": 0.3, "symbols": 16, "batch": 4,
@@ -160,3 +162,29 @@ def test_world_size_mismatch_fails_with_a_message():
         t.join(timeout=60)
     assert sorted(errors) == [0, 1], errors
     assert "rank 0 of 2" in errors[0] and "rank 1 of 3" in errors[1], errors
+
+
+@pytest.mark.parametrize("field, per_rank", [
+    ("compression", {"0": {"compression": "int8"}, "1": {"compression": "none"}}),
+    ("inner_steps", {"0": {"inner_steps": 10}, "1": {"inner_steps": 20}}),
+])
+def test_configuration_mismatch_fails_on_every_rank(field, per_rank, tmp_path):
+    # Before the configuration check, int8 against none aborted one rank inside Gloo and left
+    # the other to report a lost peer; H 10 against 20 ended with one rank "done", exit 0.
+    out = tmp_path / "out"
+    out.mkdir()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"tasks": ["construct"], "options": {}, "per_rank": per_rank,
+                                  "timeout_s": 60}))
+    results = launch([python_island() + [str(config), str(out)]] * 2, tmp_path, timeout=90)
+    for rank, (code, text) in enumerate(results):
+        assert code not in (0, None, -9), "rank %d exited %s:\n%s" % (rank, code, text[-3000:])
+        assert "OptionError" in text, text[-3000:]
+        error = json.loads((out / ("rank%d.json" % rank)).read_text())
+        print("rank %d: %s after %.2f s: %s" % (rank, error["type"], error["seconds"],
+                                                error["message"]))
+        assert error["type"] == "OptionError"
+        assert field in error["message"] and "rank 0" in error["message"], error
+        values = [str(v[field]) for v in per_rank.values()]
+        assert all(v in error["message"] for v in values), error
+        assert error["seconds"] < 5.0, error  # not the 60 s timeout

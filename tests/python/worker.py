@@ -9,11 +9,19 @@ Tasks (config["tasks"], run in this order in one process):
           config["trace"], rank<R>.trace.pt (per outer step: local weights before, global after).
   bytes   for each spec in config["specs"]: DiLoCo over fixed tensors, one outer step; writes the
           byte accounting per operation label of that step to rank<R>.json under "bytes".
+  batchnorm  a small CNN with BatchNorm, DiLoCo with config["buffers"], each rank on data of its
+          own (and r extra forward passes on rank r, so num_batches_tracked differs too); writes
+          rank<R>.bn.pt: the buffers after construction, then per outer step the buffers just
+          before it and just after it, and the parameters after it.
+  construct  DiLoCo on a tiny model with config["options"] updated by config["per_rank"][rank]
+          (to make islands disagree); writes the error (type, message, seconds the constructor
+          took) to rank<R>.json, then raises it again: the process exits non-zero.
 """
 
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -80,6 +88,64 @@ def bytes_task(config, group):
     return result
 
 
+def batchnorm_task(config, group, out):
+    rank = group.rank
+    torch.manual_seed(config["seed"])
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+    with torch.no_grad():  # different buffers on every rank before construction
+        model[1].running_mean.fill_(float(rank))
+    inner = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    outer = diloco.DiLoCo(model, inner, group, inner_steps=config["inner_steps"],
+                          buffers=config["buffers"])
+
+    def buffers():
+        return {name: b.detach().clone() for name, b in model.named_buffers()}
+
+    def parameters():
+        return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+    initial = buffers()
+    generator = torch.Generator().manual_seed(config["seed"] * 1000 + 1 + rank)
+
+    def batch():
+        x = torch.randn(8, 1, 6, 6, generator=generator) * (1 + rank) + rank
+        return x, torch.randint(0, 3, (8,), generator=generator)
+
+    for _ in range(rank):  # rank r: r more batches through BatchNorm than rank 0
+        model(batch()[0])
+    steps = []
+    for step in range(1, config["steps"] + 1):
+        x, y = batch()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        inner.zero_grad()
+        loss.backward()
+        inner.step()
+        before = buffers()
+        if outer.step():
+            steps.append({"before": before, "after": buffers(), "parameters": parameters()})
+    torch.save({"initial": initial, "steps": steps, "buffer_names": outer.buffer_names(),
+                "mode": outer.buffers}, os.path.join(out, "rank%d.bn.pt" % rank))
+    return {"outer_steps": outer.stats().outer_steps}
+
+
+def construct_task(config, group, out):
+    options = dict(config["options"], **config["per_rank"].get(str(group.rank), {}))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = time.monotonic()
+    try:
+        diloco.DiLoCo(model, inner, group, **options)
+    except Exception as e:
+        with open(os.path.join(out, "rank%d.json" % group.rank), "w") as f:
+            json.dump({"type": type(e).__name__, "message": str(e),
+                       "seconds": time.monotonic() - start}, f)
+        raise
+    return {"constructed": True}
+
+
 def main():
     with open(sys.argv[1]) as f:
         config = json.load(f)
@@ -91,6 +157,10 @@ def main():
         result.update(train(config, group, out))
     if "bytes" in config["tasks"]:
         result["bytes"] = bytes_task(config, group)
+    if "batchnorm" in config["tasks"]:
+        result.update(batchnorm_task(config, group, out))
+    if "construct" in config["tasks"]:
+        result.update(construct_task(config, group, out))
     result["language"] = "python"
     with open(os.path.join(out, "rank%d.json" % group.rank), "w") as f:
         json.dump(result, f)
