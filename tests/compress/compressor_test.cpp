@@ -1,9 +1,14 @@
 // Compressed exchanges over real Gloo ranks: every aggregation kind on 1-4 ranks is within bound
 // of the uncompressed sum and bit-identical everywhere; error feedback keeps its identity; user
-// codecs register by name; DiLoCo accepts a compression spec.
+// codecs register by name; a malformed payload is reported naming the rank that sent it; DiLoCo
+// accepts a compression spec.
 #include <ATen/ATen.h>
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <cstring>
+#include <functional>
+#include <limits>
 
 #include "diloco/compress/compressor.h"
 #include "diloco/compress/registry.h"
@@ -11,6 +16,7 @@
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;
+using Catch::Matchers::StartsWith;
 
 TEST_CASE("compressed sums are within bound and bit-identical on every rank", "[compress][gloo]") {
   const std::string spec = GENERATE("fp32", "fp16", "int8", "int4", "fp4", "int8_normal",
@@ -96,6 +102,67 @@ class HalvingCodec : public diloco::Codec {
   }
   double error_bound(const at::Tensor&) const override { return 0.0; }
 };
+
+// A user codec that damages another codec's payloads after encoding them, as a faulty link or a
+// hostile peer would deliver them; decoding is the inner codec's own, checks included.
+class DamagingCodec : public diloco::Codec {
+ public:
+  using Damage = std::function<void(std::uint8_t* payload, std::int64_t bytes)>;
+  DamagingCodec(std::string name, std::unique_ptr<diloco::Codec> inner, Damage damage)
+      : name_(std::move(name)), inner_(std::move(inner)), damage_(std::move(damage)) {}
+  std::string spec() const override { return name_; }
+  diloco::Aggregation aggregation() const override { return inner_->aggregation(); }
+  at::ScalarType payload_dtype() const override { return inner_->payload_dtype(); }
+  std::int64_t payload_bytes(c10::IntArrayRef shape) const override {
+    return inner_->payload_bytes(shape);
+  }
+  void encode(const at::Tensor& x, std::uint8_t* out) override {
+    inner_->encode(x, out);
+    damage_(out, inner_->payload_bytes(x.sizes()));
+  }
+  void decode(const std::uint8_t* p, std::int64_t bytes, at::Tensor& out) const override {
+    inner_->decode(p, bytes, out);
+  }
+  double error_bound(const at::Tensor& x) const override { return inner_->error_bound(x); }
+
+ private:
+  std::string name_;
+  std::unique_ptr<diloco::Codec> inner_;
+  Damage damage_;
+};
+
+void register_damaging_codec(const std::string& name, const std::string& inner,
+                             DamagingCodec::Damage damage) {
+  diloco::register_codec(name, name + ": test codec, " + inner + " with damaged payloads",
+                         [name, inner, damage](diloco::CodecParams&) {
+                           return std::make_unique<DamagingCodec>(name, diloco::make_codec(inner),
+                                                                  damage);
+                         });
+}
+
+// Runs one compressed sum of a random tensor of this shape over 3 ranks, rank 2 with `rank2_spec`
+// and the others with `spec`; returns each rank's error, prefixed with its exception type.
+// (Callbacks run on the rank threads, where Catch2's assertions are not allowed: they throw.)
+std::vector<std::string> sum_with_rank2(const std::string& spec, const std::string& rank2_spec,
+                                        const std::vector<std::int64_t>& shape) {
+  return diloco_test::run_ranks_collect(
+      3,
+      [&](int rank, std::shared_ptr<diloco::Group> g) {
+        auto compressor = diloco::Compressor::from_spec(rank == 2 ? rank2_spec : spec);
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(rank + 1);
+        at::Tensor flat = at::randn({c10::multiply_integers(shape)}, gen);
+        std::vector<at::Tensor> views{flat.view(shape)};
+        try {
+          compressor->sum(*g, flat, views, "outer_sync");
+        } catch (const diloco::PeerLostError& e) {
+          throw std::runtime_error(std::string("PeerLostError: ") + e.what());
+        } catch (const diloco::Error& e) {
+          throw std::runtime_error(std::string("Error: ") + e.what());
+        }
+      },
+      std::chrono::milliseconds(5000));
+}
+
 }  // namespace
 
 TEST_CASE("user code registers its own codec by name", "[compress]") {
@@ -107,6 +174,45 @@ TEST_CASE("user code registers its own codec by name", "[compress]") {
                       return std::unique_ptr<diloco::Codec>();
                     }),
                     Contains("built-in"));
+}
+
+TEST_CASE("a malformed payload in the gathered exchange names its sender on every rank",
+          "[compress][gloo]") {
+  // Top-k's payload starts with the 12-bit indices of a 64x64 tile: the second becomes a copy of
+  // the first, which the decoder refuses ("index ... appears twice").
+  register_damaging_codec("damaged_topk", "topk", [](std::uint8_t* p, std::int64_t bytes) {
+    if (bytes < 3) throw std::runtime_error("damaged_topk: payload too short to damage");
+    const unsigned first = p[0] | ((p[1] & 0xFu) << 8);
+    p[1] = static_cast<std::uint8_t>((p[1] & 0xFu) | ((first & 0xFu) << 4));
+    p[2] = static_cast<std::uint8_t>(first >> 4);
+  });
+  const auto errors = sum_with_rank2("topk", "damaged_topk", {64, 64});
+  for (int r = 0; r < 3; ++r) {
+    INFO("rank " << r << ": " << errors[r]);
+    CHECK_THAT(errors[r], StartsWith("Error: [gathered 'outer_sync'] rank " + std::to_string(r) +
+                                     " of 3: malformed payload from rank 2: [codec topk]") &&
+                              Contains("appears twice"));
+  }
+}
+
+TEST_CASE("a malformed chunk in the requantizing ring names its sender", "[compress][gloo]") {
+  // An int8 payload starts with its first block's float32 scale: NaN is refused by the decoder.
+  register_damaging_codec("damaged_int8", "int8", [](std::uint8_t* p, std::int64_t bytes) {
+    if (bytes < 4) throw std::runtime_error("damaged_int8: payload too short to damage");
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::memcpy(p, &nan, sizeof nan);
+  });
+  // Three ring chunks of 4096 values: rank 2 sends its damaged first chunk to rank 0.
+  const auto errors = sum_with_rank2("int8", "damaged_int8", {3 * 4096});
+  INFO("rank 0: " << errors[0]);
+  CHECK_THAT(errors[0], StartsWith("Error: [ring-requantized 'outer_sync'] rank 0 of 3: "
+                                   "malformed payload from rank 2: [codec 'int8'] malformed"));
+  // The others fail too (rank 2 on its own damaged chunk, rank 1 when rank 0 leaves the ring);
+  // what matters is that none waits forever.
+  for (int r = 1; r < 3; ++r) {
+    INFO("rank " << r << ": " << errors[r]);
+    CHECK_FALSE(errors[r].empty());
+  }
 }
 
 TEST_CASE("DiLoCo with fp32 compression matches the uncompressed outer step", "[compress][diloco][gloo]") {

@@ -13,20 +13,17 @@
 #include <map>
 #include <random>
 
-#include "diloco/compress/codec_params.h"
+#include "diloco/compress/registry.h"
 #include "diloco/errors.h"
+#include "support/codec_helpers.h"
 
 using Catch::Matchers::Contains;
+using diloco_test::codec_shapes;
+using diloco_test::decode_payload;
+using diloco_test::encode_payload;
+using diloco_test::make_codec_with;
 
 namespace {
-
-const std::vector<std::vector<std::int64_t>> kShapes = {{},       {1},       {7},      {5000},
-                                                        {64, 64}, {100, 70}, {3, 5, 7}};
-
-std::unique_ptr<diloco::Codec> build(std::map<std::string, std::string> values = {}) {
-  diloco::CodecParams params("dct", std::move(values));
-  return diloco::make_dct_codec(params);
-}
 
 // Calls fn(r0, r1, c0, c1) for every chunk of the 2-D view of a tensor of this shape.
 template <typename Fn>
@@ -112,22 +109,6 @@ std::int64_t formula_bytes(c10::IntArrayRef shape, std::int64_t k, std::int64_t 
   return (bits + 7) / 8 + (sign ? 4 * chunks + (kept + 7) / 8 : 4 * kept);
 }
 
-std::vector<std::uint8_t> encode(diloco::Codec& codec, const at::Tensor& x) {
-  std::vector<std::uint8_t> buf(static_cast<std::size_t>(codec.payload_bytes(x.sizes())) + 16,
-                                0xA5);
-  codec.encode(x, buf.data());
-  for (std::size_t i = buf.size() - 16; i < buf.size(); ++i) REQUIRE(buf[i] == 0xA5);
-  buf.resize(buf.size() - 16);
-  return buf;
-}
-
-at::Tensor decode(const diloco::Codec& codec, const std::vector<std::uint8_t>& buf,
-                  c10::IntArrayRef shape) {
-  at::Tensor y = at::empty(shape);
-  codec.decode(buf.data(), static_cast<std::int64_t>(buf.size()), y);
-  return y;
-}
-
 double max_abs(const at::Tensor& t) {
   return t.numel() ? t.abs().max().item<double>() : 0.0;
 }
@@ -144,7 +125,7 @@ TEST_CASE("dct basis is orthonormal", "[compress][dct]") {
 }
 
 TEST_CASE("dct transform agrees with the direct DCT-II and inverts", "[compress][dct]") {
-  const auto shape = GENERATE(from_range(kShapes));
+  const auto shape = GENERATE(from_range(codec_shapes()));
   const std::int64_t chunk = GENERATE(64, 8);
   INFO("chunk " << chunk << " shape " << at::IntArrayRef(shape));
   diloco::DctCodec codec(chunk, 32, false);
@@ -162,13 +143,13 @@ TEST_CASE("dct transform agrees with the direct DCT-II and inverts", "[compress]
 }
 
 TEST_CASE("dct keeping every coefficient round-trips to 1e-5", "[compress][dct]") {
-  const auto shape = GENERATE(from_range(kShapes));
+  const auto shape = GENERATE(from_range(codec_shapes()));
   const std::string chunk = GENERATE("64", "8", "16");
   INFO("chunk " << chunk << " shape " << at::IntArrayRef(shape));
-  auto codec = build({{"chunk", chunk}, {"k", "4096"}});
+  auto codec = make_codec_with("dct", {{"chunk", chunk}, {"k", "4096"}});
   at::manual_seed(13);
   at::Tensor x = at::randn(shape);
-  at::Tensor y = decode(*codec, encode(*codec, x), x.sizes());
+  at::Tensor y = decode_payload(*codec, encode_payload(*codec, x), x.sizes());
   const double err = max_abs(y - x);
   INFO("max error " << err << " bound " << codec->error_bound(x));
   CHECK(err < 1e-5);
@@ -176,24 +157,24 @@ TEST_CASE("dct keeping every coefficient round-trips to 1e-5", "[compress][dct]"
 }
 
 TEST_CASE("dct keeps the k largest coefficients of every chunk", "[compress][dct]") {
-  const auto shape = GENERATE(from_range(kShapes));
+  const auto shape = GENERATE(from_range(codec_shapes()));
   const auto params = GENERATE(std::make_tuple(32, 64, false), std::make_tuple(5, 8, false),
                                std::make_tuple(32, 64, true), std::make_tuple(3, 16, true));
   const auto [k, chunk, sign] = params;
   const std::string spec = "dct(chunk=" + std::to_string(chunk) + ",k=" + std::to_string(k) +
                            ",sign=" + (sign ? "true" : "false") + ")";
   INFO(spec << " shape " << at::IntArrayRef(shape));
-  auto codec = build({{"chunk", std::to_string(chunk)},
-                      {"k", std::to_string(k)},
-                      {"sign", sign ? "true" : "false"}});
+  auto codec = make_codec_with("dct", {{"chunk", std::to_string(chunk)},
+                                       {"k", std::to_string(k)},
+                                       {"sign", sign ? "true" : "false"}});
   CHECK(codec->spec() == spec);
   CHECK(codec->aggregation() == diloco::Aggregation::kGathered);
   CHECK(codec->payload_dtype() == at::kByte);
   at::manual_seed(14);
   at::Tensor x = at::randn(shape);
-  const auto buf = encode(*codec, x);
+  const auto buf = encode_payload(*codec, x);
   CHECK(static_cast<std::int64_t>(buf.size()) == formula_bytes(shape, k, chunk, sign));
-  at::Tensor y = decode(*codec, buf, x.sizes());
+  at::Tensor y = decode_payload(*codec, buf, x.sizes());
   // The decoded tensor's coefficients are the reference top-k of x's coefficients.
   at::Tensor expected = keep_topk(direct_dct(x, chunk), k, chunk, sign);
   const double diff = max_abs(direct_dct(y, chunk) - expected);
@@ -205,21 +186,21 @@ TEST_CASE("dct keeps the k largest coefficients of every chunk", "[compress][dct
 }
 
 TEST_CASE("dct payload sizes follow the formula to the byte", "[compress][dct]") {
-  const auto shape = GENERATE(from_range(kShapes));
+  const auto shape = GENERATE(from_range(codec_shapes()));
   const bool sign = GENERATE(false, true);
-  auto codec = build({{"sign", sign ? "true" : "false"}});
+  auto codec = make_codec_with("dct", {{"sign", sign ? "true" : "false"}});
   CHECK(codec->payload_bytes(shape) == formula_bytes(shape, 32, 64, sign));
   // The figures quoted in dct.h.
-  CHECK(build()->payload_bytes({1024, 1024}) == 45056);
-  CHECK(build({{"sign", "true"}})->payload_bytes({1024, 1024}) == 14336);
-  CHECK(build()->payload_bytes({0, 3}) == 0);
+  CHECK(make_codec_with("dct")->payload_bytes({1024, 1024}) == 45056);
+  CHECK(make_codec_with("dct", {{"sign", "true"}})->payload_bytes({1024, 1024}) == 14336);
+  CHECK(make_codec_with("dct")->payload_bytes({0, 3}) == 0);
 }
 
 TEST_CASE("dct rejects malformed payloads", "[compress][dct]") {
-  auto codec = build();
+  auto codec = make_codec_with("dct");
   at::manual_seed(15);
   at::Tensor x = at::randn({64, 64});
-  auto buf = encode(*codec, x);
+  auto buf = encode_payload(*codec, x);
   at::Tensor y = at::empty_like(x);
   CHECK_THROWS_WITH(codec->decode(buf.data(), static_cast<std::int64_t>(buf.size()) - 1, y),
                     Contains("[codec dct]") && Contains("expected"));
@@ -228,32 +209,33 @@ TEST_CASE("dct rejects malformed payloads", "[compress][dct]") {
     const std::uint32_t first = dup[0] | ((dup[1] & 0xF) << 8);
     dup[1] = static_cast<std::uint8_t>((dup[1] & 0x0F) | ((first & 0xF) << 4));
     dup[2] = static_cast<std::uint8_t>(first >> 4);
-    CHECK_THROWS_WITH(decode(*codec, dup, x.sizes()), Contains("[codec dct]") && Contains("twice"));
+    CHECK_THROWS_WITH(decode_payload(*codec, dup, x.sizes()),
+                      Contains("[codec dct]") && Contains("twice"));
   }
   {
     auto nan = buf;  // 32 indices * 12 bits = 48 bytes, then the values
     const float v = std::numeric_limits<float>::quiet_NaN();
     std::memcpy(nan.data() + 48 + 4 * 7, &v, 4);
-    CHECK_THROWS_WITH(decode(*codec, nan, x.sizes()), Contains("not finite"));
+    CHECK_THROWS_WITH(decode_payload(*codec, nan, x.sizes()), Contains("not finite"));
   }
   {
     // Finite coefficients whose inverse transform overflows float32.
-    auto small = build({{"chunk", "8"}, {"k", "8"}});
+    auto small = make_codec_with("dct", {{"chunk", "8"}, {"k", "8"}});
     at::Tensor v = at::randn({8});
-    auto p = encode(*small, v);
+    auto p = encode_payload(*small, v);
     for (int j = 0; j < 8; ++j) {
       const float big = FLT_MAX;
       std::memcpy(p.data() + 3 + 4 * j, &big, 4);
     }
-    CHECK_THROWS_WITH(decode(*small, p, v.sizes()),
+    CHECK_THROWS_WITH(decode_payload(*small, p, v.sizes()),
                       Contains("[codec dct]") && Contains("overflows"));
   }
   {
-    auto signed_codec = build({{"sign", "true"}});
-    auto p = encode(*signed_codec, x);
+    auto signed_codec = make_codec_with("dct", {{"sign", "true"}});
+    auto p = encode_payload(*signed_codec, x);
     const float neg = -1.0f;
     std::memcpy(p.data() + 48, &neg, 4);
-    CHECK_THROWS_WITH(decode(*signed_codec, p, x.sizes()), Contains("scale"));
+    CHECK_THROWS_WITH(decode_payload(*signed_codec, p, x.sizes()), Contains("scale"));
   }
   x[0][0] = std::numeric_limits<float>::infinity();
   CHECK_THROWS_WITH(codec->encode(x, buf.data()),
@@ -262,8 +244,8 @@ TEST_CASE("dct rejects malformed payloads", "[compress][dct]") {
 
 TEST_CASE("dct decodes random bytes to finite values or raises diloco::Error", "[compress][dct]") {
   const bool sign = GENERATE(false, true);
-  const auto shape = GENERATE(from_range(kShapes));
-  auto codec = build({{"sign", sign ? "true" : "false"}});
+  const auto shape = GENERATE(from_range(codec_shapes()));
+  auto codec = make_codec_with("dct", {{"sign", sign ? "true" : "false"}});
   const std::int64_t bytes = codec->payload_bytes(shape);
   std::mt19937 rng(21);
   for (int trial = 0; trial < 30; ++trial) {
@@ -279,11 +261,14 @@ TEST_CASE("dct decodes random bytes to finite values or raises diloco::Error", "
 }
 
 TEST_CASE("dct rejects bad parameters naming them and their range", "[compress][dct]") {
-  CHECK(build()->spec() == "dct(chunk=64,k=32,sign=false)");
-  CHECK_THROWS_WITH(build({{"k", "0"}}), Contains("k must") && Contains("[1, 4096]"));
-  CHECK_THROWS_WITH(build({{"chunk", "100"}}),
+  CHECK(make_codec_with("dct")->spec() == "dct(chunk=64,k=32,sign=false)");
+  CHECK_THROWS_WITH(make_codec_with("dct", {{"k", "0"}}),
+                    Contains("k must") && Contains("[1, 4096]"));
+  CHECK_THROWS_WITH(make_codec_with("dct", {{"chunk", "100"}}),
                     Contains("chunk") && Contains("power of two") && Contains("[8, 256]"));
-  CHECK_THROWS_WITH(build({{"sign", "maybe"}}), Contains("sign") && Contains("false|true"));
-  CHECK_THROWS_WITH(build({{"topk", "3"}}), Contains("unknown parameter") && Contains("topk"));
-  CHECK_THROWS_AS(build({{"chunk", "4"}}), diloco::OptionError);
+  CHECK_THROWS_WITH(make_codec_with("dct", {{"sign", "maybe"}}),
+                    Contains("sign") && Contains("false|true"));
+  CHECK_THROWS_WITH(make_codec_with("dct", {{"topk", "3"}}),
+                    Contains("unknown parameter") && Contains("topk"));
+  CHECK_THROWS_AS(make_codec_with("dct", {{"chunk", "4"}}), diloco::OptionError);
 }

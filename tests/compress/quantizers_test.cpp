@@ -17,43 +17,18 @@
 #include "compress/cast.h"
 #include "compress/fp4.h"
 #include "compress/normal_int8.h"
-#include "diloco/compress/codec_params.h"
+#include "compress/spec_parse.h"
+#include "diloco/compress/registry.h"
 #include "diloco/errors.h"
+#include "support/codec_helpers.h"
 
 using Catch::Matchers::Contains;
 
 namespace {
 
-// "int8(block=64,rounding=stochastic)" -> the codec, through the factories directly (the
-// registry, which also holds codecs outside this file, has its own suite).
-std::unique_ptr<diloco::Codec> make(const std::string& spec) {
-  const auto open = spec.find('(');
-  const std::string name = spec.substr(0, open);
-  std::map<std::string, std::string> values;
-  if (open != std::string::npos) {
-    const std::string inner = spec.substr(open + 1, spec.size() - open - 2);
-    std::size_t start = 0;
-    while (start < inner.size()) {
-      auto comma = inner.find(',', start);
-      if (comma == std::string::npos) comma = inner.size();
-      const std::string item = inner.substr(start, comma - start);
-      const auto eq = item.find('=');
-      values[item.substr(0, eq)] = item.substr(eq + 1);
-      start = comma + 1;
-    }
-  }
-  diloco::CodecParams params(name, values);
-  if (name == "fp32") return diloco::make_fp32_codec(params);
-  if (name == "fp16") return diloco::make_fp16_codec(params);
-  if (name == "int8") return diloco::make_blockwise_int_codec(8, params);
-  if (name == "int4") return diloco::make_blockwise_int_codec(4, params);
-  if (name == "int2") return diloco::make_blockwise_int_codec(2, params);
-  if (name == "int8_normal") return diloco::make_int8_normal_codec(params);
-  if (name == "fp4") return diloco::make_fp4_codec(params);
-  throw std::runtime_error("test: no codec " + name);
+std::string name_of(const std::string& spec) {
+  return diloco::parse_spec(spec).first;
 }
-
-std::string name_of(const std::string& spec) { return spec.substr(0, spec.find('(')); }
 
 const std::vector<std::vector<std::int64_t>>& shapes() {
   static const std::vector<std::vector<std::int64_t>> s = {{},     {1},      {7},      {255},
@@ -87,18 +62,12 @@ at::Tensor data(const std::vector<std::int64_t>& shape, int kind, std::uint64_t 
   return x.contiguous();
 }
 
-// Encodes into a buffer with guard bytes (an encoder must write exactly payload_bytes), decodes.
+// Encodes (into a guarded buffer: an encoder must write exactly payload_bytes) and decodes.
 at::Tensor round_trip(diloco::Codec& codec, const at::Tensor& x,
                       std::vector<std::uint8_t>* payload = nullptr) {
-  const std::int64_t bytes = codec.payload_bytes(x.sizes());
-  std::vector<std::uint8_t> buf(static_cast<std::size_t>(bytes) + 64, 0xA5);
-  codec.encode(x, buf.data());
-  for (std::size_t i = static_cast<std::size_t>(bytes); i < buf.size(); ++i) {
-    REQUIRE(buf[i] == 0xA5);
-  }
-  at::Tensor y = at::empty_like(x);
-  codec.decode(buf.data(), bytes, y);
-  if (payload) payload->assign(buf.begin(), buf.begin() + bytes);
+  auto buf = diloco_test::encode_payload(codec, x);
+  at::Tensor y = diloco_test::decode_payload(codec, buf, x.sizes());
+  if (payload) *payload = std::move(buf);
   return y;
 }
 
@@ -272,7 +241,7 @@ at::Tensor tie_data(const std::string& spec) {
   } else if (name == "int8_normal") {
     v = {0.f, 1.f, -1.f, 6.f, -6.f, 5.999f, -6.001f, 100.f, 0.5f, 0.25f};
   } else {
-    const auto b = make(spec);
+    const auto b = diloco::make_codec(spec);
     const int qmax = (1 << (dynamic_cast<diloco::BlockwiseIntCodec&>(*b).bits() - 1)) - 1;
     // Runs of 32 (the smallest block), each led by qmax s with s = 1/4, then half-steps
     // (k + 1/2) s: ties, which go to the even code.
@@ -296,7 +265,7 @@ TEST_CASE("quantizers round-trip within their documented bound", "[compress][qua
   const auto& shape = shapes()[GENERATE(range(0, 8))];
   const int kind = GENERATE(range(0, 5));
   INFO("codec " << spec << " shape " << at::IntArrayRef(shape) << " data kind " << kind);
-  auto codec = make(spec);
+  auto codec = diloco::make_codec(spec);
   const at::Tensor x = data(shape, kind);
   const at::Tensor y = round_trip(*codec, x);
   CHECK(y.sizes() == x.sizes());
@@ -312,7 +281,7 @@ TEST_CASE("quantizers round-trip within their documented bound", "[compress][qua
 TEST_CASE("the bounds are reached by worst-case inputs", "[compress][quantizers]") {
   // int8: s = 1, 2.5 sits half a step from both neighbours.
   {
-    auto c = make("int8");
+    auto c = diloco::make_codec("int8");
     const at::Tensor x = at::tensor({127.f, 2.5f, -3.5f});
     const double err = max_abs_diff(x, round_trip(*c, x));
     CHECK(err == 0.5);
@@ -320,7 +289,7 @@ TEST_CASE("the bounds are reached by worst-case inputs", "[compress][quantizers]
   }
   // fp4: just below 3/4 s goes down to s/2.
   {
-    auto c = make("fp4");
+    auto c = diloco::make_codec("fp4");
     const at::Tensor x = at::tensor({1.f, std::nextafter(0.75f, 0.f)});
     const double err = max_abs_diff(x, round_trip(*c, x));
     CHECK(err == Approx(0.25).epsilon(1e-6));
@@ -328,7 +297,7 @@ TEST_CASE("the bounds are reached by worst-case inputs", "[compress][quantizers]
   }
   // fp16: a tie at 1 + 2^-11 rounds to even (1).
   {
-    auto c = make("fp16");
+    auto c = diloco::make_codec("fp16");
     const at::Tensor x = at::tensor({1.f + std::ldexp(1.f, -11)});
     const double err = max_abs_diff(x, round_trip(*c, x));
     CHECK(err == std::ldexp(1.0, -11));
@@ -340,7 +309,7 @@ TEST_CASE("payload sizes follow the formulas exactly", "[compress][quantizers]")
   const std::string spec = GENERATE(from_range(std::begin(kSpecs), std::end(kSpecs)));
   const auto& shape = shapes()[GENERATE(range(0, 8))];
   INFO("codec " << spec << " shape " << at::IntArrayRef(shape));
-  auto codec = make(spec);
+  auto codec = diloco::make_codec(spec);
   std::int64_t n = 1;
   for (auto d : shape) n *= d;
   const std::string name = name_of(spec);
@@ -376,17 +345,17 @@ TEST_CASE("payload sizes follow the formulas exactly", "[compress][quantizers]")
 
 TEST_CASE("documented sizes of 2^20 elements", "[compress][quantizers]") {
   const std::vector<std::int64_t> shape = {1 << 20};
-  CHECK(make("int8")->payload_bytes(shape) == 1064960);
-  CHECK(make("int4")->payload_bytes(shape) == 540672);
-  CHECK(make("int2")->payload_bytes(shape) == 278528);
-  CHECK(make("fp4")->payload_bytes(shape) == 540672);
-  CHECK(make("int8_normal")->payload_bytes(shape) == (1 << 20) + 8);
+  CHECK(diloco::make_codec("int8")->payload_bytes(shape) == 1064960);
+  CHECK(diloco::make_codec("int4")->payload_bytes(shape) == 540672);
+  CHECK(diloco::make_codec("int2")->payload_bytes(shape) == 278528);
+  CHECK(diloco::make_codec("fp4")->payload_bytes(shape) == 540672);
+  CHECK(diloco::make_codec("int8_normal")->payload_bytes(shape) == (1 << 20) + 8);
 }
 
 TEST_CASE("the fast kernels equal the ATen reference bit for bit", "[compress][quantizers]") {
   const std::string spec = GENERATE(from_range(std::begin(kNearestSpecs), std::end(kNearestSpecs)));
   const int which = GENERATE(range(0, 10));
-  auto codec = make(spec);
+  auto codec = diloco::make_codec(spec);
   // Every shape with normal, outlier and subnormal data, plus the ties of this codec.
   at::Tensor x;
   if (which < 8) {
@@ -423,7 +392,8 @@ TEST_CASE("stochastic rounding is unbiased", "[compress][quantizers]") {
   const at::Tensor x = data({64}, 0, 99);
   at::Tensor sum = at::zeros({64}, at::kDouble), sumsq = at::zeros({64}, at::kDouble);
   for (int seed = 0; seed < trials; ++seed) {
-    auto codec = make(base + "(block=32,rounding=stochastic,seed=" + std::to_string(seed) + ")");
+    auto codec = diloco::make_codec(
+        base + "(block=32,rounding=stochastic,seed=" + std::to_string(seed) + ")");
     const at::Tensor y = round_trip(*codec, x).to(at::kDouble);
     sum += y;
     sumsq += y * y;
@@ -449,9 +419,9 @@ TEST_CASE("stochastic rounding is unbiased", "[compress][quantizers]") {
 
 TEST_CASE("stochastic rounding is deterministic per instance and seed", "[compress][quantizers]") {
   const at::Tensor x = data({1000}, 0, 3);
-  auto a = make("int4(rounding=stochastic,seed=42)");
-  auto b = make("int4(rounding=stochastic,seed=42)");
-  auto c = make("int4(rounding=stochastic,seed=43)");
+  auto a = diloco::make_codec("int4(rounding=stochastic,seed=42)");
+  auto b = diloco::make_codec("int4(rounding=stochastic,seed=42)");
+  auto c = diloco::make_codec("int4(rounding=stochastic,seed=43)");
   std::vector<std::uint8_t> pa1, pa2, pb1, pc1;
   round_trip(*a, x, &pa1);
   round_trip(*a, x, &pa2);
@@ -466,7 +436,7 @@ TEST_CASE("malformed payloads raise diloco::Error naming the codec", "[compress]
   const std::string spec = GENERATE("fp32", "fp16", "int8", "int4", "int2", "int8_normal", "fp4");
   const std::string tag = "[codec '" + spec + "']";
   INFO("codec " << spec);
-  auto codec = make(spec);
+  auto codec = diloco::make_codec(spec);
   const bool blockwise = spec != "fp32" && spec != "fp16" && spec != "int8_normal";
   // 301 elements: a full block of 256 and a partial one of 45 (odd: padding bits for 4 and 2).
   const at::Tensor x = data({301}, 0, 8);
@@ -583,7 +553,7 @@ TEST_CASE("malformed payloads raise diloco::Error naming the codec", "[compress]
 TEST_CASE("non-finite input is an error when encoding", "[compress][quantizers]") {
   const std::string spec = GENERATE("fp16", "int8", "int4(rounding=stochastic)", "int2", "int8_normal", "fp4");
   INFO("codec " << spec);
-  auto codec = make(spec);
+  auto codec = diloco::make_codec(spec);
   at::Tensor x = data({500}, 0);
   x[300] = GENERATE(std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity());
   std::vector<std::uint8_t> buf(static_cast<std::size_t>(codec->payload_bytes(x.sizes())));
@@ -592,16 +562,16 @@ TEST_CASE("non-finite input is an error when encoding", "[compress][quantizers]"
 }
 
 TEST_CASE("specs spell out every parameter and rebuild an equal codec", "[compress][quantizers]") {
-  CHECK(make("int8")->spec() == "int8(block=256,rounding=nearest,seed=0)");
-  CHECK(make("int2(seed=9,rounding=stochastic,block=64)")->spec() ==
+  CHECK(diloco::make_codec("int8")->spec() == "int8(block=256,rounding=nearest,seed=0)");
+  CHECK(diloco::make_codec("int2(seed=9,rounding=stochastic,block=64)")->spec() ==
         "int2(block=64,rounding=stochastic,seed=9)");
-  CHECK(make("fp4")->spec() == "fp4(block=256)");
-  CHECK(make("fp16")->spec() == "fp16");
-  CHECK(make("fp32")->spec() == "fp32");
-  CHECK(make("int8_normal")->spec() == "int8_normal");
+  CHECK(diloco::make_codec("fp4")->spec() == "fp4(block=256)");
+  CHECK(diloco::make_codec("fp16")->spec() == "fp16");
+  CHECK(diloco::make_codec("fp32")->spec() == "fp32");
+  CHECK(diloco::make_codec("int8_normal")->spec() == "int8_normal");
   const std::string spec = GENERATE(from_range(std::begin(kSpecs), std::end(kSpecs)));
-  auto a = make(spec);
-  auto b = make(a->spec());
+  auto a = diloco::make_codec(spec);
+  auto b = diloco::make_codec(a->spec());
   CHECK(b->spec() == a->spec());
   // Equal codecs: same payload for the same input (stochastic ones start from the same seed).
   const at::Tensor x = data({777}, 0);
@@ -616,27 +586,31 @@ TEST_CASE("bad parameters are OptionErrors naming the parameter and its range", 
   const std::string name = GENERATE("int8", "int4", "int2", "fp4");
   INFO("codec " << name);
   const std::string tag = "[codec '" + name + "']";
-  CHECK_THAT(error_of<OptionError>([&] { make(name + "(block=100)"); }),
-             Contains(tag) && Contains("block") && Contains("power of two in [32, 4096]") && Contains("'100'"));
-  CHECK_THAT(error_of<OptionError>([&] { make(name + "(block=8192)"); }),
+  CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(block=100)"); }),
+             Contains(tag) && Contains("block") && Contains("power of two in [32, 4096]") &&
+                 Contains("'100'"));
+  CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(block=8192)"); }),
              Contains(tag) && Contains("block") && Contains("[32, 4096]") && Contains("'8192'"));
-  CHECK_THAT(error_of<OptionError>([&] { make(name + "(block=16)"); }),
+  CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(block=16)"); }),
              Contains("block") && Contains("[32, 4096]"));
-  CHECK_THAT(error_of<OptionError>([&] { make(name + "(bogus=1)"); }),
-             Contains(tag) && Contains("unknown parameter") && Contains("bogus") && Contains("block"));
+  CHECK_THAT(
+      error_of<OptionError>([&] { diloco::make_codec(name + "(bogus=1)"); }),
+      Contains(tag) && Contains("unknown parameter") && Contains("bogus") && Contains("block"));
   if (name != "fp4") {
-    CHECK_THAT(error_of<OptionError>([&] { make(name + "(rounding=up)"); }),
-               Contains(tag) && Contains("rounding") && Contains("nearest|stochastic") && Contains("'up'"));
-    CHECK_THAT(error_of<OptionError>([&] { make(name + "(seed=-1)"); }),
+    CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(rounding=up)"); }),
+               Contains(tag) && Contains("rounding") && Contains("nearest|stochastic") &&
+                   Contains("'up'"));
+    CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(seed=-1)"); }),
                Contains("seed") && Contains("[0, 4294967295]"));
   } else {
-    CHECK_THAT(error_of<OptionError>([&] { make("fp4(rounding=nearest)"); }),
+    CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec("fp4(rounding=nearest)"); }),
                Contains("unknown parameter") && Contains("rounding"));
   }
 }
 
 TEST_CASE("parameterless codecs reject any parameter", "[compress][quantizers]") {
   const std::string name = GENERATE("fp32", "fp16", "int8_normal");
-  CHECK_THAT(error_of<diloco::OptionError>([&] { make(name + "(block=256)"); }),
-             Contains("[codec '" + name + "']") && Contains("unknown parameter") && Contains("block"));
+  CHECK_THAT(
+      error_of<diloco::OptionError>([&] { diloco::make_codec(name + "(block=256)"); }),
+      Contains("[codec '" + name + "']") && Contains("unknown parameter") && Contains("block"));
 }

@@ -10,60 +10,39 @@
 #include <map>
 #include <set>
 
-#include "diloco/compress/codec_params.h"
+#include "diloco/compress/registry.h"
 #include "diloco/errors.h"
+#include "support/codec_helpers.h"
 
 using Catch::Matchers::Contains;
-
-namespace {
-
-const std::vector<std::vector<std::int64_t>> kShapes = {{},       {1},       {7},      {5000},
-                                                        {64, 64}, {100, 70}, {3, 5, 7}};
-
-std::unique_ptr<diloco::Codec> build(std::map<std::string, std::string> values = {}) {
-  diloco::CodecParams params("randomk", std::move(values));
-  return diloco::make_randomk_codec(params);
-}
-
-std::vector<float> encode(diloco::Codec& codec, const at::Tensor& x) {
-  std::vector<float> buf(static_cast<std::size_t>(codec.payload_bytes(x.sizes()) / 4));
-  codec.encode(x, reinterpret_cast<std::uint8_t*>(buf.data()));
-  return buf;
-}
-
-at::Tensor decode(const diloco::Codec& codec, const std::vector<float>& buf,
-                  c10::IntArrayRef shape) {
-  at::Tensor y = at::empty(shape);
-  codec.decode(reinterpret_cast<const std::uint8_t*>(buf.data()),
-               static_cast<std::int64_t>(buf.size() * 4), y);
-  return y;
-}
-
-}  // namespace
+using diloco_test::codec_shapes;
+using diloco_test::decode_floats;
+using diloco_test::encode_floats;
+using diloco_test::make_codec_with;
 
 TEST_CASE("randomk round-trips its kept values and sizes its payload as 4k",
           "[compress][randomk]") {
-  const auto shape = GENERATE(from_range(kShapes));
+  const auto shape = GENERATE(from_range(codec_shapes()));
   const double fraction = GENERATE(0.01, 0.25, 1.0);
   INFO("fraction " << fraction << " shape " << at::IntArrayRef(shape));
-  auto codec = build({{"fraction", std::to_string(fraction)}});
+  auto codec = make_codec_with("randomk", {{"fraction", std::to_string(fraction)}});
   CHECK(codec->aggregation() == diloco::Aggregation::kSummable);
   CHECK(codec->payload_dtype() == at::kFloat);
   at::Tensor x = at::arange(1, 1 + at::zeros(shape).numel(), at::kFloat).view(shape);
   const std::int64_t d = x.numel();
   const std::int64_t k = std::min(d, std::max<std::int64_t>(1, std::llround(fraction * d)));
   CHECK(codec->payload_bytes(shape) == 4 * k);
-  const auto buf = encode(*codec, x);
+  const auto buf = encode_floats(*codec, x);
   // x = 1..d, so the payload lists the positions + 1: distinct and ascending.
   for (std::size_t j = 1; j < buf.size(); ++j) CHECK(buf[j - 1] < buf[j]);
-  at::Tensor y = decode(*codec, buf, shape);
+  at::Tensor y = decode_floats(*codec, buf, shape);
   CHECK(((y == 0) | (y == x)).all().item<bool>());
   CHECK((y != 0).sum().item<std::int64_t>() == k);
   CHECK((y - x).abs().max().item<double>() <= codec->error_bound(x));
 }
 
 TEST_CASE("randomk payload sizes", "[compress][randomk]") {
-  auto codec = build();
+  auto codec = make_codec_with("randomk");
   CHECK(codec->payload_bytes(std::vector<std::int64_t>{}) == 4);
   CHECK(codec->payload_bytes({7}) == 4);
   CHECK(codec->payload_bytes({5000}) == 200);
@@ -76,15 +55,15 @@ TEST_CASE("randomk payload sizes", "[compress][randomk]") {
 
 TEST_CASE("randomk islands with the same seed keep the same positions call after call",
           "[compress][randomk]") {
-  auto a = build({{"seed", "42"}, {"fraction", "0.01"}});
-  auto b = build({{"seed", "42"}, {"fraction", "0.01"}});
-  auto other = build({{"seed", "43"}, {"fraction", "0.01"}});
+  auto a = make_codec_with("randomk", {{"seed", "42"}, {"fraction", "0.01"}});
+  auto b = make_codec_with("randomk", {{"seed", "42"}, {"fraction", "0.01"}});
+  auto other = make_codec_with("randomk", {{"seed", "43"}, {"fraction", "0.01"}});
   std::set<std::vector<float>> seen;
   for (int call = 0; call < 20; ++call) {
     // Different tensor sizes along the way: the counter advances on every encode regardless.
     const std::int64_t d = call % 3 == 0 ? 5000 : 1000;
     at::Tensor x = at::arange(1, d + 1, at::kFloat);
-    const auto pa = encode(*a, x), pb = encode(*b, x), po = encode(*other, x);
+    const auto pa = encode_floats(*a, x), pb = encode_floats(*b, x), po = encode_floats(*other, x);
     CHECK(pa == pb);
     CHECK(pa != po);
     seen.insert(pa);
@@ -100,46 +79,46 @@ TEST_CASE("randomk islands with the same seed keep the same positions call after
 
 TEST_CASE("randomk: the sum of the islands' payloads decodes to the sum of their decodes",
           "[compress][randomk]") {
-  const auto shape = GENERATE(from_range(kShapes));
+  const auto shape = GENERATE(from_range(codec_shapes()));
   INFO("shape " << at::IntArrayRef(shape));
   const std::string rescale = GENERATE("false", "true");
   INFO("rescale " << rescale);
-  auto a = build({{"fraction", "0.1"}, {"seed", "9"}, {"rescale", rescale}});
-  auto b = build({{"fraction", "0.1"}, {"seed", "9"}, {"rescale", rescale}});
+  auto a = make_codec_with("randomk", {{"fraction", "0.1"}, {"seed", "9"}, {"rescale", rescale}});
+  auto b = make_codec_with("randomk", {{"fraction", "0.1"}, {"seed", "9"}, {"rescale", rescale}});
   at::manual_seed(1);
   at::Tensor x1 = at::randn(shape), x2 = at::randn(shape);
-  const auto pa = encode(*a, x1), pb = encode(*b, x2);
+  const auto pa = encode_floats(*a, x1), pb = encode_floats(*b, x2);
   std::vector<float> sum(pa.size());
   for (std::size_t j = 0; j < pa.size(); ++j) sum[j] = pa[j] + pb[j];
-  at::Tensor ya = decode(*a, pa, shape), yb = decode(*b, pb, shape);
-  at::Tensor ys = decode(*a, sum, shape);
+  at::Tensor ya = decode_floats(*a, pa, shape), yb = decode_floats(*b, pb, shape);
+  at::Tensor ys = decode_floats(*a, sum, shape);
   if (rescale == "false") {
     CHECK(at::equal(ys, ya + yb));
   } else {
     // d/k (a + b) and d/k a + d/k b differ by float rounding only.
     CHECK(at::allclose(ys, ya + yb, 1e-5, 1e-6));
   }
-  CHECK(at::equal(decode(*b, sum, shape), ys));
+  CHECK(at::equal(decode_floats(*b, sum, shape), ys));
 }
 
 TEST_CASE("randomk decodes each payload with the positions of the encode that wrote it",
           "[compress][randomk]") {
   // The compressor encodes every tensor, then decodes each from where it was encoded.
-  auto codec = build({{"fraction", "0.05"}});
+  auto codec = make_codec_with("randomk", {{"fraction", "0.05"}});
   at::manual_seed(4);
   at::Tensor x1 = at::randn({40, 50}), x2 = at::randn({1500});
-  const auto p1 = encode(*codec, x1), p2 = encode(*codec, x2);
+  const auto p1 = encode_floats(*codec, x1), p2 = encode_floats(*codec, x2);
   auto* r = dynamic_cast<diloco::RandomkCodec*>(codec.get());
   for (int pass = 0; pass < 2; ++pass) {
     for (const auto& [p, x, call] : {std::make_tuple(&p1, x1, 0), std::make_tuple(&p2, x2, 1)}) {
-      at::Tensor y = decode(*codec, *p, x.sizes());
+      at::Tensor y = decode_floats(*codec, *p, x.sizes());
       at::Tensor mask = at::zeros({x.numel()}, at::kBool);
       for (auto i : r->positions(call, x.numel())) mask[i] = true;
       CHECK(at::equal(y, at::where(mask.view(x.sizes()), x, at::zeros_like(x))));
     }
   }
   // A decode ends the round: the next encode forgets the previous ones.
-  const auto p3 = encode(*codec, x1);
+  const auto p3 = encode_floats(*codec, x1);
   at::Tensor stale = at::empty({1500});
   CHECK_THROWS_WITH(codec->decode(reinterpret_cast<const std::uint8_t*>(p2.data()), 300, stale),
                     Contains("[codec randomk]") && Contains("no matching encode"));
@@ -147,15 +126,16 @@ TEST_CASE("randomk decodes each payload with the positions of the encode that wr
 }
 
 TEST_CASE("randomk with rescale is unbiased", "[compress][randomk]") {
-  auto scaled = build({{"fraction", "0.2"}, {"rescale", "true"}, {"seed", "5"}});
-  auto plain = build({{"fraction", "0.2"}, {"seed", "5"}});
+  auto scaled =
+      make_codec_with("randomk", {{"fraction", "0.2"}, {"rescale", "true"}, {"seed", "5"}});
+  auto plain = make_codec_with("randomk", {{"fraction", "0.2"}, {"seed", "5"}});
   at::manual_seed(8);
   at::Tensor x = at::rand({50}) + 0.5;  // away from 0: the check is relative
   at::Tensor mean_scaled = at::zeros_like(x), mean_plain = at::zeros_like(x);
   const int calls = 4000;
   for (int c = 0; c < calls; ++c) {
-    mean_scaled += decode(*scaled, encode(*scaled, x), x.sizes());
-    mean_plain += decode(*plain, encode(*plain, x), x.sizes());
+    mean_scaled += decode_floats(*scaled, encode_floats(*scaled, x), x.sizes());
+    mean_plain += decode_floats(*plain, encode_floats(*plain, x), x.sizes());
   }
   mean_scaled /= calls;
   mean_plain /= calls;
@@ -165,37 +145,46 @@ TEST_CASE("randomk with rescale is unbiased", "[compress][randomk]") {
   CHECK(worst < 0.2);
   // Without rescaling the expectation is (k/d) x.
   CHECK(((mean_plain - 0.2 * x).abs() / x.abs()).max().item<double>() < 0.2 * 0.2);
-  CHECK((decode(*scaled, encode(*scaled, x), x.sizes()) - x).abs().max().item<double>() <=
-        scaled->error_bound(x));
+  CHECK((decode_floats(*scaled, encode_floats(*scaled, x), x.sizes()) - x)
+            .abs()
+            .max()
+            .item<double>() <= scaled->error_bound(x));
 }
 
 TEST_CASE("randomk rejects malformed payloads", "[compress][randomk]") {
-  auto codec = build({{"fraction", "0.5"}});
+  auto codec = make_codec_with("randomk", {{"fraction", "0.5"}});
   at::Tensor x = at::randn({10});
   at::Tensor y = at::empty({10});
   std::vector<float> never(5);
   CHECK_THROWS_WITH(codec->decode(reinterpret_cast<const std::uint8_t*>(never.data()), 20, y),
                     Contains("no matching encode"));
-  auto buf = encode(*codec, x);
+  auto buf = encode_floats(*codec, x);
   CHECK_THROWS_WITH(codec->decode(reinterpret_cast<const std::uint8_t*>(buf.data()), 19, y),
                     Contains("expected 20"));
   buf[2] = std::numeric_limits<float>::infinity();
-  CHECK_THROWS_WITH(decode(*codec, buf, x.sizes()), Contains("malformed") && Contains("inf"));
+  CHECK_THROWS_WITH(decode_floats(*codec, buf, x.sizes()),
+                    Contains("malformed") && Contains("inf"));
   x[0] = std::numeric_limits<float>::quiet_NaN();
-  auto all = build({{"fraction", "1"}});
+  auto all = make_codec_with("randomk", {{"fraction", "1"}});
   std::vector<float> out(10);
   CHECK_THROWS_WITH(all->encode(x, reinterpret_cast<std::uint8_t*>(out.data())),
                     Contains("non-finite"));
 }
 
 TEST_CASE("randomk spec and bad parameters", "[compress][randomk]") {
-  CHECK(build()->spec() == "randomk(fraction=0.01,seed=0,rescale=false)");
-  auto codec = build({{"fraction", "0.3"}, {"seed", "17"}, {"rescale", "true"}});
+  CHECK(make_codec_with("randomk")->spec() == "randomk(fraction=0.01,seed=0,rescale=false)");
+  auto codec =
+      make_codec_with("randomk", {{"fraction", "0.3"}, {"seed", "17"}, {"rescale", "true"}});
   CHECK(codec->spec() == "randomk(fraction=0.3,seed=17,rescale=true)");
-  CHECK(build({{"fraction", "0.3"}, {"seed", "17"}, {"rescale", "true"}})->spec() == codec->spec());
-  CHECK_THROWS_WITH(build({{"fraction", "0"}}), Contains("fraction") && Contains("(0, 1]"));
-  CHECK_THROWS_WITH(build({{"fraction", "1.5"}}), Contains("fraction") && Contains("1]"));
-  CHECK_THROWS_WITH(build({{"seed", "-1"}}), Contains("seed"));
-  CHECK_THROWS_WITH(build({{"rescale", "yes"}}), Contains("rescale") && Contains("false|true"));
-  CHECK_THROWS_WITH(build({{"k", "5"}}), Contains("unknown parameter") && Contains("k"));
+  CHECK(make_codec_with("randomk", {{"fraction", "0.3"}, {"seed", "17"}, {"rescale", "true"}})
+            ->spec() == codec->spec());
+  CHECK_THROWS_WITH(make_codec_with("randomk", {{"fraction", "0"}}),
+                    Contains("fraction") && Contains("(0, 1]"));
+  CHECK_THROWS_WITH(make_codec_with("randomk", {{"fraction", "1.5"}}),
+                    Contains("fraction") && Contains("1]"));
+  CHECK_THROWS_WITH(make_codec_with("randomk", {{"seed", "-1"}}), Contains("seed"));
+  CHECK_THROWS_WITH(make_codec_with("randomk", {{"rescale", "yes"}}),
+                    Contains("rescale") && Contains("false|true"));
+  CHECK_THROWS_WITH(make_codec_with("randomk", {{"k", "5"}}),
+                    Contains("unknown parameter") && Contains("k"));
 }

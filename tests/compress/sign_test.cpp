@@ -9,42 +9,26 @@
 #include <limits>
 #include <random>
 
-#include "diloco/compress/codec_params.h"
+#include "diloco/compress/registry.h"
 #include "diloco/errors.h"
+#include "support/codec_helpers.h"
 
 using Catch::Matchers::Contains;
-
-namespace {
-
-const std::vector<std::vector<std::int64_t>> kShapes = {{},       {1},       {7},      {5000},
-                                                        {64, 64}, {100, 70}, {3, 5, 7}};
-
-std::unique_ptr<diloco::Codec> build(std::map<std::string, std::string> values = {}) {
-  diloco::CodecParams params("sign", std::move(values));
-  return diloco::make_sign_codec(params);
-}
-
-std::vector<std::uint8_t> encode(diloco::Codec& codec, const at::Tensor& x) {
-  std::vector<std::uint8_t> buf(static_cast<std::size_t>(codec.payload_bytes(x.sizes())) + 16,
-                                0xA5);
-  codec.encode(x, buf.data());
-  for (std::size_t i = buf.size() - 16; i < buf.size(); ++i) REQUIRE(buf[i] == 0xA5);
-  buf.resize(buf.size() - 16);
-  return buf;
-}
-
-}  // namespace
+using diloco_test::codec_shapes;
+using diloco_test::decode_payload;
+using diloco_test::encode_payload;
+using diloco_test::make_codec_with;
 
 TEST_CASE("sign decodes to (|x|_1/d) sign(x) exactly", "[compress][sign]") {
-  const auto shape = GENERATE(from_range(kShapes));
+  const auto shape = GENERATE(from_range(codec_shapes()));
   INFO("shape " << at::IntArrayRef(shape));
-  auto codec = build();
+  auto codec = make_codec_with("sign");
   CHECK(codec->spec() == "sign");
   CHECK(codec->aggregation() == diloco::Aggregation::kGathered);
   CHECK(codec->payload_dtype() == at::kByte);
   at::manual_seed(2);
   at::Tensor x = at::randn(shape);
-  const auto buf = encode(*codec, x);
+  const auto buf = encode_payload(*codec, x);
   at::Tensor y = at::empty_like(x);
   codec->decode(buf.data(), static_cast<std::int64_t>(buf.size()), y);
   const double d = static_cast<double>(x.numel());
@@ -59,7 +43,7 @@ TEST_CASE("sign decodes to (|x|_1/d) sign(x) exactly", "[compress][sign]") {
 }
 
 TEST_CASE("sign payload is 4 + ceil(d/8) bytes", "[compress][sign]") {
-  auto codec = build();
+  auto codec = make_codec_with("sign");
   CHECK(codec->payload_bytes(std::vector<std::int64_t>{}) == 5);
   CHECK(codec->payload_bytes({1}) == 5);
   CHECK(codec->payload_bytes({7}) == 5);
@@ -74,9 +58,9 @@ TEST_CASE("sign payload is 4 + ceil(d/8) bytes", "[compress][sign]") {
 }
 
 TEST_CASE("sign sends zero as +1 and packs bits little-endian", "[compress][sign]") {
-  auto codec = build();
+  auto codec = make_codec_with("sign");
   at::Tensor x = at::tensor({0.0f, -0.0f, -2.0f, 1.0f, -1.0f, 0.0f, 0.0f, 0.0f, -4.0f});
-  const auto buf = encode(*codec, x);
+  const auto buf = encode_payload(*codec, x);
   REQUIRE(buf.size() == 6);
   CHECK(buf[4] == 0x14);  // elements 2 and 4 negative
   CHECK(buf[5] == 0x01);  // element 8 negative, padding zero
@@ -86,15 +70,15 @@ TEST_CASE("sign sends zero as +1 and packs bits little-endian", "[compress][sign
   CHECK(at::equal(y, at::tensor({s, s, -s, s, -s, s, s, s, -s})));
   // An empty tensor has scale 0 and no bits.
   at::Tensor e = at::empty({0});
-  const auto none = encode(*codec, e);
+  const auto none = encode_payload(*codec, e);
   CHECK(none.size() == 4);
   codec->decode(none.data(), 4, e);
 }
 
 TEST_CASE("sign rejects malformed payloads and inputs", "[compress][sign]") {
-  auto codec = build();
+  auto codec = make_codec_with("sign");
   at::Tensor x = at::randn({100});
-  auto buf = encode(*codec, x);
+  auto buf = encode_payload(*codec, x);
   at::Tensor y = at::empty_like(x);
   CHECK_THROWS_WITH(codec->decode(buf.data(), static_cast<std::int64_t>(buf.size()) - 1, y),
                     Contains("[codec sign]") && Contains("expected 17"));
@@ -122,6 +106,7 @@ TEST_CASE("sign rejects malformed payloads and inputs", "[compress][sign]") {
 }
 
 TEST_CASE("sign takes no parameters", "[compress][sign]") {
-  CHECK_THROWS_AS(build({{"k", "3"}}), diloco::OptionError);
-  CHECK_THROWS_WITH(build({{"scale", "1"}}), Contains("unknown parameter") && Contains("scale"));
+  CHECK_THROWS_AS(make_codec_with("sign", {{"k", "3"}}), diloco::OptionError);
+  CHECK_THROWS_WITH(make_codec_with("sign", {{"scale", "1"}}),
+                    Contains("unknown parameter") && Contains("scale"));
 }

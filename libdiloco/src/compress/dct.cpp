@@ -6,6 +6,7 @@
 #include <cmath>
 #include <sstream>
 
+#include "compress/codec_checks.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -19,13 +20,6 @@ namespace {
 // Relative slack of the error bound for the float32 rounding of the forward and inverse
 // transforms (a few ulps times the tile's norm; measured errors are ~1e-7 of it).
 constexpr double kRoundingSlack = 1e-5;
-
-void check_float_tensor(const char* what, const at::Tensor& t) {
-  if (t.scalar_type() != at::kFloat || !t.is_contiguous() || !t.device().is_cpu()) {
-    throw Error(std::string("[codec dct] ") + what +
-                " must be a contiguous float32 CPU tensor, got " + t.toString());
-  }
-}
 
 }  // namespace
 
@@ -64,7 +58,7 @@ const at::Tensor& DctCodec::basis(std::int64_t n) const {
 }
 
 at::Tensor DctCodec::transform(const at::Tensor& x, bool inverse) const {
-  check_float_tensor("transform input", x);
+  check_cpu_float("dct", x, "transform input");
   const ChunkGrid g(x.sizes(), chunk_, chunk_);
   at::Tensor src = x.reshape({g.rows, g.cols});
   at::Tensor dst = at::empty({g.rows, g.cols}, at::kFloat);
@@ -99,7 +93,7 @@ std::int64_t DctCodec::payload_bytes(c10::IntArrayRef shape) const {
 }
 
 void DctCodec::encode(const at::Tensor& x, std::uint8_t* out) {
-  check_float_tensor("encode input", x);
+  check_cpu_float("dct", x, "encode input");
   const float* p = x.data_ptr<float>();
   for (std::int64_t i = 0; i < x.numel(); ++i) {
     if (!std::isfinite(p[i])) {
@@ -114,7 +108,7 @@ void DctCodec::encode(const at::Tensor& x, std::uint8_t* out) {
 }
 
 void DctCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tensor& out) const {
-  check_float_tensor("decode output", out);
+  check_cpu_float("dct", out, "decode output");
   const ChunkGrid grid(out.sizes(), chunk_, chunk_);
   const std::int64_t expected = coder_.payload_bytes(grid);
   if (bytes != expected) {
@@ -138,7 +132,7 @@ void DctCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tenso
 }
 
 double DctCodec::error_bound(const at::Tensor& x) const {
-  check_float_tensor("error_bound input", x);
+  check_cpu_float("dct", x, "error_bound input");
   const ChunkGrid grid(x.sizes(), chunk_, chunk_);
   const at::Tensor coef = transform(x, false);
   const auto stats = coder_.chunk_stats(coef.data_ptr<float>(), grid);

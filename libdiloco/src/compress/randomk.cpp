@@ -12,6 +12,7 @@
 #include <random>
 #include <sstream>
 
+#include "compress/codec_checks.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -36,13 +37,6 @@ std::uint64_t uniform_below(std::mt19937_64& rng, std::uint64_t bound) {
   for (;;) {
     const std::uint64_t r = rng();
     if (r >= threshold) return r % bound;
-  }
-}
-
-void check_float_tensor(const char* what, const at::Tensor& t) {
-  if (t.scalar_type() != at::kFloat || !t.is_contiguous() || !t.device().is_cpu()) {
-    throw Error(std::string("[codec randomk] ") + what +
-                " must be a contiguous float32 CPU tensor, got " + t.toString());
   }
 }
 
@@ -106,7 +100,7 @@ std::vector<std::int64_t> RandomkCodec::positions(std::int64_t call, std::int64_
 }
 
 void RandomkCodec::encode(const at::Tensor& x, std::uint8_t* out) {
-  check_float_tensor("encode input", x);
+  check_cpu_float("randomk", x, "encode input");
   if (decoded_) {
     draws_.clear();
     decoded_ = false;
@@ -131,7 +125,7 @@ void RandomkCodec::encode(const at::Tensor& x, std::uint8_t* out) {
 }
 
 void RandomkCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tensor& out) const {
-  check_float_tensor("decode output", out);
+  check_cpu_float("randomk", out, "decode output");
   const std::int64_t d = out.numel(), k = kept(d);
   if (bytes != 4 * k) {
     std::ostringstream s;
@@ -172,7 +166,7 @@ void RandomkCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::T
 }
 
 double RandomkCodec::error_bound(const at::Tensor& x) const {
-  check_float_tensor("error_bound input", x);
+  check_cpu_float("randomk", x, "error_bound input");
   const float* p = x.data_ptr<float>();
   const std::int64_t d = x.numel();
   double max_abs = 0;

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <sstream>
 
+#include "compress/codec_checks.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -21,13 +22,6 @@ std::int64_t numel_of(c10::IntArrayRef shape) {
   std::int64_t n = 1;
   for (auto s : shape) n *= s;
   return n;
-}
-
-void check_float_tensor(const char* what, const at::Tensor& t) {
-  if (t.scalar_type() != at::kFloat || !t.is_contiguous() || !t.device().is_cpu()) {
-    throw Error(std::string("[codec sign] ") + what +
-                " must be a contiguous float32 CPU tensor, got " + t.toString());
-  }
 }
 
 // The scale as encode() computes it: the L1 norm in double, so that large tensors do not lose
@@ -45,7 +39,7 @@ std::int64_t SignCodec::payload_bytes(c10::IntArrayRef shape) const {
 }
 
 void SignCodec::encode(const at::Tensor& x, std::uint8_t* out) {
-  check_float_tensor("encode input", x);
+  check_cpu_float("sign", x, "encode input");
   const float* p = x.data_ptr<float>();
   const std::int64_t d = x.numel();
   const double mean = l1_mean(p, d);
@@ -74,7 +68,7 @@ void SignCodec::encode(const at::Tensor& x, std::uint8_t* out) {
 }
 
 void SignCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tensor& out) const {
-  check_float_tensor("decode output", out);
+  check_cpu_float("sign", out, "decode output");
   const std::int64_t d = out.numel(), expected = payload_bytes(out.sizes());
   if (bytes != expected) {
     std::ostringstream s;
@@ -101,7 +95,7 @@ void SignCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tens
 }
 
 double SignCodec::error_bound(const at::Tensor& x) const {
-  check_float_tensor("error_bound input", x);
+  check_cpu_float("sign", x, "error_bound input");
   const float* p = x.data_ptr<float>();
   double max_abs = 0;
   for (std::int64_t i = 0; i < x.numel(); ++i)

@@ -11,6 +11,7 @@
 #include <numeric>
 #include <sstream>
 
+#include "compress/codec_checks.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -163,14 +164,6 @@ void code_chunk(SparseValues mode, const float* v, std::int64_t n, ChunkValues& 
       }
       return;
     }
-  }
-}
-
-void check_float_tensor(const char* codec, const char* what, const at::Tensor& t) {
-  if (t.scalar_type() != at::kFloat || !t.is_contiguous() || !t.device().is_cpu()) {
-    throw Error(std::string("[codec ") + codec + "] " + what +
-                " must be a contiguous float32 CPU tensor, got " + t.toString() +
-                (t.is_contiguous() ? "" : " (not contiguous)"));
   }
 }
 
@@ -487,13 +480,13 @@ std::int64_t TopkCodec::payload_bytes(c10::IntArrayRef shape) const {
 }
 
 void TopkCodec::encode(const at::Tensor& x, std::uint8_t* out) {
-  check_float_tensor("topk", "encode input", x);
+  check_cpu_float("topk", x, "encode input");
   SparseChunkCoder("topk", k_, sparse_values(values_))
       .encode(x.data_ptr<float>(), ChunkGrid(x.sizes(), chunk_, vector_chunk_), out);
 }
 
 void TopkCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tensor& out) const {
-  check_float_tensor("topk", "decode output", out);
+  check_cpu_float("topk", out, "decode output");
   const SparseChunkCoder coder("topk", k_, sparse_values(values_));
   const ChunkGrid grid(out.sizes(), chunk_, vector_chunk_);
   const std::int64_t expected = coder.payload_bytes(grid);
@@ -506,7 +499,7 @@ void TopkCodec::decode(const std::uint8_t* payload, std::int64_t bytes, at::Tens
 }
 
 double TopkCodec::error_bound(const at::Tensor& x) const {
-  check_float_tensor("topk", "error_bound input", x);
+  check_cpu_float("topk", x, "error_bound input");
   const SparseChunkCoder coder("topk", k_, sparse_values(values_));
   double bound = 0;
   for (const auto& st :

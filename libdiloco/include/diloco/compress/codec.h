@@ -9,8 +9,8 @@
 //   kGathered        every island's payload is all-gathered and decoded locally (top-k, sign).
 //
 // A codec is not a synchronizer: it never talks to the network. It is stateless between calls
-// except for what it declares (a random generator for stochastic rounding). Error feedback is a
-// wrapper (error_feedback.h) around any codec, not part of it.
+// except for what it declares (a random generator for stochastic rounding). Error feedback is
+// applied around any codec by CodecCompressor (compressor.h), not part of it.
 #pragma once
 
 #include <ATen/Tensor.h>
