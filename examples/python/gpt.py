@@ -23,7 +23,8 @@ class CausalSelfAttention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
-        # A buffer, not a parameter: never trained or exchanged between islands.
+        # A buffer, not a parameter: never trained. Constant, so every island holds the same one
+        # (DiLoCo keeps buffers consistent across islands anyway, as the C++ model's).
         self.register_buffer(
             "future", torch.ones(max_len, max_len, dtype=torch.bool).triu(diagonal=1),
             persistent=False)

@@ -113,6 +113,13 @@ def make_optimizer(model, f):
                              lr=f.lr, betas=ADAM_BETAS)
 
 
+def run_fields(f):
+    """What every island must agree on besides the library's own fields: the step count and the
+    evaluation schedule decide which collectives run (the final sync, evaluations after outer
+    steps). The same fields, spelled the same, as the C++ example's, so the two can mix."""
+    return {"train_lm --steps": f.steps, "train_lm --eval-every": f.eval_every}
+
+
 def make_group(f):
     timeout = f.timeout_s
     if timeout is None:
@@ -150,9 +157,10 @@ def train(f):
     if f.mode == "diloco":
         outer = diloco.DiLoCo(
             model, inner, group, inner_steps=f.inner_steps, outer_lr=f.outer_lr,
-            outer_momentum=f.outer_momentum, nesterov=not f.no_nesterov, compression=f.compress)
+            outer_momentum=f.outer_momentum, nesterov=not f.no_nesterov, compression=f.compress,
+            agree_on=run_fields(f))
     elif f.mode == "dp":
-        data_parallel = diloco.DataParallel(model, group)
+        data_parallel = diloco.DataParallel(model, group, agree_on=run_fields(f))
 
     parameter_count = sum(p.numel() for p in model.parameters())
     if leader:
