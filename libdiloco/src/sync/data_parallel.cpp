@@ -10,17 +10,30 @@
 
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
+#include "diloco/sync/fingerprint.h"
 #include "kernels/cpu_kernels.h"
 
 namespace diloco {
 
-DataParallel::DataParallel(torch::nn::Module& model, std::shared_ptr<Group> group)
-    : DataParallel(named_parameters(model), std::move(group)) {}
+DataParallel::DataParallel(torch::nn::Module& model, std::shared_ptr<Group> group,
+                           DataParallelOptions options)
+    : DataParallel(ModelTensors::of(model), std::move(group), std::move(options)) {}
 
-DataParallel::DataParallel(std::vector<NamedParameter> parameters, std::shared_ptr<Group> group)
-    : group_(std::move(group)), params_(std::move(parameters)) {
+DataParallel::DataParallel(ModelTensors model, std::shared_ptr<Group> group,
+                           DataParallelOptions options)
+    : options_(std::move(options)),
+      group_(std::move(group)),
+      params_(std::move(model.parameters)),
+      buffers_(std::move(model.buffers)) {
   if (!group_) throw OptionError("[DataParallel] group must not be null");
-  params_.agree_across(*group_, "DataParallel");
+  Fingerprint f = library_fingerprint("DataParallel");
+  f.add("buffers", to_string(options_.buffers));
+  for (const auto& [field, value] : options_.agree_on) f.add(field, value);
+  params_.describe_into(f);
+  buffers_.describe_into(f);
+  agree_on_fingerprint(*group_, "DataParallel", f);
+  params_.copy_from_rank0(*group_);
+  buffers_.copy_from_rank0(*group_);
   // One float32 buffer per bucket: gradients are summed in float32 whatever the model's dtype.
   for (const auto& b : params_.buckets()) {
     grad_flat_.push_back(at::empty({b.flat.numel()}, b.flat.options().dtype(at::kFloat)));
@@ -72,19 +85,13 @@ void DataParallel::sync_gradients() {
       }
     }
   }
+  buffers_.sync(*group_, options_.buffers, "DataParallel", steps_ + 1);
   ++steps_;
   sync_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 SyncStats DataParallel::stats() const {
-  SyncStats s;
-  s.inner_steps = steps_;
-  s.outer_steps = steps_;
-  s.sync_seconds = sync_seconds_;
-  const CommStats c = group_->stats();
-  s.bytes_sent = c.bytes_sent();
-  s.bytes_received = c.bytes_received();
-  return s;
+  return make_sync_stats(*group_, steps_, steps_, sync_seconds_);
 }
 
 }  // namespace diloco

@@ -12,6 +12,7 @@
 
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
+#include "diloco/sync/fingerprint.h"
 #include "kernels/cpu_kernels.h"
 
 namespace diloco {
@@ -24,20 +25,27 @@ bool in_place_ok(const at::Tensor& flat, const at::Device& outer_device) {
 }
 
 std::string missing_from_optimizer(const FlatParameters& params,
-                                   const torch::optim::Optimizer* inner) {
-  if (inner == nullptr) return "";
-  std::set<const void*> optimized;
-  for (const auto& group : inner->param_groups()) {
-    for (const auto& p : group.params()) optimized.insert(p.unsafeGetTensorImpl());
-  }
+                                   const c10::optional<std::vector<at::Tensor>>& optimized) {
+  if (!optimized) return "";
+  std::set<const void*> stepped;
+  for (const auto& t : *optimized) stepped.insert(t.unsafeGetTensorImpl());
   for (const auto& p : params.parameters()) {
-    if (optimized.count(p.tensor.unsafeGetTensorImpl()) == 0) {
+    if (stepped.count(p.tensor.unsafeGetTensorImpl()) == 0) {
       return "parameter '" + p.name +
              "' is not in the inner optimizer's parameter groups (build the optimizer from "
              "model->parameters())";
     }
   }
   return "";
+}
+
+ModelTensors with_optimizer(ModelTensors model, const torch::optim::Optimizer& inner) {
+  std::vector<at::Tensor> optimized;
+  for (const auto& group : inner.param_groups()) {
+    for (const auto& p : group.params()) optimized.push_back(p);
+  }
+  model.optimized = std::move(optimized);
+  return model;
 }
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
@@ -56,22 +64,29 @@ void DiLoCoOptions::validate() const {
 
 DiLoCo::DiLoCo(torch::nn::Module& model, torch::optim::Optimizer& inner,
                std::shared_ptr<Group> group, DiLoCoOptions options)
-    : DiLoCo(named_parameters(model), &inner, std::move(group), options) {}
+    : DiLoCo(with_optimizer(ModelTensors::of(model), inner), std::move(group),
+             std::move(options)) {}
 
-DiLoCo::DiLoCo(std::vector<NamedParameter> parameters, torch::optim::Optimizer* inner,
-               std::shared_ptr<Group> group, DiLoCoOptions options)
-    : options_((options.validate(), options)),
+DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions options)
+    : options_((options.validate(), std::move(options))),
       group_(std::move(group)),
-      params_(std::move(parameters)),
+      params_(std::move(model.parameters)),
+      buffers_(std::move(model.buffers)),
       outer_(options_.outer) {
   if (!group_) throw OptionError("[DiLoCo] group must not be null");
   const bool compressed = options_.compression != "none";
-  params_.agree_across(*group_, "DiLoCo", missing_from_optimizer(params_, inner));
-  const at::Device outer_device =
-      options_.outer_device.value_or(params_.buckets().front().flat.device());
+  agree_on_fingerprint(*group_, "DiLoCo", fingerprint(),
+                       missing_from_optimizer(params_, model.optimized));
+  params_.copy_from_rank0(*group_);
+  buffers_.copy_from_rank0(*group_);
+  // Compressed exchanges encode and decode on the CPU in float32, so their outer state lives
+  // there unless the caller says otherwise.
+  const at::Device outer_device = options_.outer_device.value_or(
+      compressed ? at::Device(at::kCPU) : params_.buckets().front().flat.device());
   if (compressed && !outer_device.is_cpu()) {
     throw OptionError("[DiLoCo] compression '" + options_.compression +
-                      "' runs on the CPU: set outer_device to the CPU (got " + outer_device.str() + ")");
+                      "' runs on the CPU: outer_device must be the CPU or unset (got " +
+                      outer_device.str() + ")");
   }
   for (const auto& b : params_.buckets()) {
     at::Tensor g = b.flat.to(outer_device, at::kFloat, /*non_blocking=*/false, /*copy=*/true);
@@ -91,6 +106,24 @@ DiLoCo::DiLoCo(std::vector<NamedParameter> parameters, torch::optim::Optimizer* 
 
 DiLoCo::~DiLoCo() = default;
 
+Fingerprint DiLoCo::fingerprint() const {
+  Fingerprint f = library_fingerprint("DiLoCo");
+  f.add("inner_steps (H)", std::to_string(options_.inner_steps));
+  f.add("outer lr", exact_decimal(options_.outer.lr));
+  f.add("outer momentum", exact_decimal(options_.outer.momentum));
+  f.add("outer nesterov", options_.outer.nesterov ? "true" : "false");
+  // The spec as the compressor spells it back: every parameter and seed explicit, so that
+  // "randomk" and "randomk(seed=7)" differ and "int8" equals "int8(block=256)".
+  f.add("compression", options_.compression == "none"
+                           ? "none"
+                           : Compressor::from_spec(options_.compression)->spec());
+  f.add("buffers", to_string(options_.buffers));
+  for (const auto& [field, value] : options_.agree_on) f.add(field, value);
+  params_.describe_into(f);
+  buffers_.describe_into(f);
+  return f;
+}
+
 bool DiLoCo::step() {
   ++inner_step_;
   if (inner_step_ % options_.inner_steps != 0) return false;
@@ -103,6 +136,7 @@ void DiLoCo::sync() {
   try {
     start_sync(0);
     finish_sync(0);
+    buffers_.sync(*group_, options_.buffers, "DiLoCo outer", outer_step_);
   } catch (...) {
     sync_seconds_ += seconds_since(start);
     throw;
@@ -239,14 +273,7 @@ void DiLoCo::reset_model_to_global() {
 }
 
 SyncStats DiLoCo::stats() const {
-  SyncStats s;
-  s.inner_steps = inner_step_;
-  s.outer_steps = outer_step_;
-  s.sync_seconds = sync_seconds_;
-  const CommStats c = group_->stats();
-  s.bytes_sent = c.bytes_sent();
-  s.bytes_received = c.bytes_received();
-  return s;
+  return make_sync_stats(*group_, inner_step_, outer_step_, sync_seconds_);
 }
 
 }  // namespace diloco

@@ -10,28 +10,10 @@
 
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
+#include "diloco/sync/buffers.h"
+#include "diloco/sync/fingerprint.h"
 
 namespace diloco {
-namespace {
-
-std::vector<std::string> split_lines(const std::string& s) {
-  std::vector<std::string> lines;
-  std::istringstream in(s);
-  for (std::string line; std::getline(in, line);) lines.push_back(line);
-  return lines;
-}
-
-// "name shape dtype" -> name.
-std::string line_name(const std::string& line) { return line.substr(0, line.find(' ')); }
-std::string line_spec(const std::string& line) {
-  const auto space = line.find(' ');
-  return space == std::string::npos ? "" : line.substr(space + 1);
-}
-
-constexpr const char* kProblemTag = "!problem ";
-
-}  // namespace
-
 std::vector<NamedParameter> named_parameters(const torch::nn::Module& module) {
   std::vector<NamedParameter> out;
   for (const auto& item : module.named_parameters(/*recurse=*/true)) {
@@ -96,60 +78,53 @@ const std::string& FlatParameters::name_at(std::size_t bucket, std::int64_t inde
   return parameters_[b.members[j]].name;
 }
 
-std::string FlatParameters::describe() const {
+namespace {
+
+std::string shape_and_dtype(const at::Tensor& t) {
   std::ostringstream out;
-  for (const auto& p : parameters_) {
-    out << p.name << " [";
-    for (std::size_t d = 0; d < p.tensor.sizes().size(); ++d) {
-      out << (d ? ", " : "") << p.tensor.sizes()[d];
-    }
-    out << "] " << c10::toString(p.tensor.scalar_type()) << "\n";
-  }
+  out << "[";
+  for (std::size_t d = 0; d < t.sizes().size(); ++d) out << (d ? ", " : "") << t.sizes()[d];
+  out << "] " << c10::toString(t.scalar_type());
   return out.str();
 }
 
-void FlatParameters::agree_across(Group& group, const std::string& who,
-                                  const std::string& local_problem) {
-  // Problems found locally travel with the description, so every rank fails together instead of
-  // one failing and the others waiting for it until the timeout.
-  std::string mine = describe();
-  if (!local_problem.empty()) mine = kProblemTag + local_problem + "\n" + mine;
-  const std::vector<std::string> all = group.allgather_bytes(mine, "model_check");
-  for (std::size_t r = 0; r < all.size(); ++r) {
-    if (all[r].rfind(kProblemTag, 0) == 0) {
-      throw Error("[" + who + "] rank " + std::to_string(r) + ": " +
-                  all[r].substr(std::string(kProblemTag).size(),
-                                all[r].find('\n') - std::string(kProblemTag).size()));
+// FNV-1a over the names in order: the same parameters in another order lay the flat buffers
+// out differently, so the order is compared too (as a short digest, not a list of names).
+std::string order_digest(const std::vector<NamedParameter>& tensors) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (const auto& t : tensors) {
+    for (char c : t.name + '\n') {
+      h ^= static_cast<unsigned char>(c);
+      h *= 1099511628211ull;
     }
   }
-  const auto reference = split_lines(all[0]);
-  for (std::size_t r = 1; r < all.size(); ++r) {
-    const auto lines = split_lines(all[r]);
-    const std::string here = "rank " + std::to_string(r);
-    for (std::size_t i = 0; i < std::max(lines.size(), reference.size()); ++i) {
-      std::ostringstream m;
-      m << "[" << who << "] the islands hold different models: ";
-      if (i >= lines.size()) {
-        m << "parameter '" << line_name(reference[i]) << "' exists on rank 0 but not on " << here
-          << " (rank 0 has " << reference.size() << " parameters, " << here << " has "
-          << lines.size() << ")";
-      } else if (i >= reference.size()) {
-        m << "parameter '" << line_name(lines[i]) << "' exists on " << here
-          << " but not on rank 0 (rank 0 has " << reference.size() << " parameters, " << here
-          << " has " << lines.size() << ")";
-      } else if (line_name(lines[i]) != line_name(reference[i])) {
-        m << "parameter #" << i << " is '" << line_name(reference[i]) << "' on rank 0 but '"
-          << line_name(lines[i]) << "' on " << here;
-      } else if (line_spec(lines[i]) != line_spec(reference[i])) {
-        m << "parameter '" << line_name(lines[i]) << "' is " << line_spec(reference[i])
-          << " on rank 0 but " << line_spec(lines[i]) << " on " << here;
-      } else {
-        continue;
-      }
-      throw Error(m.str());
-    }
-  }
+  std::ostringstream out;
+  out << std::hex << h;
+  return out.str();
+}
+
+}  // namespace
+
+void describe_tensors(Fingerprint& fingerprint, const std::string& kind,
+                      const std::vector<NamedParameter>& tensors) {
+  for (const auto& t : tensors) fingerprint.add(kind + " '" + t.name + "'", shape_and_dtype(t.tensor));
+  fingerprint.add(kind + " count", std::to_string(tensors.size()));
+  fingerprint.add(kind + " order", order_digest(tensors));
+}
+
+void FlatParameters::describe_into(Fingerprint& fingerprint) const {
+  describe_tensors(fingerprint, "parameter", parameters_);
+}
+
+void FlatParameters::copy_from_rank0(Group& group) {
   for (Bucket& b : buckets_) group.broadcast(b.flat, 0, "initial_weights");
+}
+
+ModelTensors ModelTensors::of(const torch::nn::Module& module) {
+  ModelTensors m;
+  m.parameters = named_parameters(module);
+  m.buffers = named_buffers(module);
+  return m;
 }
 
 }  // namespace diloco

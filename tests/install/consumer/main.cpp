@@ -10,7 +10,7 @@ int main() {
   std::vector<diloco::NamedParameter> params{{"w", at::ones({4}).set_requires_grad(true)}};
   diloco::DiLoCoOptions options;
   options.inner_steps = 1;
-  diloco::DiLoCo sync(params, nullptr, group, options);
+  diloco::DiLoCo sync(diloco::ModelTensors{params, {}, {}}, group, options);
   params[0].tensor.data().sub_(1.0);  // an "inner step"
   sync.step();
   std::printf("consumer: diloco %s, outer steps %lld\n", DILOCO_VERSION,

@@ -57,6 +57,10 @@ struct GroupOptions {
   // (optional, seconds), DILOCO_HOSTNAME, DILOCO_LINK_MBPS and DILOCO_LINK_LATENCY_MS (optional,
   // see LinkModel), TORCHELASTIC_USE_AGENT_STORE (set by torchrun). Throws OptionError naming a missing or malformed variable and its range.
   static GroupOptions from_env();
+  // The same variables, each optional: unset ones keep the defaults above (rank and world_size
+  // stay -1). Malformed values still throw OptionError; nothing is validated as a whole. For
+  // front ends that take some values from arguments and the rest from the environment.
+  static GroupOptions read_env();
 };
 
 class Group;
@@ -78,9 +82,12 @@ class PendingCollective {
 class Group {
  public:
   // Rendezvous over a c10d::TCPStore (rank 0 hosts it at master_addr:master_port) and connect
-  // a Gloo process group. Throws OptionError for bad options or when this rank's world_size
-  // differs from rank 0's, Error when the port is in use or the peers do not all arrive within
-  // the timeout.
+  // a Gloo process group, all of it within one deadline (options.timeout), whatever the peers
+  // do: a stopped rank 0 or another program on the port cannot hold it longer. Throws
+  // OptionError for bad options, a world_size that differs from rank 0's, or a RANK claimed by
+  // two processes (both fail, naming the rank); Error at once for a MASTER_ADDR that does not
+  // resolve or a port in use, and when the peers do not all arrive within the timeout (naming
+  // the ranks that did not).
   static std::shared_ptr<Group> create(const GroupOptions& options);
   static std::shared_ptr<Group> from_env();
 
@@ -127,6 +134,8 @@ class Group {
 
  private:
   struct Impl;
+  // ", rank R at HOST" for the peer whose address `what` (a Gloo error) names; "" if none does.
+  std::string name_peer_in(const std::string& what) const;
   void account(Collective c, const std::string& label, std::uint64_t payload_bytes, int root,
                double seconds, double link_seconds);
   template <typename Fn>

@@ -19,8 +19,10 @@
 // third copy. Only a model that is not float32, or that lives on another device than the outer
 // state, needs a float32 staging buffer for the pseudo-gradient on the outer device.
 //
-// Collectives: the constructor (model check, broadcast of rank 0's weights) and every outer step
-// are collectives; all ranks must construct together and call step() the same number of times.
+// Collectives: the constructor (configuration and model check, broadcast of rank 0's weights and
+// buffers) and every outer step are collectives; all ranks must construct together and call
+// step() the same number of times. The check compares a fingerprint of everything that must be
+// equal on every island (sync/fingerprint.h) and fails on every rank naming the field.
 #pragma once
 
 #include <ATen/Tensor.h>
@@ -30,11 +32,13 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "diloco/comm/group.h"
 #include "diloco/compress/compressor.h"
 #include "diloco/outer/outer_sgd.h"
+#include "diloco/sync/buffers.h"
 #include "diloco/sync/parameters.h"
 #include "diloco/sync/sync_stats.h"
 
@@ -46,32 +50,38 @@ class Optimizer;
 
 namespace diloco {
 
+class Fingerprint;
 class Group;
 
 struct DiLoCoOptions {
   std::int64_t inner_steps = 500;  // H, DiLoCo §3 (H = 500); range >= 1
   OuterSGDOptions outer;           // Nesterov, lr 0.7, momentum 0.9
-  // Where the global weights and the outer momentum live; unset = the model's device.
+  // Where the global weights and the outer momentum live; unset = the model's device, or the CPU
+  // when compressing (compressed exchanges run on the CPU in float32: the library decides).
   c10::optional<c10::Device> outer_device;
   // How pseudo-gradients cross the link: a compressor spec ("none", "fp16", "int8",
   // "topk(k=64,values=2bit)+ef", ...; see diloco/compress/registry.h). "none" sends float32
-  // with one all-reduce. Compressed exchanges run on the CPU in float32.
+  // with one all-reduce.
   std::string compression = "none";
+  // Module buffers (BatchNorm statistics) at every outer step: averaged, rank 0's, or left local
+  // (diloco/sync/buffers.h). DDP users expect them consistent, hence the default.
+  BufferSync buffers = BufferSync::kAverage;
+  // Extra fields every island must agree on, compared at construction with the library's own
+  // (sync/fingerprint.h), e.g. {{"steps", "2000"}} so that no island stops before the others.
+  std::vector<std::pair<std::string, std::string>> agree_on;
 
   void validate() const;  // throws OptionError naming the option and its allowed range
 };
-
 
 class DiLoCo {
  public:
   // `model` and `inner` are the user's; both must outlive this object. Every parameter of the
   // model must be in `inner`'s parameter groups (a typo there would silently train nothing).
+  // The model's buffers are synchronized as options.buffers says.
   DiLoCo(torch::nn::Module& model, torch::optim::Optimizer& inner, std::shared_ptr<Group> group,
          DiLoCoOptions options = {});
-  // The same from a list of named tensors; `inner` may be null when the caller steps the
-  // tensors itself.
-  DiLoCo(std::vector<NamedParameter> parameters, torch::optim::Optimizer* inner,
-         std::shared_ptr<Group> group, DiLoCoOptions options = {});
+  // The same from tensors (the tensors the inner optimizer steps in model.optimized, if known).
+  DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions options = {});
   ~DiLoCo();
 
   // Call after each inner optimizer step. Every inner_steps-th call runs an outer step (a
@@ -89,10 +99,12 @@ class DiLoCo {
   SyncStats stats() const;
   Group& group() { return *group_; }
   const FlatParameters& parameters() const { return params_; }
+  const ModelBuffers& buffers() const { return buffers_; }
   // The global weights, one flat float32 buffer per parameter bucket.
   const std::vector<at::Tensor>& global_weights() const { return global_; }
 
  private:
+  Fingerprint fingerprint() const;
   void start_sync(std::size_t fragment);
   void finish_sync(std::size_t fragment);
   void reset_model_to_global();
@@ -113,6 +125,7 @@ class DiLoCo {
   DiLoCoOptions options_;
   std::shared_ptr<Group> group_;
   FlatParameters params_;
+  ModelBuffers buffers_;
   OuterSGD outer_;
   // Per bucket (their state, residuals and factors, is per tensor); empty for "none".
   std::vector<std::unique_ptr<Compressor>> compressors_;

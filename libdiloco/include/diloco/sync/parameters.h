@@ -5,12 +5,13 @@
 // buffer per dtype. The parameter objects stay the same, so an optimizer built on them before
 // keeps working; a later model.to(...) would undo the rebinding (call it before).
 //
-// It also checks that every island holds the same model: names, shapes and dtypes are gathered
-// from all ranks and compared with rank 0's, and every rank throws the same error naming the
-// first parameter that differs. Then rank 0's values are broadcast, so all islands start equal.
+// Names, shapes and dtypes go into the fingerprint the islands compare (sync/fingerprint.h), so
+// islands holding different models fail on every rank naming the first parameter that differs;
+// then rank 0's values are broadcast, so all islands start equal.
 #pragma once
 
 #include <ATen/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include <string>
 #include <vector>
@@ -23,6 +24,7 @@ class Module;
 
 namespace diloco {
 
+class Fingerprint;
 class Group;
 
 struct NamedParameter {
@@ -32,6 +34,24 @@ struct NamedParameter {
 
 // All parameters of a module with their qualified names ("blocks.0.attn.weight").
 std::vector<NamedParameter> named_parameters(const torch::nn::Module& module);
+// All buffers of a module ("bn1.running_mean", "bn1.num_batches_tracked").
+std::vector<NamedParameter> named_buffers(const torch::nn::Module& module);
+
+// What an island synchronizes, given as tensors instead of a torch::nn::Module (the Python
+// bindings, or models that are not Modules).
+struct ModelTensors {
+  std::vector<NamedParameter> parameters;  // trained and synchronized
+  std::vector<NamedParameter> buffers;     // not trained; kept consistent (see BufferSync)
+  // The tensors the inner optimizer steps. When set, every parameter must be among them (a
+  // parameter left out would silently train nothing); unset: not checked.
+  c10::optional<std::vector<at::Tensor>> optimized;
+
+  static ModelTensors of(const torch::nn::Module& module);
+};
+
+// Adds "KIND 'name'" = "[shape] dtype" for each tensor, then "KIND count" and "KIND order".
+void describe_tensors(Fingerprint& fingerprint, const std::string& kind,
+                      const std::vector<NamedParameter>& tensors);
 
 class FlatParameters {
  public:
@@ -52,14 +72,12 @@ class FlatParameters {
   // Which parameter holds element `index` of bucket `bucket`.
   const std::string& name_at(std::size_t bucket, std::int64_t index) const;
 
-  // "name shape dtype" per line, the same on every island that holds the same model.
-  std::string describe() const;
+  // One fingerprint field per parameter ("parameter 'w'" = "[64, 32] Float") and one for their
+  // order, the same on every island that holds the same model (sync/fingerprint.h).
+  void describe_into(Fingerprint& fingerprint) const;
 
-  // Collective: check that all ranks hold the same model (throws diloco::Error on every rank
-  // naming the first difference), then copy rank 0's values to every rank. `who` prefixes
-  // error messages ("DiLoCo", "DataParallel"). A non-empty `local_problem` (a setup error found
-  // on this rank alone) is shared too, so that every rank throws it instead of waiting.
-  void agree_across(Group& group, const std::string& who, const std::string& local_problem = "");
+  // Collective: every rank's values become rank 0's, so that all islands start equal.
+  void copy_from_rank0(Group& group);
 
  private:
   std::vector<NamedParameter> parameters_;

@@ -5,6 +5,8 @@
 
 namespace diloco {
 
+class Group;
+
 struct SyncStats {
   std::int64_t inner_steps = 0;  // step() calls so far
   std::int64_t outer_steps = 0;  // completed outer steps
@@ -12,5 +14,9 @@ struct SyncStats {
   std::uint64_t bytes_sent = 0;  // by this rank, all collectives of its group
   std::uint64_t bytes_received = 0;
 };
+
+// The counters a synchronizer keeps, with the bytes its group has counted so far.
+SyncStats make_sync_stats(const Group& group, std::int64_t inner_steps, std::int64_t outer_steps,
+                          double sync_seconds);
 
 }  // namespace diloco

@@ -1,0 +1,57 @@
+// Module buffers (BatchNorm's running statistics, counters) across islands.
+//
+// Buffers are not trained, so no optimizer and no pseudo-gradient touches them, yet the model's
+// predictions depend on them: islands whose running statistics differ predict differently even
+// with identical parameters. DDP broadcasts rank 0's buffers before every forward; DiLoCo keeps
+// them consistent at every outer step (DataParallel at every gradient sync), chosen by BufferSync:
+//   average  floating-point buffers become the mean over islands (one float32 all-reduce);
+//            integer buffers (num_batches_tracked) take rank 0's values (one broadcast);
+//   rank0    every buffer takes rank 0's values (one broadcast per dtype);
+//   local    buffers stay as each island computed them (they still start equal).
+// All modes start every island from rank 0's buffers at construction. Bytes are counted under
+// "allreduce:buffers" and "broadcast:buffers".
+#pragma once
+
+#include <ATen/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "diloco/sync/parameters.h"
+
+namespace diloco {
+
+class Fingerprint;
+class Group;
+
+enum class BufferSync { kAverage, kRank0, kLocal };
+
+// "average", "rank0" or "local"; anything else throws OptionError naming `option`.
+BufferSync parse_buffer_sync(const std::string& name, const std::string& option = "buffers");
+const char* to_string(BufferSync mode);
+
+class ModelBuffers {
+ public:
+  // Throws Error for an undefined tensor or a duplicate name.
+  explicit ModelBuffers(std::vector<NamedParameter> buffers);
+
+  const std::vector<NamedParameter>& buffers() const { return buffers_; }
+  bool empty() const { return buffers_.empty(); }
+
+  // One fingerprint field per buffer ("buffer 'bn.running_var'" = "[16] Float").
+  void describe_into(Fingerprint& fingerprint) const;
+  // Collective: every rank's buffers become rank 0's.
+  void copy_from_rank0(Group& group);
+  // Collective: apply `mode` (see the file comment). `who` and `step` name the operation in
+  // errors. A non-finite mean is never written: every rank throws Error naming the buffer and
+  // keeps its own values.
+  void sync(Group& group, BufferSync mode, const std::string& who, std::int64_t step);
+
+ private:
+  std::vector<NamedParameter> buffers_;
+  std::vector<std::size_t> floating_;  // indices of floating-point buffers
+  std::vector<std::size_t> integral_;  // the others
+};
+
+}  // namespace diloco
