@@ -45,6 +45,8 @@
 #include <utility>
 #include <vector>
 
+#include "comm/net.h"
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -130,26 +132,6 @@ void write_all(int fd, std::string_view data) {
 
 void log_message(const std::string& message) {
   write_all(STDERR_FILENO, "diloco-run: " + message + "\n");
-}
-
-// The port is free when we look, not guaranteed when rank 0 binds it a moment later; that race is
-// the same one torchrun accepts, and it needs no coordination with the processes.
-int pick_free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) throw errno_error("socket");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t len = sizeof(addr);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    const std::system_error error = errno_error("cannot pick a free port on 127.0.0.1");
-    ::close(fd);
-    throw error;
-  }
-  ::close(fd);
-  return ntohs(addr.sin_port);
 }
 
 // Children get fds 0-2 by dup2; if the launcher was started with one of them closed, a pipe could
@@ -403,7 +385,7 @@ class Launcher {
 };
 
 Launcher::Launcher(Options options) : options_(std::move(options)), buffer_(kReadChunk) {
-  master_port_ = options_.master_port > 0 ? options_.master_port : pick_free_port();
+  master_port_ = options_.master_port > 0 ? options_.master_port : diloco::net::free_local_port();
   null_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
   if (null_fd_ < 0) throw errno_error("open /dev/null");
   install_signal_handling();

@@ -15,27 +15,34 @@ using diloco_test::slurp;
 using diloco_test::spawn_worker;
 using diloco_test::wait_all;
 
-TEST_CASE("a rank that dies mid-run makes the others raise PeerLostError, no hang", "[peer_loss][process]") {
-  const int world = 3, port = diloco_test::free_port();
-  std::vector<Proc> procs;
-  for (int r = 0; r < world; ++r) {
-    procs.push_back(spawn_worker(r, world, port,
-                                 {"WORKER_STEPS=400", "WORKER_H=2", "WORKER_DIE_RANK=2",
-                                  "WORKER_DIE_STEP=11", "DILOCO_TIMEOUT_S=10"}));
+TEST_CASE("a rank that dies mid-run makes the others raise PeerLostError naming it, no hang", "[peer_loss][process]") {
+  const int world = 3;
+  for (int dying : {2, 0}) {  // rank 0 also serves the rendezvous store
+    INFO("rank " << dying << " dies");
+    const int port = diloco_test::free_port();
+    std::vector<Proc> procs;
+    for (int r = 0; r < world; ++r) {
+      procs.push_back(spawn_worker(r, world, port,
+                                   {"WORKER_STEPS=400", "WORKER_H=2",
+                                    "WORKER_DIE_RANK=" + std::to_string(dying),
+                                    "WORKER_DIE_STEP=11", "DILOCO_TIMEOUT_S=10"}));
+    }
+    const auto start = std::chrono::steady_clock::now();
+    wait_all(procs, std::chrono::seconds(40));
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    INFO("all workers ended after " << seconds << " s");
+    CHECK(procs[dying].exit_code == 3);
+    for (int r = 0; r < world; ++r) {
+      if (r == dying) continue;
+      const std::string log = slurp(procs[r].log);
+      INFO("rank " << r << " log:\n" << log);
+      CHECK(procs[r].exit_code == 42);
+      CHECK_THAT(log, Contains("PeerLostError") && Contains("allreduce 'outer_sync'") &&
+                          Contains("lost a peer: rank " + std::to_string(dying) + " at 127.0.0.1"));
+    }
+    diloco_test::cleanup(procs);
   }
-  const auto start = std::chrono::steady_clock::now();
-  wait_all(procs, std::chrono::seconds(40));
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  INFO("all workers ended after " << seconds << " s");
-  CHECK(procs[2].exit_code == 3);
-  for (int r : {0, 1}) {
-    const std::string log = slurp(procs[r].log);
-    INFO("rank " << r << " log:\n" << log);
-    CHECK(procs[r].exit_code == 42);
-    CHECK_THAT(log, Contains("PeerLostError") && Contains("allreduce 'outer_sync'") &&
-                        Contains("lost a peer"));
-  }
-  for (auto& p : procs) ::unlink(p.log.c_str());
 }
 
 TEST_CASE("the same workers finish cleanly when nobody dies", "[peer_loss][process]") {

@@ -1,16 +1,11 @@
 // c10d across LibTorch versions (see c10d_compat.h). Version checks stay in this file.
 #include "comm/c10d_compat.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-
 #include <gloo/common/error.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/version.h>
 
-#include <cstring>
 
 namespace diloco {
 namespace compat {
@@ -85,45 +80,6 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work) {
   } catch (const ::gloo::IoException& e) {
     throw LinkFailure(e.what());
   }
-}
-
-std::vector<std::string> gloo_peer_addresses(c10d::Store& store, int rank, int world_size) {
-  // Gloo's full-mesh connect (rendezvous/context.cc) stores under "<device>/<rank>" the listening
-  // addresses of that rank's pairs, one per other rank in rank order, each a sockaddr_storage
-  // followed by a sequence number. Entry `rank < r ? rank : rank - 1` of rank r's list is the
-  // address its pair with us listens on, which is what its errors name.
-  std::vector<std::string> out(static_cast<std::size_t>(world_size));
-  if (world_size < 2) return out;
-  for (int r = 0; r < world_size; ++r) {
-    if (r == rank) continue;
-    try {
-      const std::string key = "0/" + std::to_string(r);
-      if (!store.check({key})) continue;
-      const std::vector<std::uint8_t> bytes = store.get(key);
-      const std::size_t entry = bytes.size() / static_cast<std::size_t>(world_size - 1);
-      if (entry < sizeof(sockaddr_storage) || entry * (world_size - 1) != bytes.size()) continue;
-      const std::size_t index = static_cast<std::size_t>(rank < r ? rank : rank - 1);
-      sockaddr_storage ss{};
-      std::memcpy(&ss, bytes.data() + index * entry, sizeof ss);
-      char host[INET6_ADDRSTRLEN] = {0};
-      int port = 0;
-      if (ss.ss_family == AF_INET) {
-        const auto* in = reinterpret_cast<const sockaddr_in*>(&ss);
-        if (inet_ntop(AF_INET, &in->sin_addr, host, sizeof host) == nullptr) continue;
-        port = ntohs(in->sin_port);
-      } else if (ss.ss_family == AF_INET6) {
-        const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&ss);
-        if (inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host) == nullptr) continue;
-        port = ntohs(in6->sin6_port);
-      } else {
-        continue;
-      }
-      out[static_cast<std::size_t>(r)] = "[" + std::string(host) + "]:" + std::to_string(port);
-    } catch (const std::exception&) {
-      // Best effort: an unknown layout only means errors cannot name the peer.
-    }
-  }
-  return out;
 }
 
 }  // namespace compat

@@ -38,10 +38,6 @@ class LinkFailure : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The address ("[127.0.0.1]:40123") each peer's Gloo connection to this rank listens on, as
-// Gloo's error messages print it, read from what the connect step left in `store`; "" for this
-// rank and wherever the layout is not the one this Gloo writes. For naming a lost peer.
-std::vector<std::string> gloo_peer_addresses(c10d::Store& store, int rank, int world_size);
 
 // Connects a Gloo group over `store`; `hostname` is the address this rank's Gloo device binds.
 std::shared_ptr<GlooGroup> make_gloo_group(const c10::intrusive_ptr<c10d::Store>& store,

@@ -17,10 +17,12 @@
 #include <cstring>
 #include <condition_variable>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <thread>
 
 #include "comm/c10d_compat.h"
+#include "comm/net.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -60,36 +62,6 @@ double parse_env_real(const char* name, const std::string& value, double max,
                       "' must be a number of " + range);
   }
   return v;
-}
-
-// The address of this host's interface that routes to `peer` (a connected UDP socket sends
-// nothing), so that Gloo binds where the other islands can reach it.
-std::string local_address_towards(const std::string& peer) {
-  if (peer == "127.0.0.1" || peer == "localhost" || peer == "::1") return "127.0.0.1";
-  addrinfo hints{};
-  hints.ai_family = AF_INET;
-  hints.ai_socktype = SOCK_DGRAM;
-  addrinfo* res = nullptr;
-  const int rc = getaddrinfo(peer.c_str(), "9", &hints, &res);
-  if (rc != 0 || res == nullptr) {
-    throw Error("[Group] MASTER_ADDR '" + peer + "' does not resolve to an IPv4 address (" +
-                gai_strerror(rc) + "); check the name, or give an IP address");
-  }
-  std::string result = "127.0.0.1";
-  int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
-  if (fd >= 0) {
-    if (::connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
-      sockaddr_in local{};
-      socklen_t len = sizeof local;
-      if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0) {
-        char buf[INET_ADDRSTRLEN];
-        if (inet_ntop(AF_INET, &local.sin_addr, buf, sizeof buf) != nullptr) result = buf;
-      }
-    }
-    ::close(fd);
-  }
-  freeaddrinfo(res);
-  return result;
 }
 
 bool looks_like_lost_peer(const std::string& what) {
@@ -344,15 +316,23 @@ void rendezvous(const GroupOptions& options, const std::string& hostname,
 struct Group::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   std::shared_ptr<compat::GlooGroup> gloo;
-  std::vector<std::string> peer_addresses;  // per rank, as Gloo's errors print them
+  std::vector<std::set<int>> peer_ports;  // per rank, the local ports of its TCP sockets
 };
 
 std::shared_ptr<Group> Group::create(const GroupOptions& options) {
   options.validate();
   const auto deadline = Clock::now() + options.timeout;
   // Resolved first: an address that does not resolve is reported at once, not after the timeout.
-  const std::string hostname =
-      options.hostname.empty() ? local_address_towards(options.master_addr) : options.hostname;
+  std::string hostname = options.hostname;
+  if (hostname.empty()) {
+    try {
+      hostname = net::local_address_towards(options.master_addr);
+    } catch (const std::invalid_argument& e) {
+      throw Error("[Group] rank " + std::to_string(options.rank) + " of " +
+                  std::to_string(options.world_size) + ": MASTER_ADDR " + e.what() +
+                  "; check the name, or give an IP address");
+    }
+  }
   auto progress = std::make_shared<Rendezvous>();
   std::thread([progress, options, hostname, deadline] {
     std::exception_ptr error;
@@ -393,12 +373,29 @@ Group::Group(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
   impl_->store = std::move(store);
   try {
     impl_->gloo = compat::make_gloo_group(impl_->store, rank, world_size, timeout, hostname);
-    impl_->peer_addresses = compat::gloo_peer_addresses(*impl_->store, rank, world_size);
+    exchange_socket_ports();
   } catch (const std::exception& e) {
     throw PeerLostError("[Group] rank " + std::to_string(rank) + " of " +
                         std::to_string(world_size) + ": connecting the Gloo group on '" +
                         hostname + "' failed within " + std::to_string(timeout.count()) +
                         " ms: " + first_line(e.what()));
+  }
+}
+
+void Group::exchange_socket_ports() {
+  // Every rank publishes the local ports of its sockets once the Gloo mesh is connected, and
+  // reads the others' (all are connected by then, so the reads do not wait long), so that a lost
+  // connection can be named by rank even when the store is gone with rank 0 (name_lost_peers).
+  std::string mine;
+  for (int port : net::own_tcp_ports()) mine += std::to_string(port) + " ";
+  impl_->store->set("socket_ports/" + std::to_string(rank_),
+                    std::vector<std::uint8_t>(mine.begin(), mine.end()));
+  impl_->peer_ports.assign(static_cast<std::size_t>(world_size_), {});
+  for (int r = 0; r < world_size_; ++r) {
+    if (r == rank_) continue;
+    const auto bytes = impl_->store->get("socket_ports/" + std::to_string(r));
+    std::istringstream in(std::string(bytes.begin(), bytes.end()));
+    for (int port; in >> port;) impl_->peer_ports[static_cast<std::size_t>(r)].insert(port);
   }
 }
 
@@ -409,14 +406,29 @@ void Group::set_link(const LinkModel& link) {
   link_ = link;
 }
 
-std::string Group::name_peer_in(const std::string& what) const {
-  for (std::size_t r = 0; r < impl_->peer_addresses.size(); ++r) {
-    const std::string& address = impl_->peer_addresses[r];
-    if (address.empty() || what.find(address) == std::string::npos) continue;
-    const std::string host = address.substr(1, address.find(']') - 1);
-    return ", rank " + std::to_string(r) + " at " + host;
+std::string Group::name_lost_peers(const std::string& what) {
+  // Gloo names the peer by the address of the socket it lost ("[10.0.0.2]:40123", on some
+  // versions with the port's bytes swapped): the peer's listening port or its ephemeral one. Each
+  // rank published the ports of its own sockets when the group connected (see the constructor);
+  // a port that exactly one rank holds names it. Ranks that are threads of one process share
+  // their sockets, so there nothing matches uniquely and nothing is named.
+  const auto open = what.rfind("]:");
+  const auto start = open == std::string::npos ? open : what.rfind('[', open);
+  if (start == std::string::npos) return "";
+  const std::string host = what.substr(start + 1, open - start - 1);
+  const int printed = std::atoi(what.c_str() + open + 2);
+  const int swapped = ((printed & 0xff) << 8) | ((printed >> 8) & 0xff);
+  int found = -1;
+  for (std::size_t r = 0; r < impl_->peer_ports.size(); ++r) {
+    if (static_cast<int>(r) == rank_) continue;
+    const auto& ports = impl_->peer_ports[r];
+    if (ports.count(printed) != 0 || ports.count(swapped) != 0) {
+      if (found >= 0) return "";  // ambiguous
+      found = static_cast<int>(r);
+    }
   }
-  return "";
+  if (found < 0) return "";
+  return "rank " + std::to_string(found) + " at " + host;
 }
 
 void Group::account(Collective c, const std::string& label, std::uint64_t payload_bytes, int root,
@@ -459,7 +471,8 @@ void PendingCollective::wait() {
           << g.world_size_ << ": ";
       const std::string what = e.what();
       if (dynamic_cast<const compat::LinkFailure*>(&e) != nullptr || looks_like_lost_peer(what)) {
-        msg << "lost a peer" << g.name_peer_in(what)
+        const std::string lost = g.name_lost_peers(what);
+        msg << "lost a peer" << (lost.empty() ? "" : ": " + lost)
             << " (it exited, or the link broke, or it did not answer within "
             << g.timeout_.count() << " ms): " << first_line(what);
         throw PeerLostError(msg.str());

@@ -5,6 +5,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/nn/module.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 #include <sstream>
@@ -33,6 +34,7 @@ std::vector<Packed> pack(const std::vector<NamedParameter>& buffers,
     const at::Tensor& t = buffers[i].tensor;
     at::ScalarType wire = t.scalar_type();
     if (for_average) wire = wire == at::kDouble ? at::kDouble : at::kFloat;
+    if (wire == at::kBool) wire = at::kByte;  // Gloo does not carry bool
     auto [it, inserted] = group_of.emplace(wire, groups.size());
     if (inserted) groups.push_back({wire, {}, at::Tensor()});
     groups[it->second].members.push_back(i);
@@ -143,7 +145,23 @@ void ModelBuffers::sync(Group& group, BufferSync mode, const std::string& who, s
     g.flat.div_(static_cast<double>(group.world_size()));
     unpack(g, buffers_);
   }
-  broadcast_from_rank0(group, buffers_, integral_);
+  // Integer and bool buffers (step counters, masks) stay equal when every island takes the same
+  // steps, so only a digest of them crosses the link; rank 0's values are sent only when the
+  // digests differ (every rank sees the same digests, so all decide alike).
+  if (integral_.empty()) return;
+  std::uint64_t digest = 1469598103934665603ull;  // FNV-1a over the bytes
+  for (std::size_t i : integral_) {
+    const at::Tensor t = buffers_[i].tensor.to(at::kCPU).contiguous();
+    const auto* p = static_cast<const unsigned char*>(t.data_ptr());
+    for (std::size_t k = 0; k < t.nbytes(); ++k) digest = (digest ^ p[k]) * 1099511628211ull;
+  }
+  at::Tensor mine = at::empty({1}, at::kLong);
+  mine[0] = static_cast<std::int64_t>(digest);
+  const std::vector<at::Tensor> all = group.allgather(mine, "buffers_digest");
+  const bool differ = std::any_of(all.begin(), all.end(), [&](const at::Tensor& d) {
+    return d.item<std::int64_t>() != all[0].item<std::int64_t>();
+  });
+  if (differ) broadcast_from_rank0(group, buffers_, integral_);
 }
 
 }  // namespace diloco

@@ -134,8 +134,9 @@ class Group {
 
  private:
   struct Impl;
-  // ", rank R at HOST" for the peer whose address `what` (a Gloo error) names; "" if none does.
-  std::string name_peer_in(const std::string& what) const;
+  void exchange_socket_ports();
+  // "rank R at HOST" for the peer a failed collective lost (`what`: Gloo's error); "" if unknown.
+  std::string name_lost_peers(const std::string& what);
   void account(Collective c, const std::string& label, std::uint64_t payload_bytes, int root,
                double seconds, double link_seconds);
   template <typename Fn>

@@ -5,11 +5,12 @@
 // with identical parameters. DDP broadcasts rank 0's buffers before every forward; DiLoCo keeps
 // them consistent at every outer step (DataParallel at every gradient sync), chosen by BufferSync:
 //   average  floating-point buffers become the mean over islands (one float32 all-reduce);
-//            integer buffers (num_batches_tracked) take rank 0's values (one broadcast);
+//            integer and bool buffers (num_batches_tracked, masks) take rank 0's values: an
+//            8-byte digest per island is compared, and they are sent only when they differ;
 //   rank0    every buffer takes rank 0's values (one broadcast per dtype);
 //   local    buffers stay as each island computed them (they still start equal).
 // All modes start every island from rank 0's buffers at construction. Bytes are counted under
-// "allreduce:buffers" and "broadcast:buffers".
+// "allreduce:buffers", "allgather:buffers_digest" and "broadcast:buffers".
 #pragma once
 
 #include <ATen/Tensor.h>
