@@ -25,8 +25,12 @@ import os
 import struct
 import sys
 
-import numpy as np
-import torch
+try:
+    import numpy as np
+    import torch
+except ModuleNotFoundError:
+    sys.exit("%s needs Debian's python3-torch and numpy, which %s does not see: run it with "
+             "/usr/bin/python3" % (os.path.basename(__file__), sys.executable))
 import torch.nn.functional as F
 
 import diloco

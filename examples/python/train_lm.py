@@ -30,7 +30,11 @@ import os
 import sys
 import time
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError:
+    sys.exit("%s needs Debian's python3-torch, which %s does not see: run it with "
+             "/usr/bin/python3" % (os.path.basename(__file__), sys.executable))
 
 import diloco
 from corpus import ByteCorpus, load_corpus, make_generator
