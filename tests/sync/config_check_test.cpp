@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "diloco/compress/codec_params.h"
 #include "diloco/errors.h"
 #include "diloco/sync/fingerprint.h"
 #include "support/processes.h"

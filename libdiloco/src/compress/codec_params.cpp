@@ -3,6 +3,7 @@
 
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <sstream>
 
@@ -89,6 +90,15 @@ void CodecParams::reject_unknown() const {
                       (unknown.size() > 1 ? "s " : " ") + join(unknown, ", ") +
                       "; valid: " + (known.empty() ? "none" : join(known, ", ")));
   }
+}
+
+std::string exact_decimal(double v) {
+  char buf[40];
+  for (int precision = 1; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof buf, "%.*g", precision, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  return buf;
 }
 
 }  // namespace diloco

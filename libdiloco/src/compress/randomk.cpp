@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "compress/codec_checks.h"
+#include "diloco/compress/codec_params.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -40,23 +41,13 @@ std::uint64_t uniform_below(std::mt19937_64& rng, std::uint64_t bound) {
   }
 }
 
-// The shortest decimal that reads back as the same double, so that spec() rebuilds this codec.
-std::string shortest(double v) {
-  char buf[40];
-  for (int precision = 1; precision <= 17; ++precision) {
-    std::snprintf(buf, sizeof buf, "%.*g", precision, v);
-    if (std::strtod(buf, nullptr) == v) break;
-  }
-  return buf;
-}
-
 }  // namespace
 
 RandomkCodec::RandomkCodec(double fraction, std::int64_t seed, bool rescale)
     : fraction_(fraction), seed_(seed), rescale_(rescale) {}
 
 std::string RandomkCodec::spec() const {
-  return "randomk(fraction=" + shortest(fraction_) + ",seed=" + std::to_string(seed_) +
+  return "randomk(fraction=" + exact_decimal(fraction_) + ",seed=" + std::to_string(seed_) +
          ",rescale=" + (rescale_ ? "true" : "false") + ")";
 }
 
@@ -180,7 +171,7 @@ std::unique_ptr<Codec> make_randomk_codec(CodecParams& params) {
   const double fraction = params.get_double("fraction", 0.01, 0.0, 1.0);
   if (!(fraction > 0)) {
     throw OptionError("[codec '" + params.codec() +
-                      "'] fraction must be a number in (0, 1], got '" + shortest(fraction) + "'");
+                      "'] fraction must be a number in (0, 1], got '" + exact_decimal(fraction) + "'");
   }
   const std::int64_t seed = params.get_int("seed", 0, 0, std::numeric_limits<std::int64_t>::max());
   const bool rescale = params.get_choice("rescale", "false", {"false", "true"}) == "true";

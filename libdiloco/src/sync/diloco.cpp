@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "diloco/comm/group.h"
+#include "diloco/compress/codec_params.h"
 #include "diloco/errors.h"
 #include "diloco/sync/fingerprint.h"
 #include "kernels/cpu_kernels.h"

@@ -58,15 +58,6 @@ Fingerprint library_fingerprint(const std::string& synchronizer) {
   return f;
 }
 
-std::string exact_decimal(double v) {
-  char buf[40];
-  for (int precision = 1; precision <= 17; ++precision) {
-    std::snprintf(buf, sizeof buf, "%.*g", precision, v);
-    if (std::strtod(buf, nullptr) == v) break;
-  }
-  return buf;
-}
-
 void Fingerprint::add(const std::string& field, const std::string& value) {
   const bool taken = std::any_of(fields_.begin(), fields_.end(),
                                  [&](const auto& f) { return f.first == field; });

@@ -36,4 +36,8 @@ class CodecParams {
   std::set<std::string> used_;
 };
 
+// The shortest decimal that reads back as exactly `v`: how specs and fingerprints spell numbers,
+// so that a spec rebuilds the same codec and equal options print equal.
+std::string exact_decimal(double v);
+
 }  // namespace diloco

@@ -35,8 +35,6 @@ class Fingerprint {
 // A fingerprint holding what every synchronizer shares: the library version, the wire format
 // version and `synchronizer` ("DiLoCo", "DataParallel": islands running different ones fail).
 Fingerprint library_fingerprint(const std::string& synchronizer);
-// The shortest decimal that reads back as `v` (option values in fingerprints).
-std::string exact_decimal(double v);
 
 // Collective (one all-gather of the serialized fingerprints). Throws OptionError on every rank
 // naming the first field (in rank 0's order) whose value differs, with each rank's value. A
