@@ -38,6 +38,7 @@ from ._C import (
     payload_bytes,
 )
 from ._api import DataParallel, DiLoCo, init_process_group, named_tensors
+from ._optim import Muon
 
 __version__ = _C.__version__
 
@@ -49,6 +50,7 @@ __all__ = [
     "Group",
     "GroupOptions",
     "LinkModel",
+    "Muon",
     "OpStats",
     "OptionError",
     "PeerLostError",

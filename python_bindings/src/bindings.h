@@ -16,5 +16,6 @@ void bind_errors(py::module_& m);
 void bind_comm(py::module_& m);
 void bind_compress(py::module_& m);
 void bind_sync(py::module_& m);
+void bind_optim(py::module_& m);
 
 }  // namespace diloco_python

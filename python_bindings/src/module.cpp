@@ -71,4 +71,5 @@ PYBIND11_MODULE(_C, m) {
   diloco_python::bind_comm(m);
   diloco_python::bind_compress(m);
   diloco_python::bind_sync(m);
+  diloco_python::bind_optim(m);
 }

@@ -5,6 +5,7 @@
 #include "diloco/comm/comm_stats.h"
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
+#include "diloco/optim/muon.h"
 #include "diloco/outer/outer_sgd.h"
 #include "diloco/sync/buffers.h"
 #include "diloco/sync/data_parallel.h"
