@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "comm/ring_requantized.h"
 #include "compress/spec_parse.h"
 #include "diloco/comm/group.h"
 #include "diloco/compress/powersgd.h"
@@ -36,6 +37,28 @@ void decode_from(const Codec& codec, const Group& group, const std::string& labe
                 std::to_string(from) + how + ": " + e.what());
   }
 }
+
+// The ring's hop for a ring-requantized codec: encode and decode with it.
+class CodecRingHop final : public RingHop {
+ public:
+  CodecRingHop(Codec& codec, const Group& group, const std::string& label)
+      : codec_(codec), group_(group), label_(label) {}
+  std::int64_t payload_bytes(std::int64_t elements) const override {
+    return codec_.payload_bytes({elements});
+  }
+  void encode(const at::Tensor& chunk, std::uint8_t* out) override {
+    codec_.encode(chunk, out);
+  }
+  void decode(const std::uint8_t* in, std::int64_t bytes, at::Tensor& out, int from,
+              const std::string& how) const override {
+    decode_from(codec_, group_, label_, from, in, bytes, out, how);
+  }
+
+ private:
+  Codec& codec_;
+  const Group& group_;
+  const std::string& label_;
+};
 
 }  // namespace
 
@@ -184,69 +207,8 @@ void CodecCompressor::sum_ring(Group& group, at::Tensor& flat, const std::vector
     }
     apply_error_feedback(p, views);
   }
-  const int n = group.world_size(), r = group.rank();
-  const std::int64_t numel = flat.numel();
-  std::int64_t chunk = (numel + n - 1) / n;
-  chunk = (chunk + kRingAlign - 1) / kRingAlign * kRingAlign;
-  auto range = [&](int c) {
-    const std::int64_t begin = std::min(numel, static_cast<std::int64_t>(c) * chunk);
-    return std::make_pair(begin, std::min(numel, begin + chunk) - begin);
-  };
-  auto bytes_for = [&](std::int64_t len) { return codec_->payload_bytes({len}); };
-  const int next = (r + 1) % n, prev = (r + n - 1) % n;
-  auto mod = [n](int x) { return ((x % n) + n) % n; };
-  at::Tensor scratch = at::empty({chunk}, at::kFloat);
-
-  // Reduce-scatter: each hop decodes, accumulates in float32 and re-encodes.
-  for (int s = 0; s < n - 1; ++s) {
-    const auto [send_begin, send_len] = range(mod(r - s));
-    const auto [recv_begin, recv_len] = range(mod(r - s - 1));
-    at::Tensor out = at::empty({bytes_for(send_len)}, at::kByte);
-    at::Tensor in = at::empty({bytes_for(recv_len)}, at::kByte);
-    PendingCollective sent, got;
-    if (send_len > 0) {
-      codec_->encode(flat.narrow(0, send_begin, send_len), bytes_of(out));
-      sent = group.send_async(out, next, s, label);
-    }
-    if (recv_len > 0) got = group.recv_async(in, prev, s, label);
-    sent.wait();
-    got.wait();
-    if (recv_len > 0) {
-      at::Tensor part = scratch.narrow(0, 0, recv_len);
-      decode_from(*codec_, group, label, prev, bytes_of(in), in.numel(), part);
-      flat.narrow(0, recv_begin, recv_len).add_(part);
-    }
-  }
-  // The owner of each chunk quantizes its own sum too, so that every rank decodes the same bytes.
-  const int own = mod(r + 1);
-  std::vector<at::Tensor> payloads(n);
-  {
-    const auto [begin, len] = range(own);
-    payloads[own] = at::empty({bytes_for(len)}, at::kByte);
-    if (len > 0) {
-      at::Tensor part = flat.narrow(0, begin, len);
-      codec_->encode(part, bytes_of(payloads[own]));
-      codec_->decode(bytes_of(payloads[own]), payloads[own].numel(), part);
-    }
-  }
-  // All-gather: forward the owners' bytes unchanged around the ring.
-  for (int s = 0; s < n - 1; ++s) {
-    const int send_c = mod(r + 1 - s), recv_c = mod(r - s);
-    const auto [recv_begin, recv_len] = range(recv_c);
-    payloads[recv_c] = at::empty({bytes_for(recv_len)}, at::kByte);
-    PendingCollective sent, got;
-    if (range(send_c).second > 0) sent = group.send_async(payloads[send_c], next, n + s, label);
-    if (recv_len > 0) got = group.recv_async(payloads[recv_c], prev, n + s, label);
-    sent.wait();
-    got.wait();
-    if (recv_len > 0) {
-      at::Tensor part = flat.narrow(0, recv_begin, recv_len);
-      // Rank c - 1 encoded chunk c; the ranks between it and here forwarded its bytes unchanged.
-      const int owner = mod(recv_c - 1);
-      decode_from(*codec_, group, label, prev, bytes_of(payloads[recv_c]), payloads[recv_c].numel(),
-                  part, owner == prev ? "" : " (encoded by rank " + std::to_string(owner) + ")");
-    }
-  }
+  CodecRingHop hop(*codec_, group, label);
+  ring_allreduce_requantized(group, flat, hop, label, kRingAlign);
 }
 
 }  // namespace diloco
