@@ -12,4 +12,5 @@
 #include "diloco/sync/diloco.h"
 #include "diloco/sync/fingerprint.h"
 #include "diloco/sync/parameters.h"
+#include "diloco/sync/schedule.h"
 #include "diloco/version.h"
