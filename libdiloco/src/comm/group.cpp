@@ -289,8 +289,11 @@ void rendezvous(const GroupOptions& options, const std::string& hostname,
   // aborts it for everyone; a claim after the seal fails on the latecomer alone.
   progress.enter("waiting for rank 0 to seal the rendezvous");
   if (options.rank == 0) {
-    std::this_thread::sleep_for(std::min<std::chrono::milliseconds>(
-        std::chrono::milliseconds(1000), options.timeout / 10));
+    // (A second RANK=0 cannot serve the store on the same port: it fails as "in use".)
+    if (options.world_size > 1) {
+      std::this_thread::sleep_for(std::min<std::chrono::milliseconds>(
+          std::chrono::milliseconds(1000), options.timeout / 10));
+    }
     check_abort(s, who);
     store_set(s, "sealed", "1");
   }
