@@ -3,7 +3,8 @@
 island hold the same parameters ("blocks.0.attn.qkv.weight", ...) and can train together.
 
 Token + learned position embedding, pre-LayerNorm blocks of causal multi-head self-attention and a
-GELU MLP, a final LayerNorm and an untied output head; GPT-2's initialisation. The forward pass is
+GELU MLP, a final LayerNorm and an untied output head; GPT-2's initialisation (init="gpt2") or
+PyTorch's module defaults (init="default"), as the C++ model's --init. The forward pass is
 written op for op as the C++ one (matmul + masked softmax attention). It is not a general
 transformer library: no KV cache, no dropout, no generation.
 """
@@ -13,6 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+INITS = ("gpt2", "default")
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,8 +66,10 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """tokens [B, T] int64 (T <= seq_len) -> logits [B, T, vocab_size]."""
 
-    def __init__(self, vocab_size=256, d_model=96, layers=2, heads=4, seq_len=64):
+    def __init__(self, vocab_size=256, d_model=96, layers=2, heads=4, seq_len=64, init="gpt2"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError("init must be one of %s, not %r" % (", ".join(INITS), init))
         self.seq_len = seq_len
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         self.position_embedding = nn.Embedding(seq_len, d_model)
@@ -71,7 +77,10 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
         # Untied from the token embedding: the synchronizers expect each parameter once.
         self.head = nn.Linear(d_model, vocab_size)
-        self._init_weights(layers)
+        # "default" keeps what the modules drew when built: embeddings N(0, 1), Linear
+        # kaiming-uniform weights and uniform biases, LayerNorm gains 1 (LibTorch's are the same).
+        if init == "gpt2":
+            self._init_weights(layers)
 
     @torch.no_grad()
     def _init_weights(self, layers):

@@ -58,6 +58,13 @@ def parse_flags(argv):
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the inner AdamW")
     p.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW weight decay of the matrices and embeddings")
+    p.add_argument("--clip", type=float, default=1.0,
+                   help="clip the global gradient norm to this before every inner optimizer step "
+                        "(after data-parallel's averaging); 0 = off")
+    p.add_argument("--init", choices=["gpt2", "default"], default="gpt2",
+                   help="initial weights: gpt2 = N(0, 0.02), residual projections scaled by "
+                        "1/sqrt(2 * layers); default = PyTorch's module defaults (embeddings "
+                        "N(0, 1), Linear kaiming-uniform)")
     p.add_argument("--warmup", type=int, default=50,
                    help="steps of linear lr warmup, then cosine decay to 10%% of --lr")
     p.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer SGD learning rate")
@@ -90,6 +97,8 @@ def parse_flags(argv):
         p.error("--steps and --inner-steps must be >= 1")
     if f.d_model % f.heads != 0:
         p.error("--heads must divide --d-model (%d)" % f.d_model)
+    if not 0.0 <= f.clip <= 1e9:  # also rejects nan and inf
+        p.error("--clip must be a gradient norm in [0, 1e9] (0 = no clipping), not %r" % f.clip)
     if not 0.0 <= f.outer_momentum < 1.0:
         p.error("--outer-momentum must be in [0, 1)")
     if f.device == "cuda" and not torch.cuda.is_available():
@@ -120,8 +129,14 @@ def make_optimizer(model, f):
 def run_fields(f):
     """What every island must agree on besides the library's own fields: the step count and the
     evaluation schedule decide which collectives run (the final sync, evaluations after outer
-    steps). The same fields, spelled the same, as the C++ example's, so the two can mix."""
-    return {"train_lm --steps": f.steps, "train_lm --eval-every": f.eval_every}
+    steps), and --clip (islands clipping differently would train another recipe silently). The
+    same fields, spelled the same as the C++ example's ("%.15g" for the clip norm, or "%.17g" when
+    that does not read back exactly), so the two can mix."""
+    clip = "%.15g" % f.clip
+    if float(clip) != f.clip:
+        clip = "%.17g" % f.clip
+    return {"train_lm --steps": f.steps, "train_lm --eval-every": f.eval_every,
+            "train_lm --clip": clip}
 
 
 def make_group(f):
@@ -153,7 +168,8 @@ def train(f):
     leader = rank == 0
 
     torch.manual_seed(f.seed)
-    model = GPT(d_model=f.d_model, layers=f.layers, heads=f.heads, seq_len=f.seq_len).to(device)
+    model = GPT(d_model=f.d_model, layers=f.layers, heads=f.heads, seq_len=f.seq_len,
+                init=f.init).to(device)
     # After the move to the device, before the synchronizers rebind the parameters' storage.
     inner = make_optimizer(model, f)
 
@@ -173,9 +189,10 @@ def train(f):
                  "" if f.threads == 1 else "s"))
         print("data: %s, %s train / %s validation bytes" % (
             f.data, format_bytes(corpus.train.numel()), format_bytes(corpus.validation.numel())))
-        print("model: {:,} parameters (d_model {}, {} layers, {} heads, seq_len {}), batch {}"
-              .format(parameter_count, f.d_model, f.layers, f.heads, f.seq_len, f.batch_size),
-              flush=True)
+        print("model: {:,} parameters (d_model {}, {} layers, {} heads, seq_len {}, init {}), "
+              "batch {}, clip {}".format(parameter_count, f.d_model, f.layers, f.heads, f.seq_len,
+                                         f.init, f.batch_size,
+                                         "%g" % f.clip if f.clip > 0 else "off"), flush=True)
 
     metrics = open(f.metrics, "w") if leader and f.metrics else None
     validation = [(x.to(device), y.to(device))
@@ -241,6 +258,8 @@ def train(f):
         loss.backward()
         if data_parallel:
             data_parallel.sync_gradients()
+        if f.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), f.clip)
         inner.step()
         outer_step = outer.step() if outer else False
         state["loss_sum"] += loss.item()

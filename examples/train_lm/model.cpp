@@ -78,7 +78,11 @@ GptImpl::GptImpl(const GptConfig& config) : config_(config) {
   // Untied from the token embedding: a shared tensor would appear under two names, and the
   // synchronizers expect each parameter once.
   head_ = register_module("head", torch::nn::Linear(config.d_model, config.vocab_size));
-  init_weights();
+  if (config.init == "gpt2") {
+    init_weights();
+  } else if (config.init != "default") {
+    throw std::invalid_argument("init must be gpt2 or default, not " + config.init);
+  }
 }
 
 void GptImpl::init_weights() {

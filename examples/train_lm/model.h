@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace train_lm {
@@ -21,6 +22,9 @@ struct GptConfig {
   std::int64_t layers = 2;
   std::int64_t heads = 4;     // must divide d_model
   std::int64_t seq_len = 64;  // the longest context the position embedding covers
+  // "gpt2": N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers); "default": the
+  // modules' own (LibTorch's, as PyTorch's): embeddings N(0, 1), Linear kaiming-uniform.
+  std::string init = "gpt2";
 };
 
 class CausalSelfAttentionImpl : public torch::nn::Module {

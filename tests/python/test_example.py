@@ -57,14 +57,16 @@ def test_python_and_cpp_examples_train_together(corpus):
         pytest.fail("DILOCO_RUN and DILOCO_TRAIN_LM must name diloco-run and the C++ train_lm "
                     "(ctest sets them)")
     # 7 steps, H = 3, evaluations every 6: outer steps at 3 and 6, an evaluation after the one at
-    # 6, and a final sync at 7, which both examples must agree on (it is a collective).
+    # 6, and a final sync at 7, which both examples must agree on (it is a collective). --clip is
+    # one of the fields the islands compare: both examples must spell 0.3 the same.
     seven = ["7" if i > 0 and FLAGS[i - 1] == "--steps" else v for i, v in enumerate(FLAGS)]
-    flags = " ".join(["--data", corpus] + seven + ["--eval-every", "6"])
+    flags = " ".join(["--data", corpus] + seven + ["--eval-every", "6", "--clip", "0.3"])
     script = ('if [ "$RANK" = 0 ]; then exec %s %s %s; else exec %s %s; fi'
               % (sys.executable, EXAMPLE, flags, cpp_example, flags))
     out = run([launcher, "-n", "2", "--", "bash", "-c", script])
     assert "train_lm.py: mode diloco, 2 islands" in out, out  # rank 0 is the Python example
     assert "(3 outer steps, H = 3)" in out, out
+    assert "clip 0.3" in out, out
     done = re.findall(r"rank (\d)/2: done, 7 steps .*\| sent ([\d.]+ \w?B) \| received "
                       r"([\d.]+ \w?B)", out)
     assert sorted(d[0] for d in done) == ["0", "1"], out
