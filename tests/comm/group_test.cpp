@@ -85,20 +85,12 @@ TEST_CASE("group options come from torchrun's environment variables", "[comm]") 
 }
 
 TEST_CASE("a port in use is reported as such", "[comm]") {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-  REQUIRE(::listen(fd, 1) == 0);
-  socklen_t len = sizeof addr;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  diloco_test::Listener in_use;
   auto o = valid();
   o.world_size = 1;
-  o.master_port = ntohs(addr.sin_port);
+  o.master_port = in_use.port;
   o.timeout = std::chrono::milliseconds(3000);
   CHECK_THROWS_WITH(diloco::Group::create(o), Contains("in use") && Contains(std::to_string(o.master_port)));
-  ::close(fd);
 }
 
 TEST_CASE("a rendezvous whose peers never come fails within the timeout", "[comm]") {

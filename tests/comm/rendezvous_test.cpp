@@ -73,18 +73,9 @@ TEST_CASE("a stopped rank 0 fails the others within the timeout", "[rendezvous][
 
 TEST_CASE("another program on MASTER_PORT fails the rendezvous within the timeout", "[rendezvous][process]") {
   // A listener that never answers (the kernel completes the connections; nobody reads).
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-  REQUIRE(::listen(fd, 16) == 0);
-  socklen_t len = sizeof addr;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  const int port = ntohs(addr.sin_port);
-  std::vector<Proc> procs{diloco_test::spawn_worker(1, 2, port, {kTimeoutEnv})};
+  diloco_test::Listener other_program;
+  std::vector<Proc> procs{diloco_test::spawn_worker(1, 2, other_program.port, {kTimeoutEnv})};
   diloco_test::wait_all(procs, std::chrono::seconds(kTimeoutS + 15));
-  ::close(fd);
   const std::string log = diloco_test::slurp(procs[0].log);
   INFO(log << "\n(" << procs[0].seconds << " s)");
   check_failed_in_time(procs[0], log);

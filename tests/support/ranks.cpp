@@ -55,4 +55,20 @@ void seed_parameters(const std::vector<at::Tensor>& params, std::uint64_t seed) 
 
 int free_port() { return diloco::net::free_local_port(); }
 
+Listener::Listener() : fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::listen(fd, 16) != 0 || ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    throw std::runtime_error("Listener: cannot listen on 127.0.0.1");
+  }
+  port = ntohs(addr.sin_port);
+}
+
+Listener::~Listener() {
+  if (fd >= 0) ::close(fd);
+}
+
 }  // namespace diloco_test

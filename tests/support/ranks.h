@@ -35,4 +35,15 @@ void seed_parameters(const std::vector<at::Tensor>& params, std::uint64_t seed);
 // A free TCP port on 127.0.0.1 (bound to port 0 and released).
 int free_port();
 
+// A socket listening on 127.0.0.1 that never accepts (the kernel still completes connections):
+// a port in use, or another program on MASTER_PORT. Closes on destruction.
+struct Listener {
+  Listener();
+  ~Listener();
+  Listener(const Listener&) = delete;
+  Listener& operator=(const Listener&) = delete;
+  int fd = -1;
+  int port = 0;
+};
+
 }  // namespace diloco_test
