@@ -268,21 +268,39 @@ void rendezvous(const GroupOptions& options, const std::string& hostname,
   }
   s.add("arrived", 1);
   progress.enter("waiting for the other ranks to arrive");
-  while (s.add("arrived", 0) < options.world_size) {
-    check_abort(s, who);
-    if (Clock::now() > deadline) {
-      std::string missing;
-      for (int r = 0; r < options.world_size; ++r) {
-        if (!s.check({"claim/" + std::to_string(r)})) {
-          missing += (missing.empty() ? "" : ", ") + std::to_string(r);
-        }
+  // Who has not claimed a rank yet, refreshed while waiting: if the store goes away (rank 0 gave
+  // up at its own deadline and exited), the error can still say who was missing.
+  const auto missing_ranks = [&] {
+    std::string missing;
+    for (int r = 0; r < options.world_size; ++r) {
+      if (!s.check({"claim/" + std::to_string(r)})) {
+        missing += (missing.empty() ? "" : ", ") + std::to_string(r);
       }
-      throw Error("[Group] " + who + ": rank(s) " + (missing.empty() ? "?" : missing) +
-                  " did not arrive at " + where + " within " +
-                  std::to_string(options.timeout.count()) + " ms (started? same MASTER_ADDR, "
-                  "MASTER_PORT and WORLD_SIZE?)");
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return missing;
+  };
+  std::string missing;
+  const auto not_arrived = [&](const std::string& ranks) {
+    return "rank(s) " + (ranks.empty() ? std::string("?") : ranks) + " did not arrive at " +
+           where + " within " + std::to_string(options.timeout.count()) +
+           " ms (started? same MASTER_ADDR, MASTER_PORT and WORLD_SIZE?)";
+  };
+  try {
+    for (int polls = 0; s.add("arrived", 0) < options.world_size; ++polls) {
+      check_abort(s, who);
+      if (polls % 25 == 0) missing = missing_ranks();
+      if (Clock::now() > deadline) {
+        // Said in the store too, so that ranks still waiting fail with the same reason.
+        abort_rendezvous(s, who, not_arrived(missing_ranks()), false);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Error("[Group] " + who + ": " + not_arrived(missing) + "; then the store at " + where +
+                " stopped answering (rank 0, which serves it, gave up or exited): " +
+                first_line(e.what()));
   }
   // A process started with a RANK that another already holds may claim it a moment after the
   // others arrived. Rank 0 seals the rendezvous after a short grace, during which such a claim
