@@ -227,109 +227,128 @@ void rendezvous(const GroupOptions& options, const std::string& hostname,
                 std::to_string(options.timeout.count()) + " ms (is rank 0 started, with the same "
                 "MASTER_ADDR/MASTER_PORT?): " + first_line(what));
   }
-  progress.enter("waiting for the store at " + where + " to answer (it accepted the connection; "
-                 "is rank 0 stopped, or is another program listening on MASTER_PORT?)");
-  store->setTimeout(remaining(deadline));
-  // A store of our own is new for every group; a shared one (torchrun's agent store) outlives
-  // them, so every group this process joins to it gets a prefix of its own (processes create
-  // their groups in the same order, so the prefixes match across ranks).
-  std::string prefix = "diloco";
-  if (options.join_existing_store) {
-    const auto n = store->add("diloco_joins/" + std::to_string(options.rank), 1) - 1;
-    if (n > 0) prefix += "/" + std::to_string(n);
-  }
-  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
-  c10d::Store& s = *prefixed;
-
-  const std::string mine = std::to_string(options.world_size);
-  if (options.rank == 0) store_set(s, "world_size", mine);
-  const auto claims = s.add("claim/" + std::to_string(options.rank), 1);
-  if (claims > 1) {
-    const bool sealed = s.check({"sealed"});
-    abort_rendezvous(s, who, "RANK=" + std::to_string(options.rank) + " was claimed by " +
-                                 std::to_string(claims) + " processes" +
-                                 (sealed ? " (the group had already formed without this one)" : "") +
-                                 "; every process needs a rank of its own", true);
-  }
-  progress.enter("waiting for rank 0's world size");
-  while (!s.check({"world_size"})) {
-    check_abort(s, who);
-    if (Clock::now() > deadline) {
-      throw Error("[Group] " + who + ": rank 0 did not arrive at " + where + " within " +
-                  std::to_string(options.timeout.count()) + " ms");
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  const std::string rank0 = store_string(s, "world_size");
-  if (rank0 != mine) {
-    abort_rendezvous(s, who, "world_size (WORLD_SIZE) differs between ranks: rank " +
-                                 std::to_string(options.rank) + " has " + mine +
-                                 ", rank 0 has " + rank0, true);
-  }
-  s.add("arrived", 1);
-  progress.enter("waiting for the other ranks to arrive");
-  // Who has not claimed a rank yet, refreshed while waiting: if the store goes away (rank 0 gave
-  // up at its own deadline and exited), the error can still say who was missing.
-  const auto missing_ranks = [&] {
-    std::string missing;
-    for (int r = 0; r < options.world_size; ++r) {
-      if (!s.check({"claim/" + std::to_string(r)})) {
-        missing += (missing.empty() ? "" : ", ") + std::to_string(r);
-      }
-    }
-    return missing;
-  };
-  std::string missing;
-  const auto not_arrived = [&](const std::string& ranks) {
-    return "rank(s) " + (ranks.empty() ? std::string("?") : ranks) + " did not arrive at " +
-           where + " within " + std::to_string(options.timeout.count()) +
-           " ms (started? same MASTER_ADDR, MASTER_PORT and WORLD_SIZE?)";
-  };
   try {
-    for (int polls = 0; s.add("arrived", 0) < options.world_size; ++polls) {
+    progress.enter("waiting for the store at " + where + " to answer (it accepted the connection; "
+                   "is rank 0 stopped, or is another program listening on MASTER_PORT?)");
+    store->setTimeout(remaining(deadline));
+    // A store of our own is new for every group; a shared one (torchrun's agent store) outlives
+    // them, so every group this process joins to it gets a prefix of its own (processes create
+    // their groups in the same order, so the prefixes match across ranks).
+    std::string prefix = "diloco";
+    if (options.join_existing_store) {
+      const auto n = store->add("diloco_joins/" + std::to_string(options.rank), 1) - 1;
+      if (n > 0) prefix += "/" + std::to_string(n);
+    }
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
+    c10d::Store& s = *prefixed;
+
+    const std::string mine = std::to_string(options.world_size);
+    if (options.rank == 0) store_set(s, "world_size", mine);
+    const auto claims = s.add("claim/" + std::to_string(options.rank), 1);
+    if (claims > 1) {
+      const bool sealed = s.check({"sealed"});
+      abort_rendezvous(s, who, "RANK=" + std::to_string(options.rank) + " was claimed by " +
+                                   std::to_string(claims) + " processes" +
+                                   (sealed ? " (the group had already formed without this one)" : "") +
+                                   "; every process needs a rank of its own", true);
+    }
+    progress.enter("waiting for rank 0's world size");
+    while (!s.check({"world_size"})) {
       check_abort(s, who);
-      if (polls % 25 == 0) missing = missing_ranks();
       if (Clock::now() > deadline) {
-        // Said in the store too, so that ranks still waiting fail with the same reason.
-        abort_rendezvous(s, who, not_arrived(missing_ranks()), false);
+        throw Error("[Group] " + who + ": rank 0 did not arrive at " + where + " within " +
+                    std::to_string(options.timeout.count()) + " ms");
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-  } catch (const Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw Error("[Group] " + who + ": " + not_arrived(missing) + "; then the store at " + where +
-                " stopped answering (rank 0, which serves it, gave up or exited): " +
-                first_line(e.what()));
-  }
-  // A process started with a RANK that another already holds may claim it a moment after the
-  // others arrived. Rank 0 seals the rendezvous after a short grace, during which such a claim
-  // aborts it for everyone; a claim after the seal fails on the latecomer alone.
-  progress.enter("waiting for rank 0 to seal the rendezvous");
-  if (options.rank == 0) {
-    // (A second RANK=0 cannot serve the store on the same port: it fails as "in use".)
-    if (options.world_size > 1) {
-      std::this_thread::sleep_for(std::min<std::chrono::milliseconds>(
-          std::chrono::milliseconds(1000), options.timeout / 10));
+    const std::string rank0 = store_string(s, "world_size");
+    if (rank0 != mine) {
+      abort_rendezvous(s, who, "world_size (WORLD_SIZE) differs between ranks: rank " +
+                                   std::to_string(options.rank) + " has " + mine +
+                                   ", rank 0 has " + rank0, true);
+    }
+    s.add("arrived", 1);
+    progress.enter("waiting for the other ranks to arrive");
+    // Who has not claimed a rank yet, refreshed while waiting: if the store goes away (rank 0 gave
+    // up at its own deadline and exited), the error can still say who was missing.
+    const auto missing_ranks = [&] {
+      std::string missing;
+      for (int r = 0; r < options.world_size; ++r) {
+        if (!s.check({"claim/" + std::to_string(r)})) {
+          missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+        }
+      }
+      return missing;
+    };
+    std::string missing;
+    const auto not_arrived = [&](const std::string& ranks) {
+      return "rank(s) " + (ranks.empty() ? std::string("?") : ranks) + " did not arrive at " +
+             where + " within " + std::to_string(options.timeout.count()) +
+             " ms (started? same MASTER_ADDR, MASTER_PORT and WORLD_SIZE?)";
+    };
+    try {
+      for (int polls = 0; s.add("arrived", 0) < options.world_size; ++polls) {
+        check_abort(s, who);
+        if (polls % 25 == 0) missing = missing_ranks();
+        if (Clock::now() > deadline) {
+          // Said in the store too, so that ranks still waiting fail with the same reason.
+          abort_rendezvous(s, who, not_arrived(missing_ranks()), false);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw Error("[Group] " + who + ": " + not_arrived(missing) + "; then the store at " + where +
+                  " stopped answering (rank 0, which serves it, gave up or exited): " +
+                  first_line(e.what()));
+    }
+    // A process started with a RANK that another already holds may claim it a moment after the
+    // others arrived. Rank 0 seals the rendezvous after a short grace, during which such a claim
+    // aborts it for everyone; a claim after the seal fails on the latecomer alone.
+    progress.enter("waiting for rank 0 to seal the rendezvous");
+    if (options.rank == 0) {
+      // (A second RANK=0 cannot serve the store on the same port: it fails as "in use".)
+      if (options.world_size > 1) {
+        std::this_thread::sleep_for(std::min<std::chrono::milliseconds>(
+            std::chrono::milliseconds(1000), options.timeout / 10));
+      }
+      check_abort(s, who);
+      store_set(s, "sealed", "1");
+    }
+    while (!s.check({"sealed"})) {
+      check_abort(s, who);
+      if (Clock::now() > deadline) {
+        throw Error("[Group] " + who + ": rank 0 did not seal the rendezvous at " + where +
+                    " within " + std::to_string(options.timeout.count()) + " ms");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     check_abort(s, who);
-    store_set(s, "sealed", "1");
-  }
-  while (!s.check({"sealed"})) {
-    check_abort(s, who);
-    if (Clock::now() > deadline) {
-      throw Error("[Group] " + who + ": rank 0 did not seal the rendezvous at " + where +
-                  " within " + std::to_string(options.timeout.count()) + " ms");
+    progress.enter("connecting the Gloo group (did a rank die during the rendezvous?)");
+    auto group = std::make_shared<Group>(prefixed, options.rank, options.world_size,
+                                         options.timeout, hostname);
+    group->set_link(options.link);
+    std::lock_guard<std::mutex> lock(progress.mutex);
+    progress.group = std::move(group);
+  } catch (...) {
+    // Rank 0 serves the store: it stays a moment after a failure, so that the ranks still
+    // waiting read the reason left under the abort key rather than a closed connection.
+    if (serve) std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    try {
+      throw;
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      std::string phase;
+      {
+        std::lock_guard<std::mutex> lock(progress.mutex);
+        phase = progress.phase;
+      }
+      throw Error("[Group] " + who + ": the rendezvous store at " + where + " failed while " +
+                  phase + ": " + first_line(e.what()));
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  check_abort(s, who);
-  progress.enter("connecting the Gloo group (did a rank die during the rendezvous?)");
-  auto group = std::make_shared<Group>(prefixed, options.rank, options.world_size,
-                                       options.timeout, hostname);
-  group->set_link(options.link);
-  std::lock_guard<std::mutex> lock(progress.mutex);
-  progress.group = std::move(group);
 }
 
 }  // namespace
