@@ -1,11 +1,6 @@
 // The wide-area group (see group.h): rendezvous, accounted collectives, readable errors.
 #include "diloco/comm/group.h"
 
-#include <arpa/inet.h>
-#include <netdb.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
