@@ -10,6 +10,8 @@ the same number of steps per island with every method, then writes
                                       wall time, compute utilization per emulated link
   OUT/loss_vs_bytes.png               final validation loss against bytes sent (log axis)
   OUT/loss_vs_step.png                validation loss against step, one curve per run
+  OUT/utilization_vs_link.png         compute utilization against the emulated link's rate for
+                                      the --link-runs (data-parallel, DiLoCo, streaming DiLoCo)
   OUT/scaling.json, OUT/scaling.md    sync time and bytes per island for 2, 4, 8 islands
 
 Gain recovered = (L_single - L_method) / (L_single - L_dp): 100% is data-parallel's loss, 0% is
@@ -23,9 +25,10 @@ of training (evaluations left out), averaged over the islands, measured with the
 emulation (train_lm --link-mbps/--link-latency-ms) on the links of --links.
 
 Usage:
-  python3 benchmarks/wan_bench.py --quick          # 300 steps, 4 compressors: 11 min on 2 cores
-  python3 benchmarks/wan_bench.py                  # the full set, 600 steps: 44 min on 2 cores
-  python3 benchmarks/wan_bench.py --steps 2000 --only dp,single,h100_fp32
+  python3 benchmarks/wan_bench.py --quick          # 300 steps, 4 compressors
+  python3 benchmarks/wan_bench.py                  # the full set, 2,000 steps: about 5 min per
+                                                   # 4-island run on 2 cores, 2.5 hours in all
+  python3 benchmarks/wan_bench.py --only dp,single,h100_fp32,h100_p4_t5 --no-scaling
 """
 import argparse
 import csv
@@ -39,11 +42,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Learning rates, each the better of {3e-3, 6e-3} on this model at 600 steps (measured: single
-# 2.115 vs 2.317, data-parallel 1.872 vs 1.841, DiLoCo H=8 1.996 vs 1.929). The islands of DiLoCo
-# want data-parallel's larger rate although each sees a quarter of its batch: AdamW's step on the
-# signal shrinks as the gradient noise grows, and averaging removes the noise, not the shrinkage.
-INNER_LR = {"single": 3e-3, "dp": 6e-3, "diloco": 6e-3}
+# The recipe (benchmarks/README.md, "Convergence, second part"; 2,000 steps per island, 4 islands):
+# every run's inner optimizer is Muon for the blocks' matrices and AdamW for the rest, peak lr
+# 6e-3 (train_lm --optimizer muon: Muon's update scaled to AdamW's RMS, so one lr serves both).
+# Muon lowers every run's loss (one island 1.691 -> 1.551, data-parallel 1.523 -> 1.437) and,
+# unlike AdamW, keeps most of the islands' gain at H=100 (46% against 6%).
+INNER = ["--optimizer", "muon", "--lr", "6e-3"]
 
 # Gradient-norm clipping at 1.0 before every inner step, in every run (the baselines too, so that
 # the gain recovered compares one recipe): without it, GPT-2-initialised islands hit gradient
@@ -53,24 +57,32 @@ INNER_LR = {"single": 3e-3, "dp": 6e-3, "diloco": 6e-3}
 CLIP = 1.0
 
 
-# Outer optimizer per H. With few outer steps, Nesterov momentum 0.9 at lr 0.7 overshoots (H=8:
-# 2.415 against 1.996 for plain averaging), and outer learning rates other than 1 are worse
-# (H=8: 0.5 -> 2.187, 0.7 -> 2.083, 1.0 -> 1.996, 1.5 -> 2.265): plain averaging at every H here.
+# Outer optimizer per H. With few outer steps (20 at H=100 over 2,000 steps) Nesterov momentum
+# 0.9 overshoots on stale momentum (AdamW, H=100, lr 0.7: 1.731 against 1.680 for plain
+# averaging). With Muon islands (one seed each, H=100): plain averaging 1.498, lr 1.4 without
+# momentum 1.488, lr 2.0 1.593, lr 1.0 with Nesterov momentum 0.5 1.476, 0.7 1.482. The mean of the
+# islands' pseudo-gradients is shorter than each (their noise cancels); a step of about 1.5x
+# along it (Nesterov 0.5: (1 + 0.5) x lr on the first outer step) recovers part of that, more
+# (lr 2, or momentum 0.9 over 20 steps) overshoots.
 def outer_recipe(h):
-    return {"outer_lr": 1.0, "outer_momentum": 0.0}
+    return {"outer_lr": 1.0, "outer_momentum": 0.5}
 
 
-def diloco_flags(h, compress=None):
+def diloco_flags(h, compress=None, streaming=None):
     r = outer_recipe(h)
     flags = ["--inner-steps", str(h), "--outer-lr", str(r["outer_lr"]),
-             "--outer-momentum", str(r["outer_momentum"]), "--lr", str(INNER_LR["diloco"])]
+             "--outer-momentum", str(r["outer_momentum"])] + INNER
+    if streaming:
+        fragments, overlap, mixing = streaming
+        flags += ["--fragments", str(fragments), "--overlap-steps", str(overlap),
+                  "--mixing", str(mixing)]
     return flags + (["--compress", compress] if compress else [])
 
 
 def run_specs(quick):
     """(name, group, train_lm flags) for every run."""
-    runs = [("single", "baseline", ["--mode", "single", "--lr", str(INNER_LR["single"])]),
-            ("dp", "baseline", ["--mode", "dp", "--lr", str(INNER_LR["dp"])])]
+    runs = [("single", "baseline", ["--mode", "single"] + INNER),
+            ("dp", "baseline", ["--mode", "dp"] + INNER)]
     for h in (10, 50, 100, 500):
         runs.append((f"h{h}_fp32", "H sweep", diloco_flags(h)))
     compressors = ["fp16", "int8", "int4", "fp4", "int2+ef", "int8_normal",
@@ -84,10 +96,18 @@ def run_specs(quick):
     # data-parallel) and small H with sparse 2-bit top-k (>= 1,000x).
     for h, c in BEST:
         runs.append((f"best_h{h}_{short(c)}", "best", diloco_flags(h, c)))
+    # Streaming DiLoCo at H=100: 4 fragments, tau 0 or 5 steps of overlap, mixing 0.5.
+    for tau in (0, 5):
+        runs.append((f"h100_p4_t{tau}", "streaming", diloco_flags(100, None, (4, tau, 0.5))))
+    for c in ("fp4", "int4"):
+        runs.append((f"h100_p4_t5_{c}", "streaming", diloco_flags(100, c, (4, 5, 0.5))))
     return runs
 
 
-BEST = ((16, "int4"), (8, "int2+ef"), (8, "topk(k=64,values=2bit)+ef"))
+# The best compressed combinations at 2,000 steps: 4-bit at H=100 (about 780x fewer bytes than
+# data-parallel) and at H=300 (about 2,200x). 2-bit with error feedback fails at large H
+# (int2+ef at H=200: 2.135, worse than the start of training's plateau).
+BEST = ((100, "int4"), (300, "int4"))
 
 
 def short(spec):
@@ -155,16 +175,16 @@ def fmt_bytes(b):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="300 steps, 4 compressors, shorter link and scaling runs")
-    p.add_argument("--steps", type=int, help="inner steps per island (default 600, quick 300)")
+    p.add_argument("--steps", type=int, help="inner steps per island (default 2000, quick 300)")
     p.add_argument("--islands", type=int, default=4)
     p.add_argument("--build", default=os.environ.get("BUILD_DIR", os.path.join(ROOT, "build")))
     p.add_argument("--data", default=os.path.join(ROOT, "data", "brown"))
     p.add_argument("--out", default=os.path.join(ROOT, "results", "wan"))
     p.add_argument("--only", help="comma-separated run names (baselines single and dp always run)")
-    p.add_argument("--links", default="1000,100", help="emulated links in Mbit/s for utilization")
+    p.add_argument("--links", default="100,10", help="emulated links in Mbit/s for utilization")
     p.add_argument("--latency-ms", type=float, default=10.0, help="one-way latency of each link")
     p.add_argument("--link-steps", type=int, help="steps of each link run (default steps / 3)")
-    p.add_argument("--link-runs", default="dp,h100_fp32,best_h8_int2_ef",
+    p.add_argument("--link-runs", default="dp,h100_fp32,h100_p4_t5,h100_p4_t5_fp4",
                    help="runs repeated on each emulated link")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
@@ -174,7 +194,7 @@ def main():
     args = p.parse_args()
     if args.islands < 2:
         p.error("--islands must be >= 2")
-    steps = args.steps or (300 if args.quick else 600)
+    steps = args.steps or (300 if args.quick else 2000)
     if steps < 10:
         p.error("--steps must be >= 10")
     link_steps = args.link_steps or max(30, steps // (5 if args.quick else 3))
@@ -313,7 +333,8 @@ def plot(out, results, scaling):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"baseline": "s", "H sweep": "o", "H=100 compressed": "^", "best": "*"}
+    markers = {"baseline": "s", "H sweep": "o", "H=100 compressed": "^", "best": "*",
+               "streaming": "D"}
     fig, ax = plt.subplots(figsize=(9, 6))
     for r in results:
         if r["bytes_sent"] <= 0:
@@ -347,6 +368,25 @@ def plot(out, results, scaling):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss_vs_step.png"), dpi=120)
     plt.close(fig)
+
+    linked = [r for r in results if r["links"]]
+    if linked:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in linked:
+            rates = sorted(r["links"], key=float)
+            ax.plot([float(m) for m in rates], [r["links"][m]["utilization"] for m in rates],
+                    marker="o", label=r["name"])
+        ax.set_xscale("log")
+        ax.set_xlabel("emulated link (Mbit/s per island, log)")
+        ax.set_ylabel("compute utilization")
+        ax.set_ylim(0, 1.02)
+        ax.axhline(0.99, color="gray", ls=":", lw=1)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("Compute utilization against link rate")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "utilization_vs_link.png"), dpi=120)
+        plt.close(fig)
 
     if scaling:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))

@@ -55,7 +55,13 @@ def parse_flags(argv):
     p.add_argument("--steps", type=int, default=1000, help="inner (optimizer) steps per island")
     p.add_argument("--inner-steps", type=int, default=50,
                    help="H: inner steps between DiLoCo outer steps")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the inner AdamW")
+    # The recipe of benchmarks/README.md ("Convergence, second part"), as the C++ example's.
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="muon",
+                   help="inner optimizer: adamw, or muon (Muon for the blocks' weight matrices, "
+                        "AdamW for embeddings, head, biases and norms; Muon's updates scaled to "
+                        "AdamW's RMS, so --lr and --weight-decay apply to both)")
+    p.add_argument("--lr", type=float, default=6e-3,
+                   help="peak learning rate of the inner optimizer")
     p.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW weight decay of the matrices and embeddings")
     p.add_argument("--clip", type=float, default=1.0,
@@ -67,10 +73,22 @@ def parse_flags(argv):
                         "N(0, 1), Linear kaiming-uniform)")
     p.add_argument("--warmup", type=int, default=50,
                    help="steps of linear lr warmup, then cosine decay to 10%% of --lr")
-    p.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer SGD learning rate")
-    p.add_argument("--outer-momentum", type=float, default=0.9,
+    p.add_argument("--outer-lr", type=float, default=1.0, help="DiLoCo outer SGD learning rate")
+    p.add_argument("--outer-momentum", type=float, default=0.5,
                    help="DiLoCo outer SGD momentum, in [0, 1)")
     p.add_argument("--no-nesterov", action="store_true", help="plain (heavy-ball) outer momentum")
+    p.add_argument("--warm-start-steps", type=int, default=0,
+                   help="DiLoCo: train the first N steps data-parallel (their bytes counted), "
+                        "then start DiLoCo from the weights they reached; 0 = off, below --steps")
+    p.add_argument("--fragments", type=int, default=1,
+                   help="Streaming DiLoCo: P fragments, each synced every --inner-steps, "
+                        "staggered by H/P (1 = the whole model at once)")
+    p.add_argument("--overlap-steps", type=int, default=0,
+                   help="Streaming DiLoCo: tau, inner steps an exchange travels while the island "
+                        "trains on, in [0, H/P)")
+    p.add_argument("--mixing", type=float, default=0.0,
+                   help="Streaming DiLoCo: alpha in [0, 1], the island's share when a synced "
+                        "fragment is merged (0 = replaced by the global one)")
     p.add_argument("--compress", default="none",
                    help="pseudo-gradient compression spec, e.g. none, fp16, int8, fp4, "
                         "topk(k=64,values=2bit)+ef, dct (diloco.codec_help() lists them)")
@@ -99,6 +117,8 @@ def parse_flags(argv):
         p.error("--heads must divide --d-model (%d)" % f.d_model)
     if not 0.0 <= f.clip <= 1e9:  # also rejects nan and inf
         p.error("--clip must be a gradient norm in [0, 1e9] (0 = no clipping), not %r" % f.clip)
+    if not 0 <= f.warm_start_steps < f.steps:
+        p.error("--warm-start-steps must be in [0, --steps)")
     if not 0.0 <= f.outer_momentum < 1.0:
         p.error("--outer-momentum must be in [0, 1)")
     if f.device == "cuda" and not torch.cuda.is_available():
@@ -118,12 +138,23 @@ def learning_rate(f, step):
 
 
 def make_optimizer(model, f):
-    # Decay only matrices and embeddings: decaying gains and biases buys nothing (GPT-2, nanoGPT).
-    decayed = [p for p in model.parameters() if p.dim() >= 2]
-    not_decayed = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decayed, "weight_decay": f.weight_decay},
-                              {"params": not_decayed, "weight_decay": 0.0}],
-                             lr=f.lr, betas=ADAM_BETAS)
+    """The inner optimizers, as a list: AdamW, or (--optimizer muon) Muon for the blocks' weight
+    matrices and AdamW for the rest, as the C++ example does."""
+    muon, decayed, not_decayed = [], [], []
+    for name, p in model.named_parameters():
+        if f.optimizer == "muon" and p.dim() == 2 and name.startswith("blocks."):
+            muon.append(p)
+        elif p.dim() >= 2:  # decay only matrices and embeddings (GPT-2, nanoGPT)
+            decayed.append(p)
+        else:
+            not_decayed.append(p)
+    optimizers = [torch.optim.AdamW([{"params": decayed, "weight_decay": f.weight_decay},
+                                     {"params": not_decayed, "weight_decay": 0.0}],
+                                    lr=f.lr, betas=ADAM_BETAS)]
+    if muon:
+        optimizers.append(diloco.Muon(muon, lr=f.lr, weight_decay=f.weight_decay,
+                                      scale="match_adamw"))
+    return optimizers
 
 
 def run_fields(f):
@@ -136,7 +167,8 @@ def run_fields(f):
     if float(clip) != f.clip:
         clip = "%.17g" % f.clip
     return {"train_lm --steps": f.steps, "train_lm --eval-every": f.eval_every,
-            "train_lm --clip": clip}
+            "train_lm --clip": clip, "train_lm --optimizer": f.optimizer,
+            "train_lm --warm-start-steps": f.warm_start_steps}
 
 
 def make_group(f):
@@ -174,13 +206,20 @@ def train(f):
     inner = make_optimizer(model, f)
 
     outer = data_parallel = None
-    if f.mode == "diloco":
-        outer = diloco.DiLoCo(
+
+    def start_diloco():
+        return diloco.DiLoCo(
             model, inner, group, inner_steps=f.inner_steps, outer_lr=f.outer_lr,
             outer_momentum=f.outer_momentum, nesterov=not f.no_nesterov, compression=f.compress,
-            agree_on=run_fields(f))
-    elif f.mode == "dp":
+            agree_on=run_fields(f), fragments=f.fragments, overlap_steps=f.overlap_steps,
+            mixing=f.mixing)
+
+    # DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
+    # weights they reached, as the C++ example does.
+    if f.mode == "dp" or (f.mode == "diloco" and f.warm_start_steps > 0):
         data_parallel = diloco.DataParallel(model, group, agree_on=run_fields(f))
+    elif f.mode == "diloco":
+        outer = start_diloco()
 
     parameter_count = sum(p.numel() for p in model.parameters())
     if leader:
@@ -190,9 +229,10 @@ def train(f):
         print("data: %s, %s train / %s validation bytes" % (
             f.data, format_bytes(corpus.train.numel()), format_bytes(corpus.validation.numel())))
         print("model: {:,} parameters (d_model {}, {} layers, {} heads, seq_len {}, init {}), "
-              "batch {}, clip {}".format(parameter_count, f.d_model, f.layers, f.heads, f.seq_len,
-                                         f.init, f.batch_size,
-                                         "%g" % f.clip if f.clip > 0 else "off"), flush=True)
+              "batch {}, clip {}, inner {}".format(parameter_count, f.d_model, f.layers, f.heads,
+                                                   f.seq_len, f.init, f.batch_size,
+                                                   "%g" % f.clip if f.clip > 0 else "off",
+                                                   f.optimizer), flush=True)
 
     metrics = open(f.metrics, "w") if leader and f.metrics else None
     validation = [(x.to(device), y.to(device))
@@ -250,25 +290,31 @@ def train(f):
     model.train()
     initial_val_loss = report(0)
     for step in range(1, f.steps + 1):
-        for group_options in inner.param_groups:
-            group_options["lr"] = learning_rate(f, step - 1)
+        for optimizer in inner:
+            for group_options in optimizer.param_groups:
+                group_options["lr"] = learning_rate(f, step - 1)
         x, y = corpus.train_batch(generator)
         loss = language_model_loss(model, x.to(device), y.to(device))
-        inner.zero_grad()
+        for optimizer in inner:
+            optimizer.zero_grad()
         loss.backward()
         if data_parallel:
             data_parallel.sync_gradients()
         if f.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), f.clip)
-        inner.step()
+        for optimizer in inner:
+            optimizer.step()
         outer_step = outer.step() if outer else False
+        if f.mode == "diloco" and data_parallel and step == f.warm_start_steps:
+            data_parallel = None
+            outer = start_diloco()
         state["loss_sum"] += loss.item()
         state["loss_count"] += 1
 
         # DiLoCo evaluates the global model right after the outer steps that end an --eval-every
         # interval (every outer step by default), as the C++ example does: the final sync below
         # depends on it, and a C++ island in the same run must issue the same collectives.
-        if outer:
+        if f.mode == "diloco":
             evaluate_now = outer_step and step % max(f.eval_every, f.inner_steps) < f.inner_steps
         else:
             evaluate_now = step % f.eval_every == 0

@@ -59,17 +59,24 @@ struct Flags {
   std::int64_t batch_size = 16;
   std::int64_t steps = 1000;
   std::int64_t inner_steps = 50;
-  double lr = 3e-3;
+  // The recipe of benchmarks/README.md ("Convergence, second part"): Muon islands at lr 6e-3, outer
+  // Nesterov lr 1.0 / momentum 0.5 (few outer steps: 0.7 / 0.9 overshoots on stale momentum).
+  std::string optimizer = "muon";
+  double lr = 6e-3;
   double weight_decay = 0.1;
   // Global gradient-norm clipping before every inner step; 0 = off. On by default: without it,
   // DiLoCo's islands (GPT-2 init) lose most of their gain to early gradient spikes (H=20, 1,000
   // steps: 2.141 against 1.772; benchmarks/README.md, "Convergence").
   double clip = 1.0;
   std::int64_t warmup = 50;
-  double outer_lr = 0.7;
-  double outer_momentum = 0.9;
+  double outer_lr = 1.0;
+  double outer_momentum = 0.5;
   std::string compress = "none";
   bool no_nesterov = false;
+  std::int64_t fragments = 1;  // Streaming DiLoCo: P, tau, alpha (diloco/sync/diloco.h)
+  std::int64_t overlap_steps = 0;
+  double mixing = 0.0;
+  std::int64_t warm_start_steps = 0;
   std::string device = "cpu";
   int threads = 1;
   std::int64_t seed = 0;
@@ -99,7 +106,13 @@ void add_flags(CLI::App& app, Flags& f) {
   app.add_option("--inner-steps", f.inner_steps, "H: inner steps between DiLoCo outer steps")
       ->check(CLI::Range(std::int64_t{1}, kMaxCount))
       ->capture_default_str();
-  app.add_option("--lr", f.lr, "peak learning rate of the inner AdamW")
+  app.add_option("--optimizer", f.optimizer,
+                 "inner optimizer: adamw, or muon (Muon for the blocks' weight matrices, AdamW for "
+                 "embeddings, head, biases and norms; Muon's updates scaled to AdamW's RMS, so "
+                 "--lr and --weight-decay apply to both)")
+      ->check(CLI::IsMember({"adamw", "muon"}))
+      ->capture_default_str();
+  app.add_option("--lr", f.lr, "peak learning rate of the inner optimizer")
       ->check(CLI::Range(1e-8, 10.0))
       ->capture_default_str();
   app.add_option("--weight-decay", f.weight_decay,
@@ -127,6 +140,25 @@ void add_flags(CLI::App& app, Flags& f) {
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   app.add_flag("--no-nesterov", f.no_nesterov, "plain (heavy-ball) outer momentum");
+  app.add_option("--warm-start-steps", f.warm_start_steps,
+                 "DiLoCo: train the first N steps data-parallel (their bytes counted), then "
+                 "start DiLoCo from the weights they reached; 0 = off, below --steps")
+      ->check(CLI::Range(std::int64_t{0}, kMaxCount))
+      ->capture_default_str();
+  app.add_option("--fragments", f.fragments,
+                 "Streaming DiLoCo: P fragments, each synced every --inner-steps, staggered by "
+                 "H/P (1 = the whole model at once)")
+      ->check(CLI::Range(std::int64_t{1}, kMaxCount))
+      ->capture_default_str();
+  app.add_option("--overlap-steps", f.overlap_steps,
+                 "Streaming DiLoCo: tau, inner steps an exchange travels while the island trains "
+                 "on, in [0, H/P)")
+      ->check(CLI::Range(std::int64_t{0}, kMaxCount))
+      ->capture_default_str();
+  app.add_option("--mixing", f.mixing,
+                 "Streaming DiLoCo: alpha in [0, 1], the island's share when a synced fragment is "
+                 "merged (0 = replaced by the global one)")
+      ->capture_default_str();
   app.add_option("--compress", f.compress,
                  "DiLoCo pseudo-gradient compression spec, e.g. none, fp16, int8, fp4, "
                  "topk(k=64,values=2bit)+ef, dct (an unknown spec lists them all)");
@@ -191,6 +223,10 @@ void add_flags(CLI::App& app, Flags& f) {
           "--clip", std::string("must be a gradient norm in [0, 1e9] (0 = no clipping), not ") +
                         given);
     }
+    if (f.warm_start_steps >= f.steps) {
+      throw CLI::ValidationError("--warm-start-steps", "must be below --steps (" +
+                                                           std::to_string(f.steps) + ")");
+    }
     if (f.outer_momentum >= 1.0) {
       throw CLI::ValidationError("--outer-momentum", "must be below 1");
     }
@@ -212,18 +248,59 @@ double learning_rate(const Flags& f, std::int64_t step) {
   return f.lr * (kFinalLrFraction + (1.0 - kFinalLrFraction) * cosine);
 }
 
-void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {
-  for (auto& group : optimizer.param_groups()) {
-    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+// The inner optimizer: AdamW for everything, or (--optimizer muon) Muon for the blocks' weight
+// matrices and AdamW for the rest (embeddings, output head, biases, norms), as Muon's authors and
+// MuLoCo (arXiv 2505.23725) do. Muon runs with scale "match_adamw", so --lr and --weight-decay
+// mean the same for both (Moonlight, arXiv 2502.16982).
+struct InnerOptimizer {
+  std::unique_ptr<torch::optim::AdamW> adamw;
+  std::unique_ptr<diloco::Muon> muon;  // null unless --optimizer muon
+
+  void set_lr(double lr) {
+    for (torch::optim::Optimizer* o : all()) {
+      for (auto& group : o->param_groups()) group.options().set_lr(lr);
+    }
   }
-}
+  void zero_grad() {
+    for (torch::optim::Optimizer* o : all()) o->zero_grad();
+  }
+  void step() {
+    for (torch::optim::Optimizer* o : all()) o->step();
+  }
+  // Every tensor either optimizer steps: DiLoCo checks that none of the model's is left out.
+  std::vector<torch::Tensor> parameters() {
+    std::vector<torch::Tensor> out;
+    for (torch::optim::Optimizer* o : all()) {
+      for (const auto& group : o->param_groups()) {
+        out.insert(out.end(), group.params().begin(), group.params().end());
+      }
+    }
+    return out;
+  }
+
+ private:
+  std::vector<torch::optim::Optimizer*> all() {
+    std::vector<torch::optim::Optimizer*> out{adamw.get()};
+    if (muon) out.push_back(muon.get());
+    return out;
+  }
+};
 
 // Decay only the matrices and embeddings: decaying gains and biases pulls LayerNorm towards
 // zero and buys nothing (GPT-2, nanoGPT).
-torch::optim::AdamW make_optimizer(train_lm::Gpt& model, const Flags& f) {
+InnerOptimizer make_optimizer(train_lm::Gpt& model, const Flags& f) {
+  std::vector<torch::Tensor> muon_matrices;
   std::vector<torch::Tensor> decayed;
   std::vector<torch::Tensor> not_decayed;
-  for (const auto& p : model->parameters()) (p.dim() >= 2 ? decayed : not_decayed).push_back(p);
+  for (const auto& item : model->named_parameters()) {
+    const auto& p = item.value();
+    const bool hidden_matrix = p.dim() == 2 && item.key().rfind("blocks.", 0) == 0;
+    if (f.optimizer == "muon" && hidden_matrix) {
+      muon_matrices.push_back(p);
+    } else {
+      (p.dim() >= 2 ? decayed : not_decayed).push_back(p);
+    }
+  }
   auto options = [&](double weight_decay) {
     return torch::optim::AdamWOptions(f.lr)
         .betas(std::make_tuple(kAdamBeta1, kAdamBeta2))
@@ -233,7 +310,14 @@ torch::optim::AdamW make_optimizer(train_lm::Gpt& model, const Flags& f) {
   groups.emplace_back(decayed,
                       std::make_unique<torch::optim::AdamWOptions>(options(f.weight_decay)));
   groups.emplace_back(not_decayed, std::make_unique<torch::optim::AdamWOptions>(options(0.0)));
-  return torch::optim::AdamW(std::move(groups), options(f.weight_decay));
+  InnerOptimizer inner;
+  inner.adamw = std::make_unique<torch::optim::AdamW>(std::move(groups), options(f.weight_decay));
+  if (!muon_matrices.empty()) {
+    diloco::MuonOptions muon(f.lr);
+    muon.weight_decay(f.weight_decay).scale("match_adamw");
+    inner.muon = std::make_unique<diloco::Muon>(muon_matrices, muon);
+  }
+  return inner;
 }
 
 std::shared_ptr<diloco::Group> make_group(const Flags& f, bool timeout_given) {
@@ -289,7 +373,9 @@ std::vector<std::pair<std::string, std::string>> run_fields(const Flags& f) {
   if (std::strtod(clip, nullptr) != f.clip) std::snprintf(clip, sizeof clip, "%.17g", f.clip);
   return {{"train_lm --steps", std::to_string(f.steps)},
           {"train_lm --eval-every", std::to_string(f.eval_every)},
-          {"train_lm --clip", clip}};
+          {"train_lm --clip", clip},
+          {"train_lm --optimizer", f.optimizer},
+          {"train_lm --warm-start-steps", std::to_string(f.warm_start_steps)}};
 }
 
 int train(const Flags& f, bool timeout_given) {
@@ -316,19 +402,29 @@ int train(const Flags& f, bool timeout_given) {
 
   std::unique_ptr<diloco::DiLoCo> sync;
   std::unique_ptr<diloco::DataParallel> data_parallel;
-  if (diloco_mode) {
+  auto start_diloco = [&] {
     diloco::DiLoCoOptions options;
     options.inner_steps = f.inner_steps;
     options.outer.lr = f.outer_lr;
     options.outer.momentum = f.outer_momentum;
     options.compression = f.compress;
     options.outer.nesterov = !f.no_nesterov;
+    options.fragments = f.fragments;
+    options.overlap_steps = f.overlap_steps;
+    options.mixing = f.mixing;
     options.agree_on = run_fields(f);
-    sync = std::make_unique<diloco::DiLoCo>(*model, optimizer, group, options);
-  } else if (f.mode == "dp") {
+    auto tensors = diloco::ModelTensors::of(*model);
+    tensors.optimized = optimizer.parameters();
+    sync = std::make_unique<diloco::DiLoCo>(std::move(tensors), group, options);
+  };
+  // DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
+  // weights they reached: the islands then start their first H steps from one trained point.
+  if (f.mode == "dp" || (diloco_mode && f.warm_start_steps > 0)) {
     diloco::DataParallelOptions options;
     options.agree_on = run_fields(f);
     data_parallel = std::make_unique<diloco::DataParallel>(*model, group, options);
+  } else if (diloco_mode) {
+    start_diloco();
   }
 
   const std::int64_t parameter_count = model->parameter_count();
@@ -344,11 +440,11 @@ int train(const Flags& f, bool timeout_given) {
                 format_bytes(corpus.validation_bytes()).c_str());
     std::printf(
         "model: %s parameters (d_model %lld, %lld layers, %lld heads, seq_len %lld, init %s), "
-        "batch %lld, clip %s\n",
+        "batch %lld, clip %s, inner %s\n",
         format_count(parameter_count).c_str(), static_cast<long long>(f.model.d_model),
         static_cast<long long>(f.model.layers), static_cast<long long>(f.model.heads),
         static_cast<long long>(f.model.seq_len), f.model.init.c_str(),
-        static_cast<long long>(f.batch_size), clip_text.c_str());
+        static_cast<long long>(f.batch_size), clip_text.c_str(), f.optimizer.c_str());
     std::fflush(stdout);
   }
 
@@ -437,7 +533,7 @@ int train(const Flags& f, bool timeout_given) {
   model->train();
   const double initial_val_loss = report(0);
   for (std::int64_t step = 1; step <= f.steps; ++step) {
-    set_learning_rate(optimizer, learning_rate(f, step - 1));
+    optimizer.set_lr(learning_rate(f, step - 1));
     auto compute_start = Clock::now();
     auto batch = corpus.train_batch(rng);
     auto loss =
@@ -451,6 +547,10 @@ int train(const Flags& f, bool timeout_given) {
     optimizer.step();
     compute_seconds += seconds_since(compute_start);
     const bool outer_step = sync && sync->step();
+    if (diloco_mode && data_parallel && step == f.warm_start_steps) {
+      data_parallel.reset();
+      start_diloco();
+    }
     train_loss_sum += loss.detach();
     ++train_loss_count;
 

@@ -143,17 +143,22 @@ def _check_buffers(buffers, who):
 
 
 def _optimizer_tensors(inner):
-    groups = getattr(inner, "param_groups", None)
-    if groups is None:
-        raise TypeError("[DiLoCo] inner must be a torch.optim.Optimizer (or None when the caller "
-                        "steps the parameters itself), got %s" % type(inner).__name__)
+    """The tensors `inner` steps: one torch.optim.Optimizer, or a list or tuple of them (Muon for
+    the matrices and AdamW for the rest, say)."""
+    optimizers = list(inner) if isinstance(inner, (list, tuple)) else [inner]
     tensors = []
-    for group in groups:
-        for p in group["params"]:
-            if not isinstance(p, torch.Tensor):
-                raise TypeError("[DiLoCo] the inner optimizer holds a %s, not a torch.Tensor"
-                                % type(p).__name__)
-            tensors.append(p)
+    for optimizer in optimizers:
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None:
+            raise TypeError("[DiLoCo] inner must be a torch.optim.Optimizer, a list of them, or "
+                            "None when the caller steps the parameters itself; got %s"
+                            % type(optimizer).__name__)
+        for group in groups:
+            for p in group["params"]:
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError("[DiLoCo] the inner optimizer holds a %s, not a torch.Tensor"
+                                    % type(p).__name__)
+                tensors.append(p)
     return tensors
 
 
@@ -189,7 +194,8 @@ class DiLoCo(_C.DiLoCo):
 
     Args:
         model: a torch.nn.Module, or (name, tensor) pairs, or a dict name -> tensor.
-        inner: the inner optimizer (any torch.optim.Optimizer over the model's parameters), or
+        inner: the inner optimizer (any torch.optim.Optimizer over the model's parameters, or a
+            list of them that together cover every parameter, e.g. [Muon, AdamW]), or
             None when the caller updates the tensors itself.
         group: a diloco.Group from diloco.init_process_group().
         inner_steps: H, inner steps per outer step (>= 1; DiLoCo uses 500).
@@ -211,6 +217,17 @@ class DiLoCo(_C.DiLoCo):
             them). Every mode starts from rank 0's buffers.
         agree_on: extra fields every island must agree on, a dict such as {"steps": 2000}
             (values compared as strings), checked with the library's own at construction.
+        fragments: Streaming DiLoCo's P (Douillard et al. 2025): the parameters are split into P
+            fragments, each synchronized every inner_steps steps, their exchanges staggered by
+            inner_steps / P, so each exchange carries about 1/P of the model. 1 <= P <=
+            inner_steps.
+        overlap_steps: tau: a fragment's exchange starts after a step and is applied tau steps
+            later, the island training on meanwhile (the link is hidden); 0 <= tau <
+            inner_steps / P.
+        mixing: alpha in [0, 1]: the island's fragment becomes alpha * its own + (1 - alpha) *
+            the new global one (0 replaces it; the paper uses 0.5).
+        fragment_of: each parameter's fragment (model order), or None for the default (strided
+            over the blocks, or size-balanced for models with fewer blocks than fragments).
 
     Raises:
         diloco.OptionError: an option out of range or a bad compression spec (listing them all).
@@ -221,12 +238,14 @@ class DiLoCo(_C.DiLoCo):
 
     Methods inherited from the C++ core: step(), sync(), stats(), parameter_names(),
     buffer_names(), flat_parameters(), global_weights(); properties group, inner_steps,
-    outer_lr, outer_momentum, nesterov, compression, buffers, outer_device.
+    outer_lr, outer_momentum, nesterov, compression, buffers, outer_device, fragments,
+    overlap_steps, mixing.
     """
 
     def __init__(self, model, inner, group, *, inner_steps=500, outer_lr=0.7,
                  outer_momentum=0.9, nesterov=True, outer_device=None, compression="none",
-                 buffers="average", agree_on=None):
+                 buffers="average", agree_on=None, fragments=1, overlap_steps=0, mixing=0.0,
+                 fragment_of=None):
         parameters = named_tensors(model, "DiLoCo")
         optimized = None if inner is None else _optimizer_tensors(inner)
         _check_group(group, "DiLoCo")
@@ -240,7 +259,10 @@ class DiLoCo(_C.DiLoCo):
                          inner_steps=int(inner_steps), outer_lr=float(outer_lr),
                          outer_momentum=float(outer_momentum), nesterov=bool(nesterov),
                          outer_device=outer_device, compression=compression,
-                         buffer_sync=buffers, agree_on=_agree_on(agree_on, "DiLoCo"))
+                         buffer_sync=buffers, agree_on=_agree_on(agree_on, "DiLoCo"),
+                         fragments=int(fragments), overlap_steps=int(overlap_steps),
+                         mixing=float(mixing),
+                         fragment_of=[int(f) for f in (fragment_of or [])])
         self.model = model
         self.inner = inner
 

@@ -171,19 +171,28 @@ void bind_sync(py::module_& m) {
                        std::shared_ptr<diloco::Group> group, std::int64_t inner_steps,
                        double outer_lr, double outer_momentum, bool nesterov,
                        std::optional<std::string> outer_device, std::string compression,
-                       std::string buffer_sync, Fields agree_on) {
+                       std::string buffer_sync, Fields agree_on, std::int64_t fragments,
+                       std::int64_t overlap_steps, double mixing,
+                       std::vector<std::int64_t> fragment_of) {
              auto model =
                  model_tensors(std::move(parameters), std::move(buffers), std::move(optimized));
-             return std::make_unique<PyDiLoCo>(
-                 std::move(model), std::move(group),
-                 make_options(inner_steps, outer_lr, outer_momentum, nesterov, outer_device,
-                              compression, buffer_sync, std::move(agree_on)));
+             auto options = make_options(inner_steps, outer_lr, outer_momentum, nesterov,
+                                         outer_device, compression, buffer_sync,
+                                         std::move(agree_on));
+             options.fragments = fragments;
+             options.overlap_steps = overlap_steps;
+             options.mixing = mixing;
+             options.fragment_of = std::move(fragment_of);
+             return std::make_unique<PyDiLoCo>(std::move(model), std::move(group),
+                                               std::move(options));
            }),
            py::arg("parameters"), py::arg("buffers"), py::arg("optimized"), py::arg("group"),
            py::arg("inner_steps") = 500, py::arg("outer_lr") = 0.7, py::arg("outer_momentum") = 0.9,
            py::arg("nesterov") = true, py::arg("outer_device") = py::none(),
            py::arg("compression") = "none", py::arg("buffer_sync") = "average",
-           py::arg("agree_on") = Fields{}, Release(),
+           py::arg("agree_on") = Fields{}, py::arg("fragments") = 1,
+           py::arg("overlap_steps") = 0, py::arg("mixing") = 0.0,
+           py::arg("fragment_of") = std::vector<std::int64_t>{}, Release(),
            "A collective: checks that every rank has the same configuration and parameters "
            "(names, shapes, dtypes) and that each parameter is in `optimized` (unless None), "
            "then copies rank 0's parameters and buffers to every rank.")
@@ -242,6 +251,15 @@ void bind_sync(py::module_& m) {
       .def_property_readonly(
           "nesterov", [](const PyDiLoCo& d) { return d.impl().options().outer.nesterov; },
           "whether the outer momentum is Nesterov's")
+      .def_property_readonly(
+          "fragments", [](const PyDiLoCo& d) { return d.impl().options().fragments; },
+          "P: streaming fragments (1 = the whole model at once)")
+      .def_property_readonly(
+          "overlap_steps", [](const PyDiLoCo& d) { return d.impl().options().overlap_steps; },
+          "tau: inner steps an exchange travels while the island trains on")
+      .def_property_readonly(
+          "mixing", [](const PyDiLoCo& d) { return d.impl().options().mixing; },
+          "alpha: the island's share when its fragment is merged with the global one")
       .def_property_readonly(
           "compression", [](const PyDiLoCo& d) { return d.impl().options().compression; },
           "the compressor spec pseudo-gradients are sent with")

@@ -13,6 +13,9 @@ Tasks (config["tasks"], run in this order in one process):
           own (and r extra forward passes on rank r, so num_batches_tracked differs too); writes
           rank<R>.bn.pt: the buffers after construction, then per outer step the buffers just
           before it and just after it, and the parameters after it.
+  streaming  Streaming DiLoCo (config["streaming"]: H, P, tau, alpha, steps) on named tensors
+          with a deterministic inner step (SGD on 0.5 * |theta - target(rank, step)|^2); writes
+          rank<R>.streaming.pt: the global weights after every step and the final local weights.
   construct  DiLoCo on a tiny model with config["options"] updated by config["per_rank"][rank]
           (to make islands disagree); writes the error (type, message, seconds the constructor
           took) to rank<R>.json, then raises it again: the process exits non-zero.
@@ -130,6 +133,51 @@ def batchnorm_task(config, group, out):
     return {"outer_steps": outer.stats().outer_steps}
 
 
+def streaming_target(shape, rank, step, index):
+    """The inner step's target: the same function in the worker and in the test's reference."""
+    g = torch.Generator().manual_seed(1000 * rank + 10 * step + index)
+    return torch.randn(shape, generator=g)
+
+
+STREAMING_SHAPES = {"blocks.0.w": (6, 5), "blocks.1.w": (6, 5), "blocks.0.b": (7,),
+                    "blocks.1.b": (7,)}
+
+
+def streaming_initial():
+    g = torch.Generator().manual_seed(77)
+    return {name: torch.randn(shape, generator=g) for name, shape in STREAMING_SHAPES.items()}
+
+
+def streaming_task(config, group, out):
+    c = config["streaming"]
+    tensors = streaming_initial()
+    outer = diloco.DiLoCo(tensors, None, group, inner_steps=c["H"], fragments=c["P"],
+                          overlap_steps=c["tau"], mixing=c["alpha"],
+                          fragment_of=c["fragment_of"], outer_lr=c["outer_lr"],
+                          outer_momentum=c["outer_momentum"])
+    names = list(tensors)
+    # One dtype, so one bucket per fragment, in fragment order, each holding its parameters in
+    # model order: that is how the global weights split back into parameters.
+    layout = sorted(range(len(names)), key=lambda i: (c["fragment_of"][i], i))
+    globals_after = []
+    for step in range(1, c["steps"] + 1):
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                t = tensors[name]
+                t.sub_(c["lr"] * (t - streaming_target(t.shape, group.rank, step, i)))
+        outer.step()
+        flat = torch.cat(outer.global_weights())
+        per_name, at = {}, 0
+        for i in layout:
+            n = tensors[names[i]].numel()
+            per_name[names[i]] = flat[at:at + n].view(tensors[names[i]].shape).clone()
+            at += n
+        globals_after.append(per_name)
+    torch.save({"global": globals_after, "local": {n: t.clone() for n, t in tensors.items()}},
+               os.path.join(out, "rank%d.streaming.pt" % group.rank))
+    return {"outer_steps": outer.stats().outer_steps}
+
+
 def construct_task(config, group, out):
     options = dict(config["options"], **config["per_rank"].get(str(group.rank), {}))
     torch.manual_seed(0)
@@ -159,6 +207,8 @@ def main():
         result["bytes"] = bytes_task(config, group)
     if "batchnorm" in config["tasks"]:
         result.update(batchnorm_task(config, group, out))
+    if "streaming" in config["tasks"]:
+        result.update(streaming_task(config, group, out))
     if "construct" in config["tasks"]:
         result.update(construct_task(config, group, out))
     result["language"] = "python"

@@ -10,6 +10,7 @@
 //   WORKER_NESTEROV    1 (default) or 0
 //   WORKER_BUFFERS     average (default), rank0 or local
 //   WORKER_AGREE_STEPS when set, the run's steps are a field every island must agree on
+//   WORKER_FRAGMENTS, WORKER_OVERLAP, WORKER_MIXING   streaming P, tau, alpha (default 1, 0, 0)
 // Exit codes: 0 done, 3 died on purpose, 42 PeerLostError, 2 OptionError, 1 any other error.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -63,6 +64,9 @@ int main() {
       o.outer.nesterov = env_int("WORKER_NESTEROV", 1) != 0;
       o.buffers = diloco::parse_buffer_sync(env_str("WORKER_BUFFERS", "average"));
       o.agree_on = agree_on;
+      o.fragments = env_int("WORKER_FRAGMENTS", 1);
+      o.overlap_steps = env_int("WORKER_OVERLAP", 0);
+      o.mixing = std::atof(env_str("WORKER_MIXING", "0").c_str());
       sync = std::make_unique<diloco::DiLoCo>(*net, opt, group, o);
     }
     std::int64_t outer_steps = 0;

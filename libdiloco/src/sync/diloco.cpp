@@ -49,6 +49,45 @@ ModelTensors with_optimizer(ModelTensors model, const torch::optim::Optimizer& i
   return model;
 }
 
+// The parameters in buckets per (fragment, dtype): options.fragment_of, or the default pattern.
+FlatParameters flatten(std::vector<NamedParameter>& parameters, const DiLoCoOptions& options) {
+  std::vector<std::int64_t> fragment_of = options.fragment_of;
+  if (options.fragments > 1 && fragment_of.empty()) {
+    std::vector<std::string> names;
+    std::vector<std::int64_t> numels;
+    for (const auto& p : parameters) {
+      names.push_back(p.name);
+      numels.push_back(p.tensor.defined() ? p.tensor.numel() : 0);
+    }
+    fragment_of = default_fragments(names, numels, options.fragments);
+  }
+  if (!fragment_of.empty()) {
+    if (fragment_of.size() != parameters.size()) {
+      throw OptionError("[DiLoCo] fragment_of has " + std::to_string(fragment_of.size()) +
+                        " entries but the model has " + std::to_string(parameters.size()) +
+                        " parameters");
+    }
+    std::vector<bool> used(static_cast<std::size_t>(options.fragments), false);
+    for (auto f : fragment_of) used[static_cast<std::size_t>(f)] = true;
+    for (std::size_t f = 0; f < used.size(); ++f) {
+      if (!used[f]) {
+        throw OptionError("[DiLoCo] fragment " + std::to_string(f) + " of fragments = " +
+                          std::to_string(options.fragments) + " holds no parameter (the model has " +
+                          std::to_string(parameters.size()) +
+                          " parameters): use fewer fragments or give fragment_of");
+      }
+    }
+  }
+  return FlatParameters(std::move(parameters), fragment_of);
+}
+
+// Some island's pseudo-gradient was not finite: thrown by the exchange (possibly on the
+// communication thread), caught by finish_sync(), which resets the model and rethrows it.
+class NonFiniteError : public Error {
+ public:
+  using Error::Error;
+};
+
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
@@ -61,6 +100,16 @@ void DiLoCoOptions::validate() const {
   }
   outer.validate();
   Compressor::from_spec(compression);  // throws OptionError listing the valid codecs
+  StreamingSchedule(inner_steps, fragments, overlap_steps);  // names P or tau and their range
+  if (!(mixing >= 0.0 && mixing <= 1.0)) {  // also rejects nan
+    throw OptionError("[DiLoCo] mixing (alpha) must be in [0, 1], got " + exact_decimal(mixing));
+  }
+  for (std::size_t i = 0; i < fragment_of.size(); ++i) {
+    if (fragment_of[i] < 0 || fragment_of[i] >= fragments) {
+      throw OptionError("[DiLoCo] fragment_of[" + std::to_string(i) + "] must be in [0, fragments = " +
+                        std::to_string(fragments) + "), got " + std::to_string(fragment_of[i]));
+    }
+  }
 }
 
 DiLoCo::DiLoCo(torch::nn::Module& model, torch::optim::Optimizer& inner,
@@ -71,9 +120,10 @@ DiLoCo::DiLoCo(torch::nn::Module& model, torch::optim::Optimizer& inner,
 DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions options)
     : options_((options.validate(), std::move(options))),
       group_(std::move(group)),
-      params_(std::move(model.parameters)),
+      params_(flatten(model.parameters, options_)),
       buffers_(std::move(model.buffers)),
-      outer_(options_.outer) {
+      outer_(options_.outer),
+      schedule_(options_.inner_steps, options_.fragments, options_.overlap_steps) {
   if (!group_) throw OptionError("[DiLoCo] group must not be null");
   const bool compressed = options_.compression != "none";
   agree_on_fingerprint(*group_, "DiLoCo", fingerprint(),
@@ -92,7 +142,8 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
   for (const auto& b : params_.buckets()) {
     at::Tensor g = b.flat.to(outer_device, at::kFloat, /*non_blocking=*/false, /*copy=*/true);
     momentum_.push_back(outer_.make_state(g));
-    staging_.push_back(in_place_ok(b.flat, outer_device) ? at::Tensor() : at::empty_like(g));
+    staging_.push_back(in_place_ok(b.flat, outer_device) && !staged() ? at::Tensor()
+                                                                       : at::empty_like(g));
     const at::Tensor& delta = staging_.back().defined() ? staging_.back() : b.flat;
     std::vector<at::Tensor> views;
     for (std::size_t j = 0; j < b.members.size(); ++j) {
@@ -105,7 +156,29 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
   }
 }
 
-DiLoCo::~DiLoCo() = default;
+// An exchange still in flight writes into buffers this object owns: wait it out (the collective
+// timeout bounds the wait) before they go.
+DiLoCo::~DiLoCo() { wait_in_flight(); }
+
+void DiLoCo::wait_in_flight() noexcept {
+  for (auto& p : pending_) {
+    try {
+      p.work.wait();
+    } catch (const std::exception&) {
+    }
+  }
+  pending_.clear();
+  // A deferred job (tau = 0) never started: dropping it sends nothing.
+  if (compressed_job_.valid() &&
+      compressed_job_.wait_for(std::chrono::seconds(0)) != std::future_status::deferred) {
+    try {
+      compressed_job_.get();
+    } catch (const std::exception&) {
+    }
+  }
+  compressed_job_ = std::future<void>();
+  in_flight_ = -1;
+}
 
 Fingerprint DiLoCo::fingerprint() const {
   Fingerprint f = library_fingerprint("DiLoCo");
@@ -119,25 +192,66 @@ Fingerprint DiLoCo::fingerprint() const {
                            ? "none"
                            : Compressor::from_spec(options_.compression)->spec());
   f.add("buffers", to_string(options_.buffers));
+  f.add("fragments (P)", std::to_string(options_.fragments));
+  f.add("overlap_steps (tau)", std::to_string(options_.overlap_steps));
+  f.add("mixing (alpha)", exact_decimal(options_.mixing));
+  std::string fragment_of;
+  for (const auto& b : params_.buckets()) {
+    for (auto m : b.members) {
+      fragment_of += params_.parameters()[m].name + ":" + std::to_string(b.fragment) + " ";
+    }
+  }
+  f.add("fragment of each parameter", fragment_of);
   for (const auto& [field, value] : options_.agree_on) f.add(field, value);
   params_.describe_into(f);
   buffers_.describe_into(f);
   return f;
 }
 
+bool DiLoCo::staged() const { return options_.overlap_steps > 0 || options_.mixing > 0.0; }
+
 bool DiLoCo::step() {
   ++inner_step_;
-  if (inner_step_ % options_.inner_steps != 0) return false;
-  sync();
-  return true;
+  const std::int64_t finishing = schedule_.finishes_after(inner_step_);
+  const std::int64_t starting = schedule_.starts_after(inner_step_);
+  const bool due = (finishing != StreamingSchedule::kNone && finishing == in_flight_) ||
+                   starting != StreamingSchedule::kNone;
+  if (!due) return false;
+  const auto start = std::chrono::steady_clock::now();
+  bool round_done = false;
+  try {
+    // With tau = 0 a fragment finishes after the step it starts; otherwise the one in flight is
+    // applied first (tau is below the gap between starts, so it is never the one starting now).
+    if (finishing != StreamingSchedule::kNone && finishing == in_flight_ &&
+        options_.overlap_steps > 0) {
+      finish_sync(finishing);
+      round_done = finishing == options_.fragments - 1;
+    }
+    if (starting != StreamingSchedule::kNone) {
+      start_sync(starting);
+      if (options_.overlap_steps == 0) {
+        finish_sync(starting);
+        round_done = starting == options_.fragments - 1;
+      }
+    }
+    if (round_done) end_round();
+  } catch (...) {
+    sync_seconds_ += seconds_since(start);
+    throw;
+  }
+  sync_seconds_ += seconds_since(start);
+  return round_done;
 }
 
 void DiLoCo::sync() {
   const auto start = std::chrono::steady_clock::now();
   try {
-    start_sync(0);
-    finish_sync(0);
-    buffers_.sync(*group_, options_.buffers, "DiLoCo outer", outer_step_);
+    if (in_flight_ >= 0) finish_sync(in_flight_);
+    for (std::int64_t f = 0; f < options_.fragments; ++f) {
+      start_sync(f);
+      finish_sync(f);
+    }
+    end_round();
   } catch (...) {
     sync_seconds_ += seconds_since(start);
     throw;
@@ -145,21 +259,29 @@ void DiLoCo::sync() {
   sync_seconds_ += seconds_since(start);
 }
 
-void DiLoCo::start_sync(std::size_t /*fragment: the whole model for now*/) {
+void DiLoCo::end_round() {
+  ++outer_step_;
+  buffers_.sync(*group_, options_.buffers, "DiLoCo outer", outer_step_ - 1);
+}
+
+void DiLoCo::start_sync(std::int64_t fragment) {
   // Each bucket goes out in segments: the pseudo-gradient of segment k+1 is computed while
-  // segment k is on the wire, and finish_sync() applies segment k while later ones still travel.
+  // segment k is on the wire.
   auto& buckets = params_.buckets();
   pending_.clear();
   local_finite_.assign(buckets.size(), true);
+  in_flight_ = fragment;
   for (std::size_t i = 0; i < buckets.size(); ++i) {
+    if (buckets[i].fragment != fragment) continue;
     at::Tensor& local = buckets[i].flat;
     at::Tensor& delta = staging_[i].defined() ? staging_[i] : local;
-    const bool fused = delta.is_same(local) && local.device().is_cpu();
+    const bool fused = local.device().is_cpu() && local.scalar_type() == at::kFloat &&
+                       delta.device().is_cpu() && delta.scalar_type() == at::kFloat;
     for (std::int64_t off = 0; off < local.numel(); off += kSegment) {
       const std::int64_t len = std::min(kSegment, local.numel() - off);
       at::Tensor seg = delta.narrow(0, off, len);
       bool finite = true;
-      if (fused) {
+      if (fused && delta.is_same(local)) {
         finite = kernels::pseudo_gradient_inplace(seg.data_ptr<float>(),
                                                   global_[i].data_ptr<float>() + off, len);
       } else {
@@ -177,54 +299,68 @@ void DiLoCo::start_sync(std::size_t /*fragment: the whole model for now*/) {
       }
     }
   }
-  if (!compressors_.empty()) exchange_compressed();
+  if (compressors_.empty()) return;
+  // A compressed exchange is a sequence of blocking collectives: with tau > 0 it runs on its own
+  // thread until finish_sync() joins it; with tau = 0 finish_sync() runs it right away.
+  auto job = [this, fragment] {
+    at::NoGradGuard no_grad;
+    exchange_compressed(fragment);
+  };
+  compressed_job_ = std::async(
+      options_.overlap_steps > 0 ? std::launch::async : std::launch::deferred, job);
 }
 
-void DiLoCo::exchange_compressed() {
+void DiLoCo::exchange_compressed(std::int64_t fragment) {
   // A codec may not survive a NaN (its scales would be NaN), so the islands first agree that
   // every pseudo-gradient is finite: one small all-reduce of flags, one per rank.
+  // Runs on the communication thread when tau > 0: it touches only the staging buffers and the
+  // compressors, never the model.
   auto& buckets = params_.buckets();
   at::Tensor flags = at::zeros({group_->world_size()}, at::kFloat);
   for (std::size_t i = 0; i < buckets.size(); ++i) {
-    if (!local_finite_[i]) flags[group_->rank()] = 1.0f;
+    if (buckets[i].fragment == fragment && !local_finite_[i]) flags[group_->rank()] = 1.0f;
   }
-  try {
-    group_->allreduce_sum(flags, "outer_sync_check");
-    std::string bad;
-    for (int r = 0; r < group_->world_size(); ++r) {
-      if (flags[r].item<float>() != 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
-    }
-    if (!bad.empty()) {
-      reset_model_to_global();
-      throw Error("[DiLoCo outer step " + std::to_string(outer_step_ + 1) + "] rank " +
-                  std::to_string(group_->rank()) + ": the pseudo-gradient of rank(s) " + bad +
-                  " holds a NaN or an infinity; nothing was sent, the global weights are "
-                  "unchanged and the model was reset to them");
-    }
-    for (std::size_t i = 0; i < buckets.size(); ++i) {
-      at::Tensor& delta = staging_[i].defined() ? staging_[i] : buckets[i].flat;
-      compressors_[i]->sum(*group_, delta, views_[i], "outer_sync");
-      pending_.push_back({i, 0, delta.numel(), PendingCollective()});
-    }
-  } catch (const PeerLostError&) {
-    drain_and_reset();
-    throw;
+  group_->allreduce_sum(flags, "outer_sync_check");
+  std::string bad;
+  for (int r = 0; r < group_->world_size(); ++r) {
+    if (flags[r].item<float>() != 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
+  }
+  if (!bad.empty()) {
+    throw NonFiniteError("[DiLoCo outer step " + std::to_string(outer_step_ + 1) + "] rank " +
+                         std::to_string(group_->rank()) + ": the pseudo-gradient of rank(s) " +
+                         bad +
+                         " holds a NaN or an infinity; nothing was sent, the global weights are "
+                         "unchanged and the model was reset to them");
+  }
+  for (std::size_t i = 0; i < buckets.size(); ++i) {
+    if (buckets[i].fragment != fragment) continue;
+    at::Tensor& delta = staging_[i].defined() ? staging_[i] : buckets[i].flat;
+    compressors_[i]->sum(*group_, delta, views_[i], "outer_sync");
+    pending_.push_back({i, 0, delta.numel(), PendingCollective()});
   }
 }
 
-void DiLoCo::finish_sync(std::size_t /*fragment*/) {
+void DiLoCo::finish_sync(std::int64_t fragment) {
+  // Everything of the fragment arrives before anything is applied: a peer lost in flight leaves
+  // the global weights as they were, never half a fragment applied.
+  try {
+    for (auto& p : pending_) p.work.wait();
+    if (compressed_job_.valid()) compressed_job_.get();
+  } catch (const PeerLostError&) {
+    drain_and_reset();
+    throw;
+  } catch (const NonFiniteError&) {
+    drain_and_reset();
+    throw;
+  }
+  in_flight_ = -1;
   // The sums are bit-identical on every rank (ring all-reduce), so every rank applies exactly the
   // same update, and skips exactly the same non-finite blocks, without another collective.
   auto& buckets = params_.buckets();
   const double scale = 1.0 / group_->world_size();
+  const double alpha = options_.mixing;
   std::int64_t bad_bucket = -1, bad_index = -1;
   for (auto& p : pending_) {
-    try {
-      p.work.wait();
-    } catch (const PeerLostError&) {
-      drain_and_reset();
-      throw;
-    }
     at::NoGradGuard no_grad;
     at::Tensor& delta = staging_[p.bucket].defined() ? staging_[p.bucket] : buckets[p.bucket].flat;
     at::Tensor global = global_[p.bucket].narrow(0, p.offset, p.length);
@@ -232,24 +368,34 @@ void DiLoCo::finish_sync(std::size_t /*fragment*/) {
                               ? momentum_[p.bucket].narrow(0, p.offset, p.length)
                               : at::Tensor();
     at::Tensor model = buckets[p.bucket].flat.narrow(0, p.offset, p.length);
-    const std::int64_t bad =
-        outer_.step(global, momentum, delta.narrow(0, p.offset, p.length), scale, model);
+    at::Tensor summed = delta.narrow(0, p.offset, p.length);
+    // Streaming: the model trained on while the exchange travelled, so the new global weights go
+    // to the staging buffer first and are mixed into the model below.
+    at::Tensor write_back = staged() ? summed : model;
+    const std::int64_t bad = outer_.step(global, momentum, summed, scale, write_back);
+    if (staged()) {
+      if (alpha == 0.0) {
+        model.copy_(global);
+      } else {
+        model.mul_(alpha).add_(global.to(model.options()), 1.0 - alpha);
+      }
+    }
     if (bad >= 0 && bad_bucket < 0) {
       bad_bucket = static_cast<std::int64_t>(p.bucket);
       bad_index = p.offset + bad;
     }
   }
   pending_.clear();
-  ++outer_step_;
   if (bad_bucket >= 0) {
     const auto i = static_cast<std::size_t>(bad_bucket);
     std::ostringstream m;
-    m << "[DiLoCo outer step " << outer_step_ << "] rank " << group_->rank()
-      << ": the summed pseudo-gradient is NaN or infinite in parameter '"
+    m << "[DiLoCo outer step " << outer_step_ + 1 << ", fragment " << fragment << "] rank "
+      << group_->rank() << ": the summed pseudo-gradient is NaN or infinite in parameter '"
       << params_.name_at(i, bad_index) << "' (this rank's own was "
       << (local_finite_[i] ? "finite, so another rank sent it" : "not finite")
       << "); no non-finite value entered the global weights: the blocks holding one were left "
          "unchanged, identically on every rank, and the model holds the global weights";
+    if (staged()) reset_model_to_global();
     throw Error(m.str());
   }
 }
@@ -257,13 +403,7 @@ void DiLoCo::finish_sync(std::size_t /*fragment*/) {
 void DiLoCo::drain_and_reset() {
   // Wait out whatever is still in flight (it fails fast once a peer is gone) so that no
   // collective writes into the model after we reset it.
-  for (auto& p : pending_) {
-    try {
-      p.work.wait();
-    } catch (const std::exception&) {
-    }
-  }
-  pending_.clear();
+  wait_in_flight();
   reset_model_to_global();
 }
 

@@ -6,6 +6,7 @@
 
 #include <map>
 #include <set>
+#include <utility>
 #include <sstream>
 
 #include "diloco/comm/group.h"
@@ -22,12 +23,17 @@ std::vector<NamedParameter> named_parameters(const torch::nn::Module& module) {
   return out;
 }
 
-FlatParameters::FlatParameters(std::vector<NamedParameter> parameters)
+FlatParameters::FlatParameters(std::vector<NamedParameter> parameters,
+                               const std::vector<std::int64_t>& fragment_of)
     : parameters_(std::move(parameters)) {
   if (parameters_.empty()) throw Error("[FlatParameters] no parameters to synchronize");
+  if (!fragment_of.empty() && fragment_of.size() != parameters_.size()) {
+    throw Error("[FlatParameters] fragment_of has " + std::to_string(fragment_of.size()) +
+                " entries for " + std::to_string(parameters_.size()) + " parameters");
+  }
   std::set<std::string> seen;
   const at::Device device = parameters_.front().tensor.device();
-  std::map<at::ScalarType, std::size_t> bucket_of;
+  std::map<std::pair<std::int64_t, at::ScalarType>, std::size_t> bucket_of;
   for (std::size_t i = 0; i < parameters_.size(); ++i) {
     const auto& p = parameters_[i];
     if (!p.tensor.defined()) throw Error("[FlatParameters] parameter '" + p.name + "' is undefined");
@@ -44,8 +50,13 @@ FlatParameters::FlatParameters(std::vector<NamedParameter> parameters)
                   " but '" + parameters_.front().name + "' is on " + device.str() +
                   "; move the whole model to one device first");
     }
-    auto [it, inserted] = bucket_of.emplace(p.tensor.scalar_type(), buckets_.size());
-    if (inserted) buckets_.emplace_back();
+    const std::int64_t fragment = fragment_of.empty() ? 0 : fragment_of[i];
+    auto [it, inserted] =
+        bucket_of.emplace(std::make_pair(fragment, p.tensor.scalar_type()), buckets_.size());
+    if (inserted) {
+      buckets_.emplace_back();
+      buckets_.back().fragment = fragment;
+    }
     Bucket& b = buckets_[it->second];
     const std::int64_t offset =
         b.offsets.empty() ? 0 : b.offsets.back() + parameters_[b.members.back()].tensor.numel();

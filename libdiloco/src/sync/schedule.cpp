@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cctype>
 #include <limits>
+#include <set>
 
 #include "diloco/errors.h"
 
@@ -47,25 +48,64 @@ std::int64_t StreamingSchedule::finishes_after(std::int64_t step) const {
   return starts_after(step - tau_);
 }
 
+namespace {
+
+// The first all-digit component of a qualified name ("blocks.3.attn.weight" -> 3), or -1.
+std::int64_t block_index(const std::string& name) {
+  std::size_t start = 0;
+  while (start <= name.size()) {
+    const std::size_t dot = std::min(name.find('.', start), name.size());
+    const std::string part = name.substr(start, dot - start);
+    const bool digits = !part.empty() && part.size() <= 9 &&
+                        std::all_of(part.begin(), part.end(),
+                                    [](unsigned char c) { return std::isdigit(c) != 0; });
+    if (digits) return std::stoll(part);
+    start = dot + 1;
+  }
+  return -1;
+}
+
+}  // namespace
+
 std::vector<std::int64_t> strided_fragments(const std::vector<std::string>& names,
                                             std::int64_t fragments) {
   std::vector<std::int64_t> out(names.size());
   std::int64_t rest = 0;
   for (std::size_t i = 0; i < names.size(); ++i) {
-    std::int64_t block = -1;
-    std::size_t start = 0;
-    while (start <= names[i].size() && block < 0) {
-      const std::size_t dot = std::min(names[i].find('.', start), names[i].size());
-      const std::string part = names[i].substr(start, dot - start);
-      const bool digits = !part.empty() && part.size() <= 9 &&
-                          std::all_of(part.begin(), part.end(),
-                                      [](unsigned char c) { return std::isdigit(c) != 0; });
-      if (digits) block = std::stoll(part);
-      start = dot + 1;
-    }
+    const std::int64_t block = block_index(names[i]);
     out[i] = block >= 0 ? block % fragments : rest++ % fragments;
   }
   return out;
+}
+
+std::vector<std::int64_t> balanced_fragments(const std::vector<std::int64_t>& numels,
+                                             std::int64_t fragments) {
+  std::vector<std::size_t> order(numels.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::size_t a, std::size_t b) { return numels[a] > numels[b]; });
+  std::vector<std::int64_t> load(static_cast<std::size_t>(fragments), 0);
+  std::vector<std::int64_t> out(numels.size(), 0);
+  for (std::size_t i : order) {
+    const auto lightest = std::min_element(load.begin(), load.end()) - load.begin();
+    out[i] = lightest;
+    load[static_cast<std::size_t>(lightest)] += numels[i];
+  }
+  return out;
+}
+
+std::vector<std::int64_t> default_fragments(const std::vector<std::string>& names,
+                                            const std::vector<std::int64_t>& numels,
+                                            std::int64_t fragments) {
+  std::set<std::int64_t> blocks;
+  for (const auto& name : names) {
+    const std::int64_t block = block_index(name);
+    if (block >= 0) blocks.insert(block);
+  }
+  if (static_cast<std::int64_t>(blocks.size()) >= fragments) {
+    return strided_fragments(names, fragments);
+  }
+  return balanced_fragments(numels, fragments);
 }
 
 }  // namespace diloco

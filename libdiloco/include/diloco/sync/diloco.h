@@ -6,9 +6,25 @@
 //   outer step      every H inner steps: delta = (1/k) sum_i (theta - theta_i), then
 //                   theta <- OuterSGD(theta, delta), and every island restarts from theta;
 //   pseudo-gradient theta - theta_i, the change an island made since the last outer step;
-//   fragment        the set of parameters one exchange covers. Today the whole model is one
-//                   fragment and its result is applied at once (tau = 0); the sync is written as
-//                   start_sync()/finish_sync() so that streaming fragments and overlap fit later.
+//   fragment        the set of parameters one exchange covers (Streaming DiLoCo, Douillard et
+//                   al. 2025, arXiv 2501.18512): with P fragments, fragment p is synchronized every
+//                   H inner steps, the fragments' exchanges staggered by H/P (sync/schedule.h), so
+//                   each exchange carries about 1/P of the model;
+//   overlap tau     fragment p's pseudo-gradient is computed after inner step t and its exchange
+//                   started; the island trains on, and after step t + tau the averaged
+//                   pseudo-gradient is applied to the global fragment by the outer optimizer;
+//   mixing alpha    then the island's fragment is merged: theta_local <- alpha * theta_local +
+//                   (1 - alpha) * theta_global (alpha = 0 replaces it; the paper uses 0.5).
+//   P = 1, tau = 0, alpha = 0 (the defaults) is DiLoCo, bit for bit.
+//
+// How the exchanges stay off the inner steps when tau > 0: the uncompressed exchange is a set of
+// asynchronous all-reduces (Gloo runs them on its own threads), waited for when due; a compressed
+// one runs, whole, on a communication thread started for it (std::async), joined when due. At
+// most one exchange is in flight (tau is below the gap between two fragments' starts), DiLoCo
+// issues no other collective meanwhile (the buffers are synchronized after a round's last
+// fragment is applied), and every rank starts and finishes the same fragments after the same
+// steps, so collectives issue in the same order on every rank. The caller must not issue
+// collectives on the same group while an exchange is in flight (between a start and its finish).
 //
 // The inner optimizer's state stays local (DiLoCo §6.1: syncing it triples the bytes for no gain).
 //
@@ -16,8 +32,9 @@
 // momentum, each a float32 copy of the parameters, on options.outer_device (the model's device by
 // default, or the CPU to save accelerator memory). The pseudo-gradient is computed in the model's
 // own storage, which the new global weights overwrite at the end of the outer step, so there is no
-// third copy. Only a model that is not float32, or that lives on another device than the outer
-// state, needs a float32 staging buffer for the pseudo-gradient on the outer device.
+// third copy. A model that is not float32, or that lives on another device than the outer state,
+// and streaming with tau > 0 or alpha > 0 (the island keeps its own weights while the exchange
+// travels), need a float32 staging buffer for the pseudo-gradient on the outer device.
 //
 // Collectives: the constructor (configuration and model check, broadcast of rank 0's weights and
 // buffers) and every outer step are collectives; all ranks must construct together and call
@@ -30,6 +47,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <future>
 #include <memory>
 #include <string>
 #include <utility>
@@ -40,6 +58,7 @@
 #include "diloco/outer/outer_sgd.h"
 #include "diloco/sync/buffers.h"
 #include "diloco/sync/parameters.h"
+#include "diloco/sync/schedule.h"
 #include "diloco/sync/sync_stats.h"
 
 namespace torch {
@@ -70,6 +89,16 @@ struct DiLoCoOptions {
   // (sync/fingerprint.h), e.g. {{"steps", "2000"}} so that no island stops before the others.
   std::vector<std::pair<std::string, std::string>> agree_on;
 
+  // Streaming DiLoCo (see the terms above). P in [1, H]; tau in [0, the fewest steps between two
+  // fragments' starts), i.e. below H/P; alpha in [0, 1].
+  std::int64_t fragments = 1;
+  std::int64_t overlap_steps = 0;
+  double mixing = 0.0;
+  // Each parameter's fragment, in the model's parameter order, values in [0, P); empty: the
+  // default_fragments of sync/schedule.h (strided over the blocks, or size-balanced when the
+  // model has fewer blocks than fragments). Every fragment must hold a parameter.
+  std::vector<std::int64_t> fragment_of;
+
   void validate() const;  // throws OptionError naming the option and its allowed range
 };
 
@@ -85,14 +114,17 @@ class DiLoCo {
   ~DiLoCo();
 
   // Call after each inner optimizer step. Every inner_steps-th call runs an outer step (a
-  // collective) and returns true. Throws PeerLostError if a peer is lost: the model then holds
+  // collective) and returns true. Streaming: each call starts and applies the fragments the
+  // schedule says, and returns true when a round's last fragment was applied (every H steps, tau
+  // steps late). Throws PeerLostError if a peer is lost: the model then holds
   // this rank's global weights, which may hold part of the interrupted outer step (segments
   // already received), so islands re-agree on the weights when they rebuild the group.
   // Throws Error if any island's pseudo-gradient holds a NaN or an infinity: no non-finite value
   // enters the global weights (the 2048-element blocks holding one keep their old values, the
   // same on every rank), and the model is set to the global weights.
   bool step();
-  // Run an outer step now, whatever the inner step count (all ranks must call it together).
+  // Run an outer step now, whatever the inner step count (all ranks must call it together):
+  // the exchange in flight is applied, then every fragment is synchronized, in order.
   void sync();
 
   const DiLoCoOptions& options() const { return options_; }
@@ -105,14 +137,17 @@ class DiLoCo {
 
  private:
   Fingerprint fingerprint() const;
-  void start_sync(std::size_t fragment);
-  void finish_sync(std::size_t fragment);
+  bool staged() const;
+  void start_sync(std::int64_t fragment);
+  void finish_sync(std::int64_t fragment);
+  void end_round();
   void reset_model_to_global();
   void drain_and_reset();
-  void exchange_compressed();
+  void wait_in_flight() noexcept;
+  void exchange_compressed(std::int64_t fragment);
 
   // Elements per all-reduce: large enough that per-message latency does not dominate, small
-  // enough that computing and applying segments overlaps with the others' transfer.
+  // enough that computing a segment's pseudo-gradient overlaps with the others' transfer.
   static constexpr std::int64_t kSegment = 1 << 24;
   struct InFlight {
     std::size_t bucket;
@@ -121,6 +156,8 @@ class DiLoCo {
     PendingCollective work;
   };
   std::vector<InFlight> pending_;
+  std::future<void> compressed_job_;  // the compressed exchange in flight (or deferred)
+  std::int64_t in_flight_ = -1;       // the fragment whose exchange is in flight, or -1
 
   DiLoCoOptions options_;
   std::shared_ptr<Group> group_;
@@ -136,8 +173,9 @@ class DiLoCo {
   // (float32 model on the outer device); else a float32 buffer on the outer device.
   std::vector<at::Tensor> staging_;
   std::vector<bool> local_finite_;    // per bucket: this rank's pseudo-gradient was finite
+  StreamingSchedule schedule_;
   std::int64_t inner_step_ = 0;
-  std::int64_t outer_step_ = 0;
+  std::int64_t outer_step_ = 0;  // rounds: every fragment applied once more
   double sync_seconds_ = 0.0;
 };
 

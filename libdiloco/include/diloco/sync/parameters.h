@@ -59,11 +59,15 @@ class FlatParameters {
     at::Tensor flat;                   // contiguous, one dtype, one device
     std::vector<std::size_t> members;  // indices into parameters()
     std::vector<std::int64_t> offsets; // element offset of each member in `flat`
+    std::int64_t fragment = 0;         // the streaming fragment its members belong to
   };
 
-  // Rebinds the parameters into buckets. Throws Error for an empty list, a duplicate name,
-  // a non-floating-point tensor or parameters on different devices.
-  explicit FlatParameters(std::vector<NamedParameter> parameters);
+  // Rebinds the parameters into buckets, one per (fragment, dtype), in the order the pairs first
+  // appear. `fragment_of` gives each parameter's fragment (empty: all in fragment 0, so one
+  // bucket per dtype). Throws Error for an empty list, a duplicate name, a non-floating-point
+  // tensor, parameters on different devices, or a fragment_of of the wrong length.
+  explicit FlatParameters(std::vector<NamedParameter> parameters,
+                          const std::vector<std::int64_t>& fragment_of = {});
 
   const std::vector<NamedParameter>& parameters() const { return parameters_; }
   std::vector<Bucket>& buckets() { return buckets_; }

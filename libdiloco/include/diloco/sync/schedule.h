@@ -50,4 +50,16 @@ class StreamingSchedule {
 std::vector<std::int64_t> strided_fragments(const std::vector<std::string>& names,
                                             std::int64_t fragments);
 
+// Size-balanced fragments: parameters, largest first, each to the fragment holding the fewest
+// elements so far (ties: the lowest index). Deterministic, so the same on every island.
+std::vector<std::int64_t> balanced_fragments(const std::vector<std::int64_t>& numels,
+                                             std::int64_t fragments);
+
+// DiLoCo's default: strided_fragments when the names hold at least P distinct block indices
+// (each fragment then gets whole blocks), balanced_fragments otherwise (a model with fewer blocks
+// than fragments would leave some fragments with only an embedding or a norm).
+std::vector<std::int64_t> default_fragments(const std::vector<std::string>& names,
+                                            const std::vector<std::int64_t>& numels,
+                                            std::int64_t fragments);
+
 }  // namespace diloco
