@@ -131,17 +131,23 @@ def run(cmd, env_extra, log_path, timeout_s):
 
 
 UTIL_RE = re.compile(r"compute ([0-9.]+) s of ([0-9.]+) s training, utilization ([0-9.]+)")
+# Time each island was blocked in DiLoCo's outer steps (pseudo-gradients, outer step, waiting for
+# an exchange that was due), as a share of its training time.
+SYNC_RE = re.compile(r"in outer steps ([0-9.]+) s \(([0-9.]+)% of training\)")
 
 
 def read_run(metrics_path, log_path):
     records = [json.loads(line) for line in open(metrics_path) if line.strip()]
     first, last = records[0], records[-1]
-    utils, train_s = [], []
+    utils, train_s, sync_pct = [], [], []
     for line in open(log_path):
         m = UTIL_RE.search(line)
         if m:
             train_s.append(float(m.group(2)))
             utils.append(float(m.group(3)))
+        m = SYNC_RE.search(line)
+        if m:
+            sync_pct.append(float(m.group(2)))
     return {
         "val_loss": last["val_loss"],
         "initial_val_loss": first["val_loss"],
@@ -149,6 +155,7 @@ def read_run(metrics_path, log_path):
         "wall_s": last["elapsed_s"],
         "train_s": max(train_s) if train_s else None,
         "utilization": sum(utils) / len(utils) if utils else None,
+        "in_outer_steps_pct": sum(sync_pct) / len(sync_pct) if sync_pct else None,
         "parameters": last.get("parameters"),
         "curve": [(r["step"], r["val_loss"]) for r in records],
     }
@@ -252,6 +259,7 @@ def main():
             run(cmd, {}, log, 3600)
             lr = read_run(metrics, log)
             by_name[name]["links"][f"{mbps:g}"] = {"utilization": lr["utilization"],
+                                                   "in_outer_steps_pct": lr["in_outer_steps_pct"],
                                                    "train_s": lr["train_s"], "steps": link_steps,
                                                    "latency_ms": args.latency_ms}
             print(f"link {mbps:g} Mbit/s {name:28s} utilization {lr['utilization']:.3f}"
@@ -285,7 +293,8 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
     json.dump({"steps": steps, "islands": args.islands, "elapsed_s": elapsed, "runs": results,
                "scaling": scaling}, open(os.path.join(out, "results.json"), "w"), indent=1)
     fields = ["name", "group", "flags", "steps", "islands", "bytes_sent", "reduction_vs_dp",
-              "val_loss", "gap_to_dp_pct", "gain_recovered_pct", "wall_s", "train_s", "utilization"]
+              "val_loss", "gap_to_dp_pct", "gain_recovered_pct", "wall_s", "train_s", "utilization",
+              "in_outer_steps_pct"]
     fields += [f"utilization_{m:g}mbps" for m in links]
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)

@@ -578,12 +578,16 @@ int train(const Flags& f, bool timeout_given) {
   // Exact figures, one line per rank, for scripts (benchmarks/netns_link.sh compares the bytes
   // with the network interfaces' counters).
   const double train_seconds = elapsed - eval_seconds;
+  // Time the island spent blocked in DiLoCo's outer steps: computing pseudo-gradients, applying
+  // the outer step, and waiting for exchanges that were due (streaming hides the rest).
+  const double sync_seconds = sync ? sync->stats().sync_seconds : 0.0;
   std::printf(
       "rank %d/%d: bytes_sent %llu bytes_received %llu | compute %.3f s of %.3f s training, "
-      "utilization %.3f | link emulated %.3f s\n",
+      "utilization %.3f | link emulated %.3f s | in outer steps %.3f s (%.2f%% of training)\n",
       rank, world_size, static_cast<unsigned long long>(stats.bytes_sent()),
       static_cast<unsigned long long>(stats.bytes_received()), compute_seconds, train_seconds,
-      train_seconds > 0 ? compute_seconds / train_seconds : 0.0, stats.link_seconds());
+      train_seconds > 0 ? compute_seconds / train_seconds : 0.0, stats.link_seconds(),
+      sync_seconds, train_seconds > 0 ? 100.0 * sync_seconds / train_seconds : 0.0);
   std::fflush(stdout);
 
   if (leader) {
