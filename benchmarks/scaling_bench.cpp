@@ -1,7 +1,7 @@
 // Benchmark: how the cost of each aggregation kind grows with the number of islands N.
 //
 // Every rank holds the same layout of pseudo-gradient tensors (--params float32 values in
-// 512-wide matrices plus one vector) and runs Compressor::sum() for each spec, --rounds times.
+// 512-wide matrices plus one vector) and runs Exchange::sum() for each spec, --rounds times.
 // Rank 0 reports, per spec: the bytes this rank sent per sync (from the group's accounting),
 // the median sync time, and the aggregation kind. Run it with 2, 4, 8 ranks to see
 //   summable / all-reduce   ~2(N-1)/N n per rank: flat in N;
@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
 
     nlohmann::json results = nlohmann::json::array();
     for (const auto& spec : specs) {
-      auto compressor = diloco::Compressor::from_spec(spec);
+      auto compressor = diloco::Exchange::from_spec(spec);
       std::vector<double> seconds;
       std::uint64_t sent = 0;
       for (int round = 0; round <= rounds; ++round) {

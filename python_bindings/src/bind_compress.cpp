@@ -1,6 +1,6 @@
 // Bindings of diloco/compress: the codec registry (names, help) and the payload accounting of a
 // compressor spec, so that Python code can predict and check what a sync sends.
-#include <diloco/compress/compressor.h>
+#include <diloco/exchange/exchange.h>
 #include <diloco/compress/registry.h>
 #include <pybind11/stl.h>
 
@@ -32,7 +32,7 @@ void bind_compress(py::module_& m) {
       "The names of every codec a compression spec may use (\"none\" means \"fp32\").");
   m.def(
       "compressor_spec",
-      [](const std::string& spec) { return diloco::Compressor::from_spec(spec)->spec(); },
+      [](const std::string& spec) { return diloco::Exchange::from_spec(spec)->spec(); },
       py::arg("spec"),
       "The spec with every parameter spelled out, e.g. 'topk+ef' -> "
       "'topk(k=64,values=fp32)+ef(beta=1)'. Raises OptionError listing every codec for a bad "
@@ -40,7 +40,7 @@ void bind_compress(py::module_& m) {
   m.def(
       "aggregation",
       [](const std::string& spec) {
-        const auto compressor = diloco::Compressor::from_spec(spec);
+        const auto compressor = diloco::Exchange::from_spec(spec);
         // Multi-round compressors (PowerSGD) have no single codec.
         if (compressor->codec() == nullptr) return std::string("multi-round");
         return std::string(diloco::aggregation_name(compressor->codec()->aggregation()));
@@ -53,7 +53,7 @@ void bind_compress(py::module_& m) {
   m.def(
       "payload_bytes",
       [](const std::string& spec, const std::vector<at::Tensor>& tensors) {
-        return diloco::Compressor::from_spec(spec)->payload_bytes(tensors);
+        return diloco::Exchange::from_spec(spec)->payload_bytes(tensors);
       },
       py::arg("spec"), py::arg("tensors"),
       "Bytes one rank's payload takes for these tensors under `spec` (only their shapes "

@@ -237,6 +237,18 @@ void bind_sync(py::module_& m) {
       .def(
           "stats", [](const PyDiLoCo& d) { return d.impl().stats(); },
           "SyncStats: inner and outer steps, seconds in syncs, bytes sent and received.")
+      .def(
+          "save_state", [](const PyDiLoCo& d, const std::string& path) { d.impl().save_state(path); },
+          py::arg("path"), Release(),
+          "Write the outer state (global weights, outer momentum, error-feedback residuals and "
+          "other exchange state, step counters) to `path` in LibTorch's format. Only between "
+          "exchanges (after step() returned True); raises Error while one is in flight.")
+      .def(
+          "load_state", [](PyDiLoCo& d, const std::string& path) { d.impl().load_state(path); },
+          py::arg("path"), Release(),
+          "Read an outer state written by save_state and set the model to its global weights. "
+          "OptionError names the field when it does not fit this run (shapes, compression, "
+          "momentum).")
       .def_property_readonly(
           "group", [](const PyDiLoCo& d) { return d.group(); }, "the Group the syncs run over")
       .def_property_readonly(

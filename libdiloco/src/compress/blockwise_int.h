@@ -1,5 +1,5 @@
 // Blockwise symmetric integer quantizers int8, int4 and int2, exchanged by a ring reduce-scatter
-// that re-quantizes at every hop (compressor.h).
+// that re-quantizes at every hop (diloco/exchange/).
 #pragma once
 
 #include <c10/util/ArrayRef.h>
@@ -77,6 +77,8 @@ class BlockwiseIntCodec : public Codec {
   int bits() const { return bits_; }
   std::int64_t block() const { return block_; }
   Rounding rounding() const { return rounding_; }
+  std::uint64_t stream_position() const override { return drawn_; }
+  void set_stream_position(std::uint64_t position) override { drawn_ = position; }
 
  private:
   std::string name() const;  // "int8"

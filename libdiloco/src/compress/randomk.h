@@ -1,5 +1,5 @@
 // Random-k sparsification with a seed shared by all islands, so that every island keeps the same
-// positions and the payloads can be all-reduced. Not error feedback (compressor.h adds it).
+// positions and the payloads can be all-reduced. Not error feedback (diloco/exchange/error_feedback.h adds it).
 #pragma once
 
 #include <cstdint>
@@ -61,6 +61,11 @@ class RandomkCodec : public Codec {
   std::vector<std::int64_t> positions(std::int64_t call, std::int64_t d) const;
   // How many encode calls this instance has made.
   std::int64_t calls() const { return calls_; }
+  std::uint64_t stream_position() const override { return static_cast<std::uint64_t>(calls_); }
+  void set_stream_position(std::uint64_t position) override {
+    calls_ = static_cast<std::int64_t>(position);
+    draws_.clear();
+  }
 
  private:
   struct Draw {

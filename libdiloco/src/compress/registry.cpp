@@ -14,7 +14,7 @@
 #include "compress/sign.h"
 #include "compress/topk.h"
 #include "compress/spec_parse.h"
-#include "diloco/compress/powersgd.h"
+#include "diloco/exchange/powersgd.h"
 #include "diloco/errors.h"
 
 namespace diloco {
@@ -118,7 +118,7 @@ std::unique_ptr<Codec> make_codec(const std::string& spec) {
   if (name == "none") name = "fp32";
   if (name == "powersgd") {
     bad_spec(spec, "powersgd is an exchange of two all-reduce rounds, not a single-payload codec: "
-                   "use it as a compression spec (Compressor::from_spec, DiLoCoOptions::compression)");
+                   "use it as a compression spec (Exchange::from_spec, DiLoCoOptions::compression)");
   }
   CodecParams params(name, values);
   for (const auto& b : kBuiltins) {

@@ -1,5 +1,5 @@
 // Scaled sign compression of a whole tensor. Not error feedback: sign is biased and is meant to be
-// wrapped by it ("sign+ef", compressor.h).
+// wrapped by it ("sign+ef", diloco/exchange/).
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// The grammar of a codec spec, shared by the codec registry and Compressor::from_spec:
+// The grammar of a codec spec, shared by the codec registry and Exchange::from_spec:
 // "name" or "name(key=value,key=value)", whitespace ignored. Not part of the public API.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Per-chunk top-k sparsification (SparseLoCo) over the chunked sparse payload format
 // (compress/format/sparse_chunks.h, which the DCT codec reuses for its coefficients). Not a
-// synchronizer and not error feedback: those wrap this codec (compressor.h).
+// synchronizer and not error feedback: those wrap this codec (diloco/exchange/).
 #pragma once
 
 #include <c10/util/ArrayRef.h>

@@ -7,6 +7,7 @@
 #include <torch/optim/optimizer.h>
 
 #include <chrono>
+#include <string>
 #include <set>
 #include <sstream>
 
@@ -99,7 +100,7 @@ void DiLoCoOptions::validate() const {
     throw OptionError("[DiLoCo] inner_steps (H) must be >= 1, got " + std::to_string(inner_steps));
   }
   outer.validate();
-  Compressor::from_spec(compression);  // throws OptionError listing the valid codecs
+  Exchange::from_spec(compression);  // throws OptionError listing the valid codecs
   StreamingSchedule(inner_steps, fragments, overlap_steps);  // names P or tau and their range
   if (!(mixing >= 0.0 && mixing <= 1.0)) {  // also rejects nan
     throw OptionError("[DiLoCo] mixing (alpha) must be in [0, 1], got " + exact_decimal(mixing));
@@ -123,9 +124,10 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
       params_(flatten(model.parameters, options_)),
       buffers_(std::move(model.buffers)),
       outer_(options_.outer),
-      schedule_(options_.inner_steps, options_.fragments, options_.overlap_steps) {
+      schedule_(options_.inner_steps, options_.fragments, options_.overlap_steps),
+      compressed_(options_.compression != "none"),
+      comm_(std::make_unique<CommThread>(/*background=*/options_.overlap_steps > 0)) {
   if (!group_) throw OptionError("[DiLoCo] group must not be null");
-  const bool compressed = options_.compression != "none";
   agree_on_fingerprint(*group_, "DiLoCo", fingerprint(),
                        missing_from_optimizer(params_, model.optimized));
   params_.copy_from_rank0(*group_);
@@ -133,15 +135,15 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
   // Compressed exchanges encode and decode on the CPU in float32, so their outer state lives
   // there unless the caller says otherwise.
   const at::Device outer_device = options_.outer_device.value_or(
-      compressed ? at::Device(at::kCPU) : params_.buckets().front().flat.device());
-  if (compressed && !outer_device.is_cpu()) {
+      compressed_ ? at::Device(at::kCPU) : params_.buckets().front().flat.device());
+  if (compressed_ && !outer_device.is_cpu()) {
     throw OptionError("[DiLoCo] compression '" + options_.compression +
                       "' runs on the CPU: outer_device must be the CPU or unset (got " +
                       outer_device.str() + ")");
   }
   for (const auto& b : params_.buckets()) {
     at::Tensor g = b.flat.to(outer_device, at::kFloat, /*non_blocking=*/false, /*copy=*/true);
-    momentum_.push_back(outer_.make_state(g));
+    state_.momentum.push_back(outer_.make_state(g));
     staging_.push_back(in_place_ok(b.flat, outer_device) && !staged() ? at::Tensor()
                                                                        : at::empty_like(g));
     const at::Tensor& delta = staging_.back().defined() ? staging_.back() : b.flat;
@@ -151,8 +153,8 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
       views.push_back(delta.narrow(0, b.offsets[j], p.numel()).view(p.sizes()));
     }
     views_.push_back(std::move(views));
-    if (compressed) compressors_.push_back(Compressor::from_spec(options_.compression));
-    global_.push_back(std::move(g));
+    state_.exchanges.push_back(Exchange::from_spec(options_.compression));
+    state_.global.push_back(std::move(g));
   }
 }
 
@@ -161,22 +163,21 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
 DiLoCo::~DiLoCo() { wait_in_flight(); }
 
 void DiLoCo::wait_in_flight() noexcept {
+  // What has not started is dropped (this rank sends nothing more); what runs is waited for.
+  comm_->discard_queued();
   for (auto& p : pending_) {
     try {
-      p.work.wait();
+      p.exchange.wait();
     } catch (const std::exception&) {
     }
+  }
+  try {
+    finite_check_.wait();
+  } catch (const std::exception&) {
   }
   pending_.clear();
-  // A deferred job (tau = 0) never started: dropping it sends nothing.
-  if (compressed_job_.valid() &&
-      compressed_job_.wait_for(std::chrono::seconds(0)) != std::future_status::deferred) {
-    try {
-      compressed_job_.get();
-    } catch (const std::exception&) {
-    }
-  }
-  compressed_job_ = std::future<void>();
+  finite_check_ = CommThread::Job();
+  comm_->clear_error();
   in_flight_ = -1;
 }
 
@@ -190,7 +191,7 @@ Fingerprint DiLoCo::fingerprint() const {
   // "randomk" and "randomk(seed=7)" differ and "int8" equals "int8(block=256)".
   f.add("compression", options_.compression == "none"
                            ? "none"
-                           : Compressor::from_spec(options_.compression)->spec());
+                           : Exchange::from_spec(options_.compression)->spec());
   f.add("buffers", to_string(options_.buffers));
   f.add("fragments (P)", std::to_string(options_.fragments));
   f.add("overlap_steps (tau)", std::to_string(options_.overlap_steps));
@@ -211,9 +212,9 @@ Fingerprint DiLoCo::fingerprint() const {
 bool DiLoCo::staged() const { return options_.overlap_steps > 0 || options_.mixing > 0.0; }
 
 bool DiLoCo::step() {
-  ++inner_step_;
-  const std::int64_t finishing = schedule_.finishes_after(inner_step_);
-  const std::int64_t starting = schedule_.starts_after(inner_step_);
+  const std::int64_t t = ++state_.inner_step;
+  const std::int64_t finishing = schedule_.finishes_after(t);
+  const std::int64_t starting = schedule_.starts_after(t);
   const bool due = (finishing != StreamingSchedule::kNone && finishing == in_flight_) ||
                    starting != StreamingSchedule::kNone;
   if (!due) return false;
@@ -260,83 +261,83 @@ void DiLoCo::sync() {
 }
 
 void DiLoCo::end_round() {
-  ++outer_step_;
-  buffers_.sync(*group_, options_.buffers, "DiLoCo outer", outer_step_ - 1);
+  ++state_.outer_step;
+  buffers_.sync(*group_, options_.buffers, "DiLoCo outer", state_.outer_step - 1);
 }
 
-void DiLoCo::start_sync(std::int64_t fragment) {
-  // Each bucket goes out in segments: the pseudo-gradient of segment k+1 is computed while
-  // segment k is on the wire.
-  auto& buckets = params_.buckets();
-  pending_.clear();
-  local_finite_.assign(buckets.size(), true);
-  in_flight_ = fragment;
-  for (std::size_t i = 0; i < buckets.size(); ++i) {
-    if (buckets[i].fragment != fragment) continue;
-    at::Tensor& local = buckets[i].flat;
-    at::Tensor& delta = staging_[i].defined() ? staging_[i] : local;
-    const bool fused = local.device().is_cpu() && local.scalar_type() == at::kFloat &&
-                       delta.device().is_cpu() && delta.scalar_type() == at::kFloat;
-    for (std::int64_t off = 0; off < local.numel(); off += kSegment) {
-      const std::int64_t len = std::min(kSegment, local.numel() - off);
-      at::Tensor seg = delta.narrow(0, off, len);
-      bool finite = true;
-      if (fused && delta.is_same(local)) {
-        finite = kernels::pseudo_gradient_inplace(seg.data_ptr<float>(),
-                                                  global_[i].data_ptr<float>() + off, len);
-      } else {
-        at::NoGradGuard no_grad;
-        at::sub_out(seg, global_[i].narrow(0, off, len), local.narrow(0, off, len).to(seg.options()));
-        finite = at::isfinite(seg).all().item<bool>();
-      }
-      local_finite_[i] = local_finite_[i] && finite;
-      if (!compressors_.empty()) continue;  // exchanged below, whole buckets at a time
-      try {
-        pending_.push_back({i, off, len, group_->allreduce_sum_async(seg, "outer_sync")});
-      } catch (const PeerLostError&) {
-        drain_and_reset();
-        throw;
-      }
-    }
-  }
-  if (compressors_.empty()) return;
-  // A compressed exchange is a sequence of blocking collectives: with tau > 0 it runs on its own
-  // thread until finish_sync() joins it; with tau = 0 finish_sync() runs it right away.
-  auto job = [this, fragment] {
+at::Tensor& DiLoCo::delta(std::size_t i) {
+  return staging_[i].defined() ? staging_[i] : params_.buckets()[i].flat;
+}
+
+void DiLoCo::produce(std::size_t i, std::int64_t offset, std::int64_t length) {
+  at::Tensor& local = params_.buckets()[i].flat;
+  at::Tensor& d = delta(i);
+  at::Tensor seg = d.narrow(0, offset, length);
+  bool finite = true;
+  if (d.is_same(local) && local.device().is_cpu() && local.scalar_type() == at::kFloat) {
+    finite = kernels::pseudo_gradient_inplace(seg.data_ptr<float>(),
+                                              state_.global[i].data_ptr<float>() + offset, length);
+  } else {
     at::NoGradGuard no_grad;
-    exchange_compressed(fragment);
-  };
-  compressed_job_ = std::async(
-      options_.overlap_steps > 0 ? std::launch::async : std::launch::deferred, job);
+    at::sub_out(seg, state_.global[i].narrow(0, offset, length),
+                local.narrow(0, offset, length).to(seg.options()));
+    finite = at::isfinite(seg).all().item<bool>();
+  }
+  local_finite_[i] = local_finite_[i] && finite;
 }
 
-void DiLoCo::exchange_compressed(std::int64_t fragment) {
-  // A codec may not survive a NaN (its scales would be NaN), so the islands first agree that
-  // every pseudo-gradient is finite: one small all-reduce of flags, one per rank.
-  // Runs on the communication thread when tau > 0: it touches only the staging buffers and the
-  // compressors, never the model.
-  auto& buckets = params_.buckets();
+void DiLoCo::check_finite(std::int64_t fragment, bool mine_finite) {
+  // One small all-reduce of flags, one per rank. Runs on the communication thread when tau > 0.
   at::Tensor flags = at::zeros({group_->world_size()}, at::kFloat);
-  for (std::size_t i = 0; i < buckets.size(); ++i) {
-    if (buckets[i].fragment == fragment && !local_finite_[i]) flags[group_->rank()] = 1.0f;
-  }
+  if (!mine_finite) flags[group_->rank()] = 1.0f;
   group_->allreduce_sum(flags, "outer_sync_check");
   std::string bad;
   for (int r = 0; r < group_->world_size(); ++r) {
     if (flags[r].item<float>() != 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
   }
   if (!bad.empty()) {
-    throw NonFiniteError("[DiLoCo outer step " + std::to_string(outer_step_ + 1) + "] rank " +
+    throw NonFiniteError("[DiLoCo outer step " + std::to_string(state_.outer_step + 1) +
+                         ", fragment " + std::to_string(fragment) + "] rank " +
                          std::to_string(group_->rank()) + ": the pseudo-gradient of rank(s) " +
                          bad +
                          " holds a NaN or an infinity; nothing was sent, the global weights are "
                          "unchanged and the model was reset to them");
   }
-  for (std::size_t i = 0; i < buckets.size(); ++i) {
-    if (buckets[i].fragment != fragment) continue;
-    at::Tensor& delta = staging_[i].defined() ? staging_[i] : buckets[i].flat;
-    compressors_[i]->sum(*group_, delta, views_[i], "outer_sync");
-    pending_.push_back({i, 0, delta.numel(), PendingCollective()});
+}
+
+void DiLoCo::start_sync(std::int64_t fragment) {
+  auto& buckets = params_.buckets();
+  pending_.clear();
+  local_finite_.assign(buckets.size(), true);
+  in_flight_ = fragment;
+  try {
+    if (compressed_) {
+      // A codec may not survive a NaN (its scales would be NaN): every bucket's pseudo-gradient
+      // is produced first, and the islands agree it is finite ahead of the exchanges.
+      bool finite = true;
+      for (std::size_t i = 0; i < buckets.size(); ++i) {
+        if (buckets[i].fragment != fragment) continue;
+        produce(i, 0, buckets[i].flat.numel());
+        finite = finite && local_finite_[i];
+      }
+      finite_check_ = comm_->submit([this, fragment, finite] { check_finite(fragment, finite); });
+    }
+    for (std::size_t i = 0; i < buckets.size(); ++i) {
+      if (buckets[i].fragment != fragment) continue;
+      ExchangeRequest request;
+      request.flat = delta(i);
+      request.views = views_[i];
+      request.label = "outer_sync";
+      if (!compressed_) {
+        request.produce = [this, i](std::int64_t offset, std::int64_t length) {
+          produce(i, offset, length);
+        };
+      }
+      pending_.push_back({i, state_.exchanges[i]->start(*group_, std::move(request), *comm_)});
+    }
+  } catch (...) {
+    drain_and_reset();
+    throw;
   }
 }
 
@@ -344,52 +345,47 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
   // Everything of the fragment arrives before anything is applied: a peer lost in flight leaves
   // the global weights as they were, never half a fragment applied.
   try {
-    for (auto& p : pending_) p.work.wait();
-    if (compressed_job_.valid()) compressed_job_.get();
-  } catch (const PeerLostError&) {
-    drain_and_reset();
-    throw;
-  } catch (const NonFiniteError&) {
+    finite_check_.wait();
+    for (auto& p : pending_) state_.exchanges[p.bucket]->finish(p.exchange);
+  } catch (...) {
     drain_and_reset();
     throw;
   }
+  finite_check_ = CommThread::Job();
   in_flight_ = -1;
-  // The sums are bit-identical on every rank (ring all-reduce), so every rank applies exactly the
-  // same update, and skips exactly the same non-finite blocks, without another collective.
+  // The sums are bit-identical on every rank, so every rank applies exactly the same update,
+  // and skips exactly the same non-finite blocks, without another collective.
   auto& buckets = params_.buckets();
   const double scale = 1.0 / group_->world_size();
   const double alpha = options_.mixing;
   std::int64_t bad_bucket = -1, bad_index = -1;
   for (auto& p : pending_) {
     at::NoGradGuard no_grad;
-    at::Tensor& delta = staging_[p.bucket].defined() ? staging_[p.bucket] : buckets[p.bucket].flat;
-    at::Tensor global = global_[p.bucket].narrow(0, p.offset, p.length);
-    at::Tensor momentum = momentum_[p.bucket].defined()
-                              ? momentum_[p.bucket].narrow(0, p.offset, p.length)
-                              : at::Tensor();
-    at::Tensor model = buckets[p.bucket].flat.narrow(0, p.offset, p.length);
-    at::Tensor summed = delta.narrow(0, p.offset, p.length);
+    const std::size_t i = p.bucket;
+    at::Tensor& summed = delta(i);
+    at::Tensor& model = buckets[i].flat;
     // Streaming: the model trained on while the exchange travelled, so the new global weights go
     // to the staging buffer first and are mixed into the model below.
-    at::Tensor write_back = staged() ? summed : model;
-    const std::int64_t bad = outer_.step(global, momentum, summed, scale, write_back);
+    at::Tensor& write_back = staged() ? summed : model;
+    const std::int64_t bad =
+        outer_.step(state_.global[i], state_.momentum[i], summed, scale, write_back);
     if (staged()) {
       if (alpha == 0.0) {
-        model.copy_(global);
+        model.copy_(state_.global[i]);
       } else {
-        model.mul_(alpha).add_(global.to(model.options()), 1.0 - alpha);
+        model.mul_(alpha).add_(state_.global[i].to(model.options()), 1.0 - alpha);
       }
     }
     if (bad >= 0 && bad_bucket < 0) {
-      bad_bucket = static_cast<std::int64_t>(p.bucket);
-      bad_index = p.offset + bad;
+      bad_bucket = static_cast<std::int64_t>(i);
+      bad_index = bad;
     }
   }
   pending_.clear();
   if (bad_bucket >= 0) {
     const auto i = static_cast<std::size_t>(bad_bucket);
     std::ostringstream m;
-    m << "[DiLoCo outer step " << outer_step_ + 1 << ", fragment " << fragment << "] rank "
+    m << "[DiLoCo outer step " << state_.outer_step + 1 << ", fragment " << fragment << "] rank "
       << group_->rank() << ": the summed pseudo-gradient is NaN or infinite in parameter '"
       << params_.name_at(i, bad_index) << "' (this rank's own was "
       << (local_finite_[i] ? "finite, so another rank sent it" : "not finite")
@@ -410,11 +406,30 @@ void DiLoCo::drain_and_reset() {
 void DiLoCo::reset_model_to_global() {
   at::NoGradGuard no_grad;
   auto& buckets = params_.buckets();
-  for (std::size_t i = 0; i < buckets.size(); ++i) buckets[i].flat.copy_(global_[i]);
+  for (std::size_t i = 0; i < buckets.size(); ++i) buckets[i].flat.copy_(state_.global[i]);
+}
+
+void DiLoCo::check_nothing_in_flight(const char* what) const {
+  if (in_flight_ >= 0) {
+    throw Error(std::string("[DiLoCo] ") + what + ": fragment " + std::to_string(in_flight_) +
+                "'s exchange is in flight (its result belongs to the state); call it after a "
+                "step() that returned true, or after sync()");
+  }
+}
+
+void DiLoCo::save_state(const std::string& path) const {
+  check_nothing_in_flight("save_state");
+  state_.save(path);
+}
+
+void DiLoCo::load_state(const std::string& path) {
+  check_nothing_in_flight("load_state");
+  state_.load(path);
+  reset_model_to_global();
 }
 
 SyncStats DiLoCo::stats() const {
-  return make_sync_stats(*group_, inner_step_, outer_step_, sync_seconds_);
+  return make_sync_stats(*group_, state_.inner_step, state_.outer_step, sync_seconds_);
 }
 
 }  // namespace diloco

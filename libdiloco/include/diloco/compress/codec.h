@@ -10,7 +10,7 @@
 //
 // A codec is not a synchronizer: it never talks to the network. It is stateless between calls
 // except for what it declares (a random generator for stochastic rounding). Error feedback is
-// applied around any codec by CodecCompressor (compressor.h), not part of it.
+// applied around any codec by the exchanges (diloco/exchange/), not part of it.
 #pragma once
 
 #include <ATen/Tensor.h>
@@ -57,6 +57,12 @@ class Codec {
   // check the round trip against it. Lossy-by-design codecs (top-k, sign) state the bound of what
   // they keep: for them the round trip is checked by their own tests.
   virtual double error_bound(const at::Tensor& x) const = 0;
+
+  // How far the codec's deterministic random stream has advanced (random-k's encode calls,
+  // stochastic rounding's elements drawn): state that lives across outer steps, saved with the
+  // exchange's (sync/outer_state.h). Codecs without a stream keep 0.
+  virtual std::uint64_t stream_position() const { return 0; }
+  virtual void set_stream_position(std::uint64_t /*position*/) {}
 };
 
 }  // namespace diloco

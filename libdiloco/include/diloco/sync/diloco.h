@@ -17,10 +17,16 @@
 //                   (1 - alpha) * theta_global (alpha = 0 replaces it; the paper uses 0.5).
 //   P = 1, tau = 0, alpha = 0 (the defaults) is DiLoCo, bit for bit.
 //
+// The loop is three parts: the schedule (sync/schedule.h: which fragment starts and which
+// finishes after each inner step), the outer state (sync/outer_state.h: everything that lives
+// across outer steps, saved and loaded whole) and the exchange (exchange/exchange.h: one per
+// parameter bucket, start -> pending -> finish, over the Group).
+//
 // How the exchanges stay off the inner steps when tau > 0: the uncompressed exchange is a set of
 // asynchronous all-reduces (Gloo runs them on its own threads), waited for when due; a compressed
-// one runs, whole, on a communication thread started for it (std::async), joined when due. At
-// most one exchange is in flight (tau is below the gap between two fragments' starts), DiLoCo
+// one is a sequence of blocking collectives run as jobs on one communication thread
+// (exchange/comm_thread.h), in the order the schedule starts them, joined when due. At most one
+// fragment's exchange is in flight (tau is below the gap between two fragments' starts), DiLoCo
 // issues no other collective meanwhile (the buffers are synchronized after a round's last
 // fragment is applied), and every rank starts and finishes the same fragments after the same
 // steps, so collectives issue in the same order on every rank. The caller must not issue
@@ -47,16 +53,17 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
-#include <future>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "diloco/comm/group.h"
-#include "diloco/compress/compressor.h"
+#include "diloco/exchange/comm_thread.h"
+#include "diloco/exchange/exchange.h"
 #include "diloco/outer/outer_sgd.h"
 #include "diloco/sync/buffers.h"
+#include "diloco/sync/outer_state.h"
 #include "diloco/sync/parameters.h"
 #include "diloco/sync/schedule.h"
 #include "diloco/sync/sync_stats.h"
@@ -133,49 +140,58 @@ class DiLoCo {
   const FlatParameters& parameters() const { return params_; }
   const ModelBuffers& buffers() const { return buffers_; }
   // The global weights, one flat float32 buffer per parameter bucket.
-  const std::vector<at::Tensor>& global_weights() const { return global_; }
+  const std::vector<at::Tensor>& global_weights() const { return state_.global; }
+  // Everything that lives across outer steps (global weights, outer momentum, exchange state,
+  // step counters).
+  const OuterState& state() const { return state_; }
+  // Writes the outer state to `path` (sync/outer_state.h), or reads it and sets the model to
+  // the global weights it holds. Only between exchanges: after step() returned true, or before
+  // the first step; throws Error while a fragment's exchange is in flight, OptionError when the
+  // saved state does not fit this run (naming the field). Not collectives: each rank saves and
+  // loads its own (they are identical but for error-feedback residuals).
+  void save_state(const std::string& path) const;
+  void load_state(const std::string& path);
 
  private:
   Fingerprint fingerprint() const;
   bool staged() const;
+  // The pseudo-gradient's buffer of bucket i: the staging buffer, or the model's own storage.
+  at::Tensor& delta(std::size_t i);
+  // delta[offset, offset + length) of bucket i = global - local; records whether it is finite.
+  void produce(std::size_t i, std::int64_t offset, std::int64_t length);
+  // The islands agree that every pseudo-gradient of the fragment is finite (compressed exchanges
+  // only: a codec may not survive a NaN); throws NonFiniteError naming the ranks.
+  void check_finite(std::int64_t fragment, bool mine_finite);
   void start_sync(std::int64_t fragment);
   void finish_sync(std::int64_t fragment);
   void end_round();
   void reset_model_to_global();
   void drain_and_reset();
   void wait_in_flight() noexcept;
-  void exchange_compressed(std::int64_t fragment);
-
-  // Elements per all-reduce: large enough that per-message latency does not dominate, small
-  // enough that computing a segment's pseudo-gradient overlaps with the others' transfer.
-  static constexpr std::int64_t kSegment = 1 << 24;
-  struct InFlight {
-    std::size_t bucket;
-    std::int64_t offset;
-    std::int64_t length;
-    PendingCollective work;
-  };
-  std::vector<InFlight> pending_;
-  std::future<void> compressed_job_;  // the compressed exchange in flight (or deferred)
-  std::int64_t in_flight_ = -1;       // the fragment whose exchange is in flight, or -1
+  void check_nothing_in_flight(const char* what) const;
 
   DiLoCoOptions options_;
   std::shared_ptr<Group> group_;
   FlatParameters params_;
   ModelBuffers buffers_;
   OuterSGD outer_;
-  // Per bucket (their state, residuals and factors, is per tensor); empty for "none".
-  std::vector<std::unique_ptr<Compressor>> compressors_;
+  StreamingSchedule schedule_;
+  OuterState state_;
   std::vector<std::vector<at::Tensor>> views_;  // per bucket: the parameters' shapes over delta
-  std::vector<at::Tensor> global_;    // theta, per bucket
-  std::vector<at::Tensor> momentum_;  // outer momentum, per bucket (undefined when mu = 0)
   // Per bucket: where the pseudo-gradient is summed. Undefined = in the model's own storage
   // (float32 model on the outer device); else a float32 buffer on the outer device.
   std::vector<at::Tensor> staging_;
-  std::vector<bool> local_finite_;    // per bucket: this rank's pseudo-gradient was finite
-  StreamingSchedule schedule_;
-  std::int64_t inner_step_ = 0;
-  std::int64_t outer_step_ = 0;  // rounds: every fragment applied once more
+  std::vector<bool> local_finite_;  // per bucket: this rank's pseudo-gradient was finite
+  bool compressed_ = false;
+  // Declared after the state and the group: destroyed first, once its jobs (which use both) ran.
+  std::unique_ptr<CommThread> comm_;
+  struct InFlight {
+    std::size_t bucket;
+    PendingExchange exchange;
+  };
+  std::vector<InFlight> pending_;  // the exchanges of the fragment in flight
+  CommThread::Job finite_check_;   // its finiteness check (compressed exchanges)
+  std::int64_t in_flight_ = -1;    // the fragment whose exchange is in flight, or -1
   double sync_seconds_ = 0.0;
 };
 

@@ -1,9 +1,12 @@
-// PowerSGD: rank-r factors with warm-started subspace iteration (see diloco/compress/powersgd.h).
-#include "diloco/compress/powersgd.h"
+// PowerSGD: rank-r factors with warm-started subspace iteration (see diloco/exchange/powersgd.h).
+#include "diloco/exchange/powersgd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/irange.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
 
 #include <cmath>
 
@@ -56,21 +59,16 @@ PowerSGD::Options PowerSGD::Options::from_params(CodecParams& params) {
   return o;
 }
 
-PowerSGD::PowerSGD(Options options, bool error_feedback, double beta)
-    : options_(options), error_feedback_(error_feedback), beta_(beta) {
+PowerSGD::PowerSGD(Options options) : options_(options) {
   if (options_.rank < 1 || options_.rank > 1024) {
     throw OptionError("[codec 'powersgd'] rank must be an integer in [1, 1024], got " +
                       std::to_string(options_.rank));
-  }
-  if (!(beta >= 0.0 && beta <= 1.0)) {
-    throw OptionError("[compression] ef beta must be in [0, 1], got " + std::to_string(beta));
   }
 }
 
 std::string PowerSGD::spec() const {
   std::string s = "powersgd(rank=" + std::to_string(options_.rank) +
                   ",seed=" + std::to_string(options_.seed) + ")";
-  if (error_feedback_) s += "+ef(beta=" + std::to_string(beta_) + ")";
   return s;
 }
 
@@ -89,7 +87,7 @@ std::int64_t PowerSGD::payload_bytes(const std::vector<at::Tensor>& views) const
   return 4 * elements;
 }
 
-void PowerSGD::start(const std::vector<at::Tensor>& views) {
+void PowerSGD::check_shapes(const std::vector<at::Tensor>& views) {
   if (!shapes_.empty()) {
     bool same = shapes_.size() == views.size();
     for (std::size_t i = 0; same && i < views.size(); ++i) same = views[i].sizes().vec() == shapes_[i];
@@ -107,7 +105,6 @@ void PowerSGD::start(const std::vector<at::Tensor>& views) {
     } else {
       q_.emplace_back();
     }
-    if (error_feedback_) residuals_.push_back(at::zeros_like(views[i]));
   }
 }
 
@@ -122,19 +119,28 @@ void PowerSGD::redraw_zero_columns(std::size_t i) {
   q.copy_(at::where(zero.unsqueeze(0), fresh, q));
 }
 
-void PowerSGD::sum(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
-                   const std::string& label) {
-  TORCH_CHECK(flat.device().is_cpu() && flat.scalar_type() == at::kFloat && flat.is_contiguous(),
+PendingExchange PowerSGD::start(Group& group, ExchangeRequest request, CommThread& comm) {
+  TORCH_CHECK(request.flat.device().is_cpu() && request.flat.scalar_type() == at::kFloat &&
+                  request.flat.is_contiguous(),
               "[compression] the pseudo-gradient buffer must be contiguous float32 on the CPU");
-  at::NoGradGuard no_grad;
-  start(views);
-  const std::int64_t r = options_.rank;
-  if (error_feedback_) {
-    for (std::size_t i = 0; i < views.size(); ++i) {
-      at::Tensor v = views[i];
-      v.add_(residuals_[i], beta_);  // M = delta + beta * e, in place
-    }
+  check_shapes(request.views);
+  if (request.produce) {
+    request.produce(0, request.flat.numel());
+    request.produce = nullptr;
   }
+  at::Tensor flat = request.flat;
+  auto job = comm.submit([this, &group, request = std::move(request)] {
+    at::NoGradGuard no_grad;
+    run(group, request);
+  });
+  return pending(std::move(flat), {}, std::move(job));
+}
+
+void PowerSGD::run(Group& group, const ExchangeRequest& request) {
+  const auto& views = request.views;
+  const auto& label = request.label;
+  const bool ef = !request.subtract_sent.empty();
+  const std::int64_t r = options_.rank;
   // Round 1: P_i = M_i Q for factored tensors, the tensor itself for the others.
   std::int64_t round1 = 0, round2 = 0;
   std::vector<std::int64_t> off1(views.size()), off2(views.size());
@@ -167,7 +173,7 @@ void PowerSGD::sum(Group& group, at::Tensor& flat, const std::vector<at::Tensor>
   for (std::size_t i = 0; i < views.size(); ++i) {
     at::Tensor v = views[i];
     if (!factored(v.sizes())) {
-      if (error_feedback_) residuals_[i].zero_();  // sent exactly
+      if (ef) request.subtract_sent[i].zero_();  // sent exactly
       v.copy_(p_all.narrow(0, off1[i], v.numel()).view(v.sizes()));
       continue;
     }
@@ -178,10 +184,10 @@ void PowerSGD::sum(Group& group, at::Tensor& flat, const std::vector<at::Tensor>
     at::Tensor q_local = q_all.narrow(0, off2[i], m * r).view({m, r});
     const at::Tensor mat = matrix(v);
     at::mm_out(q_local, mat.t(), p_hat[i]);
-    if (error_feedback_) {
+    if (ef) {
       // e = M - P^ Q_i^T: what this island's own rank-r contribution leaves out.
-      at::Tensor e = residuals_[i].view({n, m});
-      at::addmm_out(e, mat, p_hat[i], q_local.t(), /*beta=*/1, /*alpha=*/-1);
+      at::Tensor e = request.subtract_sent[i].view({n, m});
+      e.addmm_(p_hat[i], q_local.t(), /*beta=*/1, /*alpha=*/-1);
     }
   }
   if (round2 > 0) group.allreduce_sum(q_all, label);
@@ -197,6 +203,43 @@ void PowerSGD::sum(Group& group, at::Tensor& flat, const std::vector<at::Tensor>
     q_[i].copy_(q_sum);
   }
   ++outer_steps_;
+}
+
+void PowerSGD::save(torch::serialize::OutputArchive& archive) const {
+  archive.write("spec", c10::IValue(spec()));
+  archive.write("outer_steps", c10::IValue(outer_steps_));
+  archive.write("tensors", c10::IValue(static_cast<std::int64_t>(shapes_.size())));
+  for (std::size_t i = 0; i < shapes_.size(); ++i) {
+    archive.write("shape." + std::to_string(i), c10::IValue(shapes_[i]));
+    if (q_[i].defined()) archive.write("q." + std::to_string(i), q_[i]);
+  }
+}
+
+void PowerSGD::load(torch::serialize::InputArchive& archive) {
+  c10::IValue saved_spec, steps, tensors;
+  archive.read("spec", saved_spec);
+  if (saved_spec.toStringRef() != spec()) {
+    throw Error("[compression] the saved state is of '" + saved_spec.toStringRef() +
+                "', this exchange is '" + spec() + "'");
+  }
+  archive.read("outer_steps", steps);
+  archive.read("tensors", tensors);
+  std::vector<std::vector<std::int64_t>> shapes;
+  std::vector<at::Tensor> q;
+  for (std::int64_t i = 0; i < tensors.toInt(); ++i) {
+    c10::IValue shape;
+    archive.read("shape." + std::to_string(i), shape);
+    shapes.push_back(shape.toIntVector());
+    at::Tensor qi;
+    if (factored(shapes.back())) archive.read("q." + std::to_string(i), qi);
+    q.push_back(qi);
+  }
+  if (!shapes_.empty() && shapes != shapes_) {
+    throw Error("[codec 'powersgd'] the saved state is for other tensors than this exchange's");
+  }
+  outer_steps_ = steps.toInt();
+  shapes_ = std::move(shapes);
+  q_ = std::move(q);
 }
 
 }  // namespace diloco

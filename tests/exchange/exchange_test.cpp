@@ -1,4 +1,4 @@
-// Compressed exchanges over real Gloo ranks: every aggregation kind on 1-4 ranks is within bound
+// Exchanges of compressed pseudo-gradients over real Gloo ranks: every aggregation kind on 1-4 ranks is within bound
 // of the uncompressed sum and bit-identical everywhere; error feedback keeps its identity; user
 // codecs register by name; a malformed payload is reported naming the rank that sent it; DiLoCo
 // accepts a compression spec.
@@ -10,7 +10,7 @@
 #include <functional>
 #include <limits>
 
-#include "diloco/compress/compressor.h"
+#include "diloco/exchange/exchange.h"
 #include "diloco/compress/registry.h"
 #include "diloco/diloco.h"
 #include "support/ranks.h"
@@ -27,7 +27,7 @@ TEST_CASE("compressed sums are within bound and bit-identical on every rank", "[
   std::vector<at::Tensor> results(world), inputs(world);
   std::vector<double> bounds(world);
   diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> g) {
-    auto compressor = diloco::Compressor::from_spec(spec);
+    auto compressor = diloco::Exchange::from_spec(spec);
     std::int64_t n = 0;
     for (const auto& s : shapes) n += c10::multiply_integers(s);
     auto gen = at::make_generator<at::CPUGeneratorImpl>(rank + 1);
@@ -65,7 +65,7 @@ TEST_CASE("error feedback: sent + new residual = input + beta * old residual", "
   const std::string spec = GENERATE("topk(k=8)+ef(beta=0.9)", "int2+ef(beta=0.5)", "sign+ef");
   INFO(spec);
   diloco_test::run_ranks(1, [&](int, std::shared_ptr<diloco::Group> g) {
-    auto c = diloco::Compressor::from_spec(spec);
+    auto c = diloco::Exchange::from_spec(spec);
     const double beta = spec.find("0.9") != std::string::npos ? 0.9 : spec.find("0.5") != std::string::npos ? 0.5 : 1.0;
     at::Tensor old_residual;
     for (int step = 0; step < 3; ++step) {
@@ -148,7 +148,7 @@ std::vector<std::string> sum_with_rank2(const std::string& spec, const std::stri
   return diloco_test::run_ranks_collect(
       3,
       [&](int rank, std::shared_ptr<diloco::Group> g) {
-        auto compressor = diloco::Compressor::from_spec(rank == 2 ? rank2_spec : spec);
+        auto compressor = diloco::Exchange::from_spec(rank == 2 ? rank2_spec : spec);
         auto gen = at::make_generator<at::CPUGeneratorImpl>(rank + 1);
         at::Tensor flat = at::randn({c10::multiply_integers(shape)}, gen);
         std::vector<at::Tensor> views{flat.view(shape)};

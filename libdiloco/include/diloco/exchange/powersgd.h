@@ -9,7 +9,8 @@
 //   P^ = orthonormalize(P)                         (Gram-Schmidt, the same on every rank)
 //   Q_i = M_i^T P^;         Q = all-reduce sum Q_i  (round 2)
 //   result = P^ Q^T = sum_i P^ P^^T M_i            (the sum over islands of what each sent)
-//   e_i <- M_i - P^ Q_i^T                          (what island i's own contribution lost)
+//   e_i <- M_i - P^ Q_i^T                          (what island i's own contribution lost;
+//                                                   the error_feedback.h layer keeps e_i)
 //   Q is kept for the next outer step (warm start).
 // Q starts from N(0, 1) entries drawn from a generator seeded with `seed` and the tensor's index,
 // so every island starts from the same Q without exchanging it; a column that became zero (a
@@ -27,11 +28,11 @@
 #include <vector>
 
 #include "diloco/compress/codec_params.h"
-#include "diloco/compress/compressor.h"
+#include "diloco/exchange/exchange.h"
 
 namespace diloco {
 
-class PowerSGD final : public Compressor {
+class PowerSGD final : public Exchange {
  public:
   struct Options {
     std::int64_t rank = 4;    // r, in [1, 1024]
@@ -43,13 +44,15 @@ class PowerSGD final : public Compressor {
       "powersgd(rank=4, seed=0): rank-r factors P Q^T per matrix, warm-started power iteration, "
       "two all-reduces; vectors uncompressed (Vogels et al. 2019; use with +ef)";
 
-  PowerSGD(Options options, bool error_feedback, double beta);
+  explicit PowerSGD(Options options);
 
   std::string spec() const override;
-  void sum(Group& group, at::Tensor& flat, const std::vector<at::Tensor>& views,
-           const std::string& label) override;
+  // Both rounds run as one job on the communication thread.
+  PendingExchange start(Group& group, ExchangeRequest request, CommThread& comm) override;
   std::int64_t payload_bytes(const std::vector<at::Tensor>& views) const override;
-  const std::vector<at::Tensor>& residuals() const override { return residuals_; }
+  // The warm-start factors and the outer-step count (which seeds redrawn columns).
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
 
   // Whether a tensor of this shape is sent as factors (else uncompressed).
   bool factored(c10::IntArrayRef shape) const;
@@ -57,16 +60,14 @@ class PowerSGD final : public Compressor {
   const at::Tensor& q(std::size_t i) const { return q_.at(i); }
 
  private:
-  void start(const std::vector<at::Tensor>& views);
+  void check_shapes(const std::vector<at::Tensor>& views);
+  void run(Group& group, const ExchangeRequest& request);
   void redraw_zero_columns(std::size_t i);
 
   Options options_;
-  bool error_feedback_;
-  double beta_;
   std::int64_t outer_steps_ = 0;
-  std::vector<std::vector<std::int64_t>> shapes_;  // of the views of the first sum()
+  std::vector<std::vector<std::int64_t>> shapes_;  // of the views of the first exchange
   std::vector<at::Tensor> q_;
-  std::vector<at::Tensor> residuals_;
 };
 
 }  // namespace diloco

@@ -7,8 +7,8 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
-#include "diloco/compress/compressor.h"
-#include "diloco/compress/powersgd.h"
+#include "diloco/exchange/exchange.h"
+#include "diloco/exchange/powersgd.h"
 #include "diloco/compress/registry.h"
 #include "diloco/diloco.h"
 #include "support/ranks.h"
@@ -53,7 +53,7 @@ TEST_CASE("powersgd recovers a sum of rank-r terms exactly and bit-identically",
   std::vector<at::Tensor> results(world);
   std::vector<std::uint64_t> sent(world);
   diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> g) {
-    auto c = diloco::Compressor::from_spec("powersgd(rank=3)");
+    auto c = diloco::Exchange::from_spec("powersgd(rank=3)");
     inputs[rank] = {at::mm(a, randn({3, 6 * 5}, rank + 1)).view({40, 6, 5}), randn({17}, rank + 10),
                     randn({3, 2}, rank + 20)};
     Layout l = pack(inputs[rank]);
@@ -76,7 +76,7 @@ TEST_CASE("powersgd recovers a sum of rank-r terms exactly and bit-identically",
   // Bytes: round 1 carries P (40 x 3) and the 17 + 6 unfactored elements, round 2 Q (30 x 3);
   // each is a ring all-reduce, 2(N-1)/N of the buffer per rank.
   const std::int64_t payload = 4 * (40 * 3 + 17 + 6 + 30 * 3);
-  auto c = diloco::Compressor::from_spec("powersgd(rank=3)");
+  auto c = diloco::Exchange::from_spec("powersgd(rank=3)");
   CHECK(c->payload_bytes(pack(inputs[0]).views) == payload);
   const double ring = world == 1 ? 0.0 : 2.0 * (world - 1) / world;
   const double want_bytes = ring * 4 * (40 * 3 + 17 + 6) + ring * 4 * (30 * 3);
@@ -93,7 +93,7 @@ TEST_CASE("powersgd's warm start converges to the truncated SVD of a fixed sum",
   const at::Tensor s = at::mm(u * at::tensor({10.f, 6.f, 2.f, 1.f, 0.5f}), v.t());
   std::vector<at::Tensor> results(world);
   diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> g) {
-    auto c = diloco::Compressor::from_spec("powersgd(rank=2,seed=5)");
+    auto c = diloco::Exchange::from_spec("powersgd(rank=2,seed=5)");
     // Island shares that sum to S: S/3 plus a different zero-sum perturbation on each.
     at::Tensor noise = randn({30, 20}, 7) * (rank == 0 ? 1.0 : rank == 1 ? -1.0 : 0.0);
     const at::Tensor mine = s / world + noise;
@@ -117,7 +117,7 @@ TEST_CASE("powersgd with error feedback: sent + residual = input + beta * old re
   const int world = 2;
   std::vector<std::string> errors(world);
   diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> g) {
-    auto c = diloco::Compressor::from_spec("powersgd(rank=1)+ef(beta=0.5)");
+    auto c = diloco::Exchange::from_spec("powersgd(rank=1)+ef(beta=0.5)");
     at::Tensor old_residual = at::zeros({24, 16});
     for (int step = 0; step < 3; ++step) {
       const at::Tensor input = randn({24, 16}, 100 * rank + step);
@@ -141,12 +141,12 @@ TEST_CASE("powersgd with error feedback: sent + residual = input + beta * old re
 }
 
 TEST_CASE("powersgd specs: parameters, ranges, and the codec listing", "[compress][powersgd]") {
-  CHECK(diloco::Compressor::from_spec("powersgd")->spec() == "powersgd(rank=4,seed=0)");
-  CHECK_THAT(diloco::Compressor::from_spec("powersgd(rank=8)+ef")->spec(),
+  CHECK(diloco::Exchange::from_spec("powersgd")->spec() == "powersgd(rank=4,seed=0)");
+  CHECK_THAT(diloco::Exchange::from_spec("powersgd(rank=8)+ef")->spec(),
              Contains("rank=8") && Contains("+ef(beta=1"));
-  CHECK_THROWS_WITH(diloco::Compressor::from_spec("powersgd(rank=0)"),
+  CHECK_THROWS_WITH(diloco::Exchange::from_spec("powersgd(rank=0)"),
                     Contains("rank") && Contains("[1, 1024]"));
-  CHECK_THROWS_WITH(diloco::Compressor::from_spec("powersgd(rnak=2)"), Contains("rnak"));
+  CHECK_THROWS_WITH(diloco::Exchange::from_spec("powersgd(rnak=2)"), Contains("rnak"));
   CHECK_THROWS_WITH(diloco::make_codec("powersgd"), Contains("two all-reduce rounds"));
   bool listed = false;
   for (const auto& line : diloco::codec_help()) listed = listed || line.rfind("powersgd", 0) == 0;
