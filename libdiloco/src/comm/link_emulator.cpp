@@ -10,8 +10,8 @@ void LinkEmulator::set(const LinkModel& link) {
   link_ = link;
 }
 
-LinkEmulator::Slot LinkEmulator::reserve(Collective c, std::uint64_t payload_bytes,
-                                         int world_size, int root, Clock::time_point issued) {
+LinkEmulator::Slot LinkEmulator::reserve(Collective c, std::uint64_t payload_bytes, int world_size,
+                                         int root, Clock::time_point issued) {
   Slot slot;
   if (world_size <= 1 || !link_.enabled()) return slot;
   // The collective starts on the link once the directions it uses have finished transmitting
