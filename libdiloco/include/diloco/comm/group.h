@@ -1,8 +1,16 @@
 // The wide-area process group: the collectives islands use to talk over the slow link.
 //
-// A Group wraps a c10d Store (rendezvous) and a c10d ProcessGroupGloo. It adds what the bare
-// process group lacks: byte accounting per operation (CommStats), a configurable timeout, and
-// errors that say what failed and where (a lost peer becomes diloco::PeerLostError).
+// A Group is three layers over a Backend (backend.h: the raw collectives of one process group,
+// Gloo today, the seam where NCCL would fit):
+//   backend          moves the bytes and turns its failures into PeerLostError / Error
+//                    (GlooBackend: c10d's ProcessGroupGloo, naming a lost peer by rank and host);
+//   link emulation   makes each operation take at least the time of an emulated link (below;
+//                    src/comm/link_emulator.h);
+//   accounting       bytes and time per operation (CommStats; src/comm/accounting.h).
+// The last two know nothing of the backend, so they survive replace_backend(): a new membership
+// epoch (a new Gloo group over PrefixStore("epoch/N"), possibly of another size) keeps the
+// statistics and the link's queue. create() adds the rendezvous (a TCPStore, rank claims, one
+// deadline; src/comm/rendezvous.cpp) and connects a Gloo backend over its store.
 //
 // c10d's rule holds here too: every rank must call the same collectives in the same order, with
 // tensors of the same sizes. All collectives block until complete and are thread-compatible
@@ -10,7 +18,7 @@
 //
 // Link emulation: with GroupOptions::link set (or DILOCO_LINK_MBPS / DILOCO_LINK_LATENCY_MS),
 // every collective and send/recv takes at least the time comm_stats.h's link model gives it on
-// a link of that rate and latency, counted from when it is issued: the wait for the real Gloo
+// a link of that rate and latency, counted from when it is issued: the wait for the backend's
 // operation and the emulated delay overlap, and an asynchronous collective's delay runs while
 // the caller computes, ending in wait(). Collectives in flight together share the link: each
 // island's outgoing (and incoming) direction transmits one collective after another, in issue
@@ -26,10 +34,10 @@
 
 #include <chrono>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "diloco/comm/backend.h"
 #include "diloco/comm/comm_stats.h"
 
 namespace c10d {
@@ -65,8 +73,8 @@ struct GroupOptions {
 
 class Group;
 
-// A collective in flight. wait() blocks until it completes, records its bytes and time, and turns
-// a failure into PeerLostError or Error; it is idempotent. The Group must outlive it.
+// A collective in flight. wait() blocks until it completes, records its bytes and time, and throws
+// the backend's PeerLostError or Error on failure; it is idempotent. The Group must outlive it.
 class PendingCollective {
  public:
   PendingCollective() = default;
@@ -91,23 +99,37 @@ class Group {
   static std::shared_ptr<Group> create(const GroupOptions& options);
   static std::shared_ptr<Group> from_env();
 
-  // Connect over an existing store (a HashStore for ranks that are threads of one process, or a
-  // PrefixStore for a new membership epoch).
+  // Connect a Gloo backend over an existing store (a HashStore for ranks that are threads of one
+  // process, or a PrefixStore for a new membership epoch); see make_gloo_backend().
   Group(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
         std::chrono::milliseconds timeout = std::chrono::milliseconds(60000),
         const std::string& hostname = "127.0.0.1");
+  // Layer accounting and link emulation over any connected backend. `timeout` is what timeout()
+  // reports: the one the backend was built with. Throws OptionError for a null backend.
+  explicit Group(std::unique_ptr<Backend> backend,
+                 std::chrono::milliseconds timeout = std::chrono::milliseconds(60000));
   ~Group();
   Group(const Group&) = delete;
   Group& operator=(const Group&) = delete;
 
+  // Those of the current backend: they change with replace_backend().
   int rank() const { return rank_; }
   int world_size() const { return world_size_; }
   std::chrono::milliseconds timeout() const { return timeout_; }
+  const Backend& backend() const;
+
+  // Swap the backend under this Group (a new membership epoch: a Gloo backend over
+  // PrefixStore("epoch/N") of a store that outlives the old group, of any rank and world size).
+  // The statistics, the link and its queue of transmissions carry on; collectives still in flight
+  // complete on the backend that started them, which lives until they are waited. Call it from
+  // the thread that issues collectives, on every rank of the new backend, at the same point in
+  // the order of collectives. Throws OptionError for a null backend.
+  void replace_backend(std::unique_ptr<Backend> backend);
 
   // The emulated link (see the class comment). Set it before issuing collectives, to the same
   // value on every rank; create() sets it from GroupOptions::link. Throws OptionError.
   void set_link(const LinkModel& link);
-  const LinkModel& link() const { return link_; }
+  const LinkModel& link() const;
 
   // Sum `tensor` (contiguous, CPU or CUDA) in place over all ranks. `label` names the purpose in
   // the statistics and in error messages ("outer_sync", "grad_sync", ...).
@@ -133,12 +155,7 @@ class Group {
   void reset_stats();
 
  private:
-  struct Impl;
-  void exchange_socket_ports();
-  // "rank R at HOST" for the peer a failed collective lost (`what`: Gloo's error); "" if unknown.
-  std::string name_lost_peers(const std::string& what);
-  void account(Collective c, const std::string& label, std::uint64_t payload_bytes, int root,
-               double seconds, double link_seconds);
+  struct Impl;  // the backend and the two layers over it
   template <typename Fn>
   PendingCollective issue(Collective c, const std::string& label, std::uint64_t payload_bytes,
                           int root, Fn&& start);
@@ -148,13 +165,6 @@ class Group {
   int rank_;
   int world_size_;
   std::chrono::milliseconds timeout_;
-  LinkModel link_;
-  // When this island's outgoing and incoming directions finish what has been issued on them
-  // (touched only by the thread that issues collectives).
-  std::chrono::steady_clock::time_point uplink_free_{};
-  std::chrono::steady_clock::time_point downlink_free_{};
-  mutable std::mutex stats_mutex_;
-  CommStats stats_;
 };
 
 }  // namespace diloco
