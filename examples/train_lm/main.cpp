@@ -30,9 +30,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -88,6 +91,11 @@ struct Flags {
   double link_latency_ms = 0.0;
   bool link_mbps_given = false;
   bool link_latency_given = false;
+  // Checkpoints (diloco/sync/checkpoint.h): one folder per rank under checkpoint_dir.
+  std::string checkpoint_dir;
+  std::int64_t checkpoint_every = 1;  // outer steps between checkpoints
+  int keep_checkpoints = 3;
+  bool resume = false;
 };
 
 void add_flags(CLI::App& app, Flags& f) {
@@ -210,6 +218,21 @@ void add_flags(CLI::App& app, Flags& f) {
                  "DILOCO_LINK_LATENCY_MS or 0)")
       ->check(CLI::Range(0.0, diloco::LinkModel::kMaxLatencyMs));
 
+  app.add_option("--checkpoint-dir", f.checkpoint_dir,
+                 "DiLoCo: write a checkpoint (outer state, the island's weights and inner "
+                 "optimizer state, data position) to DIR/rank-R every --checkpoint-every outer "
+                 "steps, atomically and checksummed");
+  app.add_option("--checkpoint-every", f.checkpoint_every,
+                 "outer steps between checkpoints (with --checkpoint-dir)")
+      ->check(CLI::Range(std::int64_t{1}, kMaxCount))
+      ->capture_default_str();
+  app.add_option("--keep-checkpoints", f.keep_checkpoints, "checkpoints kept per rank (the newest)")
+      ->check(CLI::Range(1, 1000000))
+      ->capture_default_str();
+  app.add_flag("--resume", f.resume,
+               "start from the newest checkpoint in --checkpoint-dir that every rank has intact "
+               "(a corrupted one is reported and skipped); start fresh when there is none");
+
   // Checks that span flags: CLI11 reports a ValidationError thrown here like any other.
   app.callback([&app, &f] {
     if (f.model.d_model % f.model.heads != 0) {
@@ -232,6 +255,12 @@ void add_flags(CLI::App& app, Flags& f) {
     }
     if (f.device == "cuda" && !torch::cuda::is_available()) {
       throw CLI::ValidationError("--device", "cuda requested but no CUDA device is available");
+    }
+    if (!f.checkpoint_dir.empty() && f.mode != "diloco") {
+      throw CLI::ValidationError("--checkpoint-dir", "checkpoints are of DiLoCo runs (--mode diloco)");
+    }
+    if (f.resume && f.checkpoint_dir.empty()) {
+      throw CLI::ValidationError("--resume", "needs --checkpoint-dir");
     }
     if (app.count("--eval-every") == 0) f.eval_every = f.inner_steps;
     f.link_mbps_given = app.count("--link-mbps") > 0;
@@ -277,8 +306,7 @@ struct InnerOptimizer {
     }
     return out;
   }
-
- private:
+  // The optimizers, in a fixed order (checkpoints save and load them in it).
   std::vector<torch::optim::Optimizer*> all() {
     std::vector<torch::optim::Optimizer*> out{adamw.get()};
     if (muon) out.push_back(muon.get());
@@ -367,6 +395,32 @@ double seconds_since(Clock::time_point start) {
 // --clip too: islands clipping differently would train a different recipe without a word. Spelled
 // as the Python twin spells it ("%.15g", or "%.17g" when that does not read back exactly), so a
 // C++ and a Python island given the same flag agree, and 0.3 reads "0.3".
+// The newest outer step whose checkpoint every rank holds intact (one small all-gather), or -1.
+// Checkpoints that fail their checksum are reported and skipped.
+std::int64_t agree_on_checkpoint(const diloco::CheckpointDir& dir, diloco::Group& group, int rank) {
+  std::vector<std::string> problems;
+  const auto mine = dir.intact_steps(&problems);
+  for (const auto& p : problems) std::printf("rank %d: skipping a checkpoint: %s\n", rank, p.c_str());
+  std::string listed;
+  for (auto step : mine) listed += std::to_string(step) + " ";
+  std::set<std::int64_t> common(mine.begin(), mine.end());
+  for (const auto& theirs : group.allgather_bytes(listed, "checkpoint_steps")) {
+    std::istringstream in(theirs);
+    std::set<std::int64_t> steps;
+    for (std::int64_t step; in >> step;) steps.insert(step);
+    std::set<std::int64_t> both;
+    std::set_intersection(common.begin(), common.end(), steps.begin(), steps.end(),
+                          std::inserter(both, both.begin()));
+    common = std::move(both);
+  }
+  if (common.empty()) {
+    std::printf("rank %d: no checkpoint that every rank holds in %s: starting fresh\n", rank,
+                dir.dir().c_str());
+    return -1;
+  }
+  return *common.rbegin();
+}
+
 std::vector<std::pair<std::string, std::string>> run_fields(const Flags& f) {
   char clip[32];
   std::snprintf(clip, sizeof clip, "%.15g", f.clip);
@@ -419,7 +473,16 @@ int train(const Flags& f, bool timeout_given) {
   };
   // DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
   // weights they reached: the islands then start their first H steps from one trained point.
-  if (f.mode == "dp" || (diloco_mode && f.warm_start_steps > 0)) {
+  // Checkpoints: the newest outer step whose checkpoint every rank holds intact (agreed in one
+  // small all-gather), or none.
+  std::unique_ptr<diloco::CheckpointDir> checkpoints;
+  std::int64_t resume_from = -1;
+  if (!f.checkpoint_dir.empty()) {
+    checkpoints = std::make_unique<diloco::CheckpointDir>(
+        f.checkpoint_dir + "/rank-" + std::to_string(rank), f.keep_checkpoints);
+    if (f.resume) resume_from = agree_on_checkpoint(*checkpoints, *group, rank);
+  }
+  if (f.mode == "dp" || (diloco_mode && f.warm_start_steps > 0 && resume_from < 0)) {
     diloco::DataParallelOptions options;
     options.agree_on = run_fields(f);
     data_parallel = std::make_unique<diloco::DataParallel>(*model, group, options);
@@ -530,9 +593,22 @@ int train(const Flags& f, bool timeout_given) {
 
   auto rng =
       train_lm::make_rng(static_cast<std::uint64_t>(f.seed), static_cast<std::uint64_t>(rank));
+  std::int64_t first_step = 1;
+  if (resume_from >= 0) {
+    // The island continues where the checkpoint left it: weights, inner optimizer state, outer
+    // state, and the data stream (the generator's state) at the step it was written after.
+    const std::string path = checkpoints->path_for(resume_from);
+    auto extra = sync->load(path, optimizer.all());
+    std::istringstream(extra.at("rng")) >> rng;
+    first_step = std::stoll(extra.at("step")) + 1;
+    std::printf("rank %d/%d: resumed from %s (outer step %lld, inner step %lld)\n", rank,
+                world_size, path.c_str(), static_cast<long long>(resume_from),
+                static_cast<long long>(first_step - 1));
+    std::fflush(stdout);
+  }
   model->train();
-  const double initial_val_loss = report(0);
-  for (std::int64_t step = 1; step <= f.steps; ++step) {
+  const double initial_val_loss = report(first_step - 1);
+  for (std::int64_t step = first_step; step <= f.steps; ++step) {
     optimizer.set_lr(learning_rate(f, step - 1));
     auto compute_start = Clock::now();
     auto batch = corpus.train_batch(rng);
@@ -553,6 +629,14 @@ int train(const Flags& f, bool timeout_given) {
     }
     train_loss_sum += loss.detach();
     ++train_loss_count;
+    if (checkpoints && outer_step && sync->stats().outer_steps % f.checkpoint_every == 0) {
+      std::ostringstream state;
+      state << rng;
+      const std::int64_t at = sync->stats().outer_steps;
+      sync->save(checkpoints->path_for(at), optimizer.all(),
+                 {{"step", std::to_string(step)}, {"rng", state.str()}});
+      checkpoints->prune();
+    }
 
     // DiLoCo evaluates the global model, right after the outer steps that end an --eval-every
     // interval (every outer step by default).
@@ -621,6 +705,12 @@ int train(const Flags& f, bool timeout_given) {
                     double(dp_sent) / double(stats.bytes_sent()));
       }
     }
+    std::fflush(stdout);
+  }
+  if (sync) {
+    // Every island ends on the same global state: this last line is the same on every rank.
+    std::printf("rank %d/%d: global state sha256 %s\n", rank, world_size,
+                sync->state().sha256().c_str());
     std::fflush(stdout);
   }
   return 0;

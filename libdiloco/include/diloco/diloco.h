@@ -9,6 +9,7 @@
 #include "diloco/optim/muon.h"
 #include "diloco/outer/outer_sgd.h"
 #include "diloco/sync/buffers.h"
+#include "diloco/sync/checkpoint.h"
 #include "diloco/sync/data_parallel.h"
 #include "diloco/sync/diloco.h"
 #include "diloco/sync/outer_state.h"

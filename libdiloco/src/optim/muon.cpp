@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
 
 #include <algorithm>
 #include <cmath>
@@ -103,6 +105,44 @@ void muon_update(at::Tensor param, const at::Tensor& grad, at::Tensor buffer,
                                            : 0.2 * std::sqrt(std::max(m, n));
   if (o.weight_decay() != 0.0) param.mul_(1.0 - o.lr() * o.weight_decay());
   param.add_(update.to(param.scalar_type()), -o.lr() * s);
+}
+
+void Muon::save(torch::serialize::OutputArchive& archive) const {
+  std::int64_t k = 0;
+  for (const auto& group : param_groups_) {
+    for (const auto& p : group.params()) {
+      auto it = state_.find(c10::guts::to_string(p.unsafeGetTensorImpl()));
+      if (it != state_.end()) {
+        archive.write("momentum_buffer." + std::to_string(k),
+                      static_cast<const MuonParamState&>(*it->second).momentum_buffer());
+      }
+      ++k;
+    }
+  }
+  archive.write("parameters", c10::IValue(k));
+}
+
+void Muon::load(torch::serialize::InputArchive& archive) {
+  c10::IValue count;
+  archive.read("parameters", count);
+  std::int64_t k = 0;
+  for (const auto& group : param_groups_) k += static_cast<std::int64_t>(group.params().size());
+  if (count.toInt() != k) {
+    throw Error("[Muon] the saved state is of " + std::to_string(count.toInt()) +
+                " parameters, this optimizer has " + std::to_string(k));
+  }
+  k = 0;
+  for (const auto& group : param_groups_) {
+    for (const auto& p : group.params()) {
+      at::Tensor buffer;
+      if (archive.try_read("momentum_buffer." + std::to_string(k), buffer)) {
+        auto s = std::make_unique<MuonParamState>();
+        s->momentum_buffer(buffer.to(p.device()));
+        state_[c10::guts::to_string(p.unsafeGetTensorImpl())] = std::move(s);
+      }
+      ++k;
+    }
+  }
 }
 
 }  // namespace diloco

@@ -7,6 +7,7 @@
 #include <torch/serialize/output-archive.h>
 
 #include "diloco/errors.h"
+#include "diloco/sync/checkpoint.h"
 
 namespace diloco {
 namespace {
@@ -89,6 +90,21 @@ void OuterState::load(torch::serialize::InputArchive& archive) {
   }
   inner_step = inner.toInt();
   outer_step = outer.toInt();
+}
+
+std::string OuterState::sha256() const {
+  // The digest of the concatenated digests: no copy of the weights is made.
+  std::string digests = std::to_string(inner_step) + ":" + std::to_string(outer_step);
+  auto add = [&](const at::Tensor& t) {
+    if (!t.defined()) return;
+    const at::Tensor c = t.to(at::kCPU).contiguous();
+    digests += sha256_hex(c.data_ptr(), static_cast<std::size_t>(c.nbytes()));
+  };
+  for (std::size_t i = 0; i < global.size(); ++i) {
+    add(global[i]);
+    add(momentum[i]);
+  }
+  return sha256_hex(digests.data(), digests.size());
 }
 
 void OuterState::save(const std::string& path) const {

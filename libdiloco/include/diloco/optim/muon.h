@@ -54,6 +54,9 @@ class Muon : public torch::optim::Optimizer {
   explicit Muon(std::vector<at::Tensor> params, MuonOptions defaults = MuonOptions());
 
   at::Tensor step(LossClosure closure = nullptr) override;
+  // The momentum buffers, by the parameters' order in the groups (checkpoints).
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
 };
 
 // One Muon update of `param` (and of its momentum buffer `buffer`, zeros at first) in place:

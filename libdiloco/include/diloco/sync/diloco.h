@@ -53,6 +53,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -151,6 +152,16 @@ class DiLoCo {
   // loads its own (they are identical but for error-feedback residuals).
   void save_state(const std::string& path) const;
   void load_state(const std::string& path);
+  // A whole checkpoint of this island (sync/checkpoint.h): the outer state, the model's own
+  // weights, the state of `inner` (the island's inner optimizers, in a fixed order) and the
+  // caller's `extra` fields (a data position). Written atomically and checksummed; only between
+  // exchanges, like save_state. load() restores all of it and returns `extra`; it throws Error
+  // naming the file for an unreadable, truncated or corrupted one, and OptionError naming the
+  // field for a checkpoint of another configuration (H, codec, shapes, ...), changing nothing.
+  void save(const std::string& path, const std::vector<torch::optim::Optimizer*>& inner = {},
+            const std::map<std::string, std::string>& extra = {}) const;
+  std::map<std::string, std::string> load(const std::string& path,
+                                          const std::vector<torch::optim::Optimizer*>& inner = {});
 
  private:
   Fingerprint fingerprint() const;

@@ -32,6 +32,9 @@ struct OuterState {
 
   void save(torch::serialize::OutputArchive& archive) const;
   void load(torch::serialize::InputArchive& archive);
+  // Hex SHA-256 of the global weights and outer momentum (their bytes, in bucket order) and the
+  // step counters: equal on islands that agree, after every outer step.
+  std::string sha256() const;
   // The same to and from a file (torch::serialize's format; not atomic).
   void save(const std::string& path) const;
   void load(const std::string& path);
