@@ -16,6 +16,9 @@ Usage (from the repository root, after `bash libdiloco/scripts/build.sh` and
   # data-parallel, and one island alone:
   build/libdiloco/diloco-run -n 4 -- /usr/bin/python3 examples/python/train_lm.py --mode dp
   /usr/bin/python3 examples/python/train_lm.py --mode single --steps 600 --metrics single.jsonl
+  # checkpoints every 2 outer steps; after a crash, the same command with --resume continues:
+  build/libdiloco/diloco-run -n 4 -- /usr/bin/python3 examples/python/train_lm.py --steps 600 \
+      --checkpoint-dir ckpt --checkpoint-every 2 [--resume]
   # a Python island and a C++ island together (same flags):
   build/libdiloco/diloco-run -n 2 -- bash -c 'if [ "$RANK" = 0 ]; then exec /usr/bin/python3 \
       examples/python/train_lm.py --steps 100; else exec build/examples/train_lm --steps 100; fi'
@@ -24,10 +27,14 @@ built for (a `python3` earlier on PATH may be another one, without torch).
 """
 
 import argparse
+import hashlib
+import io
 import json
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 
 try:
@@ -110,6 +117,17 @@ def parse_flags(argv):
     p.add_argument("--timeout-s", type=float, default=None,
                    help="rendezvous and collective timeout in seconds (default 120, or "
                         "DILOCO_TIMEOUT_S when set)")
+    p.add_argument("--checkpoint-dir", default="",
+                   help="DiLoCo: write a checkpoint (outer state, the island's weights and inner "
+                        "optimizer state, data position) to DIR/rank-R every --checkpoint-every "
+                        "outer steps")
+    p.add_argument("--checkpoint-every", type=int, default=1,
+                   help="outer steps between checkpoints (with --checkpoint-dir)")
+    p.add_argument("--keep-checkpoints", type=int, default=3,
+                   help="checkpoints kept per rank (the newest)")
+    p.add_argument("--resume", action="store_true",
+                   help="start from the newest checkpoint in --checkpoint-dir that every rank has "
+                        "intact (checksums verified; none: start fresh)")
     f = p.parse_args(argv)
     if f.steps < 1 or f.inner_steps < 1:
         p.error("--steps and --inner-steps must be >= 1")
@@ -123,6 +141,14 @@ def parse_flags(argv):
         p.error("--outer-momentum must be in [0, 1)")
     if f.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda requested but no CUDA device is available")
+    if f.checkpoint_dir and f.mode != "diloco":
+        p.error("--checkpoint-dir: checkpoints are of DiLoCo runs (--mode diloco)")
+    if f.resume and not f.checkpoint_dir:
+        p.error("--resume needs --checkpoint-dir")
+    if f.checkpoint_every < 1:
+        p.error("--checkpoint-every must be >= 1 (outer steps), got %d" % f.checkpoint_every)
+    if f.keep_checkpoints < 1:
+        p.error("--keep-checkpoints must be >= 1, got %d" % f.keep_checkpoints)
     if f.eval_every is None:
         f.eval_every = f.inner_steps
     return f
@@ -171,6 +197,143 @@ def run_fields(f):
             "train_lm --warm-start-steps": f.warm_start_steps}
 
 
+# Checkpoints, as the C++ example's (diloco/sync/checkpoint.h): one folder per rank, files
+# "ckpt-<outer step, 8 digits>.pt", each a header line with the SHA-256 and length of the payload
+# (a torch.save of everything the island needs to resume) followed by the payload; written
+# atomically; the newest --keep-checkpoints kept.
+CHECKPOINT_MAGIC = b"diloco train_lm.py checkpoint 1"
+CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+# The flags a checkpoint must have been written under to be resumed bit-exactly by this run.
+CHECKPOINT_FLAGS = ("steps", "inner_steps", "optimizer", "lr", "weight_decay", "clip", "init",
+                    "warmup", "outer_lr", "outer_momentum", "no_nesterov", "warm_start_steps",
+                    "fragments", "overlap_steps", "mixing", "compress", "d_model", "layers",
+                    "heads", "seq_len", "batch_size", "seed", "eval_every")
+
+
+class CheckpointDir:
+    """The checkpoints of one rank: DIR/rank-R/ckpt-%08d.pt, named by outer step."""
+
+    def __init__(self, root, rank, keep):
+        self.dir = os.path.join(root, "rank-%d" % rank)
+        self.keep = keep
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit("train_lm.py: --checkpoint-dir: cannot create '%s': %s"
+                             % (self.dir, e))
+
+    def path_for(self, outer_step):
+        return os.path.join(self.dir, "ckpt-%08d.pt" % outer_step)
+
+    def steps(self):
+        """The outer steps of the checkpoints present, newest first (not verified)."""
+        found = (CHECKPOINT_NAME.match(name) for name in os.listdir(self.dir))
+        return sorted((int(m.group(1)) for m in found if m), reverse=True)
+
+    def write(self, outer_step, content):
+        """torch.save(content), checksummed, to path_for(outer_step) atomically: a temporary file
+        in the same folder, flushed and fsync'ed, renamed over the target, the folder fsync'ed."""
+        buffer = io.BytesIO()
+        torch.save(content, buffer)
+        payload = buffer.getvalue()
+        header = b"%s sha256 %s bytes %d\n" % (
+            CHECKPOINT_MAGIC, hashlib.sha256(payload).hexdigest().encode(), len(payload))
+        path = self.path_for(outer_step)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix="." + os.path.basename(path) + ".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                os.fchmod(out.fileno(), 0o644)  # as the C++ example's (mkstemp makes 0600)
+                out.write(header)
+                out.write(payload)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        folder = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+        return path
+
+    def read(self, path):
+        """The verified payload of a checkpoint file; ValueError saying what is wrong."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ValueError("cannot read it: %s" % e)
+        header, newline, payload = data.partition(b"\n")
+        fields = header.split(b" ")
+        if (not newline or not header.startswith(CHECKPOINT_MAGIC + b" ") or len(fields) < 4
+                or fields[-4] != b"sha256" or fields[-2] != b"bytes"):
+            raise ValueError("not a train_lm.py checkpoint (bad header)")
+        digest, size = fields[-3].decode("ascii", "replace"), fields[-1]
+        if not size.isdigit() or int(size) != len(payload):
+            raise ValueError("truncated: %d payload bytes, the header says %s"
+                             % (len(payload), size.decode("ascii", "replace")))
+        actual = hashlib.sha256(payload).hexdigest()
+        if actual != digest:
+            raise ValueError("checksum mismatch (sha256 %s, the header says %s)" % (actual, digest))
+        return payload
+
+    def intact_steps(self, problems):
+        """The outer steps whose checkpoint verifies, newest first; each one that does not is
+        described in `problems`."""
+        out = []
+        for step in self.steps():
+            path = self.path_for(step)
+            try:
+                self.read(path)
+                out.append(step)
+            except ValueError as e:
+                problems.append("'%s': %s" % (path, e))
+        return out
+
+    def load(self, outer_step):
+        payload = self.read(self.path_for(outer_step))
+        return torch.load(io.BytesIO(payload), map_location="cpu")
+
+    def prune(self):
+        """Remove all but the newest `keep` checkpoints, and stray temporary files."""
+        for step in self.steps()[self.keep:]:
+            try:
+                os.unlink(self.path_for(step))
+            except FileNotFoundError:
+                pass
+        for name in os.listdir(self.dir):
+            if name.startswith(".ckpt-") and ".pt.tmp" in name:
+                try:
+                    os.unlink(os.path.join(self.dir, name))
+                except FileNotFoundError:
+                    pass
+
+
+def agree_on_checkpoint(checkpoints, group, rank):
+    """The newest outer step whose checkpoint every rank holds intact, or -1. Checkpoints that
+    fail their checksum are reported and skipped. Two small all-gathers (the counts, then the
+    lists padded to the longest)."""
+    problems = []
+    mine = checkpoints.intact_steps(problems)
+    for problem in problems:
+        print("rank %d: skipping a checkpoint: %s" % (rank, problem), flush=True)
+    count = torch.tensor([len(mine)], dtype=torch.int64)
+    longest = max(int(c.item()) for c in group.allgather(count, "checkpoint_steps"))
+    padded = torch.full([max(1, longest)], -1, dtype=torch.int64)
+    padded[:len(mine)] = torch.tensor(mine, dtype=torch.int64)
+    common = set(mine)
+    for theirs in group.allgather(padded, "checkpoint_steps"):
+        common &= set(int(s) for s in theirs.tolist() if s >= 0)
+    if not common:
+        print("rank %d: no checkpoint that every rank holds in %s: starting fresh"
+              % (rank, checkpoints.dir), flush=True)
+        return -1
+    return max(common)
+
+
 def make_group(f):
     timeout = f.timeout_s
     if timeout is None:
@@ -207,6 +370,15 @@ def train(f):
 
     outer = data_parallel = None
 
+    # Checkpoints: the newest outer step whose checkpoint every rank holds intact (agreed in one
+    # exchange of the lists), before DiLoCo starts, as the C++ example does.
+    checkpoints = None
+    resume_from = -1
+    if f.checkpoint_dir:
+        checkpoints = CheckpointDir(f.checkpoint_dir, rank, f.keep_checkpoints)
+        if f.resume:
+            resume_from = agree_on_checkpoint(checkpoints, group, rank)
+
     def start_diloco():
         return diloco.DiLoCo(
             model, inner, group, inner_steps=f.inner_steps, outer_lr=f.outer_lr,
@@ -216,7 +388,7 @@ def train(f):
 
     # DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
     # weights they reached, as the C++ example does.
-    if f.mode == "dp" or (f.mode == "diloco" and f.warm_start_steps > 0):
+    if f.mode == "dp" or (f.mode == "diloco" and f.warm_start_steps > 0 and resume_from < 0):
         data_parallel = diloco.DataParallel(model, group, agree_on=run_fields(f))
     elif f.mode == "diloco":
         outer = start_diloco()
@@ -287,9 +459,34 @@ def train(f):
         return val_loss
 
     generator = make_generator(f.seed, rank)
+    first_step = 1
+    if resume_from >= 0:
+        # The island continues where the checkpoint left it: the outer state, its own weights,
+        # the inner optimizers' state, and the data stream (the generator's state) at the step it
+        # was written after.
+        path = checkpoints.path_for(resume_from)
+        saved = checkpoints.load(resume_from)
+        config = {k: getattr(f, k) for k in CHECKPOINT_FLAGS}
+        for k in CHECKPOINT_FLAGS:
+            if saved["config"].get(k) != config[k]:
+                raise SystemExit("train_lm.py: --resume: %s was written with --%s %r, this run "
+                                 "has %r" % (path, k.replace("_", "-"), saved["config"].get(k),
+                                             config[k]))
+        if len(saved["inner"]) != len(inner):
+            raise SystemExit("train_lm.py: --resume: %s holds %d inner optimizers, this run %d"
+                             % (path, len(saved["inner"]), len(inner)))
+        outer.load_state_dict(saved["diloco"])
+        model.load_state_dict(saved["model"])
+        for optimizer, state_dict in zip(inner, saved["inner"]):
+            optimizer.load_state_dict(state_dict)
+        generator.set_state(saved["generator"])
+        first_step = saved["step"] + 1
+        state["first_step"] = saved["step"]
+        print("rank %d/%d: resumed from %s (outer step %d, inner step %d)"
+              % (rank, world_size, path, resume_from, saved["step"]), flush=True)
     model.train()
-    initial_val_loss = report(0)
-    for step in range(1, f.steps + 1):
+    initial_val_loss = report(first_step - 1)
+    for step in range(first_step, f.steps + 1):
         for optimizer in inner:
             for group_options in optimizer.param_groups:
                 group_options["lr"] = learning_rate(f, step - 1)
@@ -310,6 +507,14 @@ def train(f):
             outer = start_diloco()
         state["loss_sum"] += loss.item()
         state["loss_count"] += 1
+        if checkpoints and outer_step and outer.stats().outer_steps % f.checkpoint_every == 0:
+            at = outer.stats().outer_steps
+            checkpoints.write(at, {
+                "diloco": outer.state_dict(), "model": model.state_dict(),
+                "inner": [optimizer.state_dict() for optimizer in inner], "step": step,
+                "generator": generator.get_state(),
+                "config": {k: getattr(f, k) for k in CHECKPOINT_FLAGS}})
+            checkpoints.prune()
 
         # DiLoCo evaluates the global model right after the outer steps that end an --eval-every
         # interval (every outer step by default), as the C++ example does: the final sync below
@@ -356,6 +561,15 @@ def train(f):
         sys.stdout.flush()
     if metrics:
         metrics.close()
+    if outer:
+        # Every island ends on the same global state: this last line is the same on every rank,
+        # and the C++ example's (OuterState::sha256).
+        try:
+            digest = outer.state_sha256()
+        except diloco.Error:  # an exchange still in flight (streaming): the weights alone
+            digest = hashlib.sha256(b"".join(
+                w.numpy().tobytes() for w in outer.global_weights())).hexdigest()
+        print("rank %d/%d: global state sha256 %s" % (rank, world_size, digest), flush=True)
 
 
 def main(argv=None):

@@ -5,6 +5,9 @@ statistic and the rendezvous (GroupOptions.read_env, Group.create) is the C++ li
 """
 
 import datetime
+import hashlib
+import os
+import tempfile
 
 import torch
 
@@ -168,6 +171,15 @@ def _check_group(group, who):
                         "got %s" % (who, type(group).__name__))
 
 
+_STATE_FORMAT = 1  # of DiLoCo.state_dict()'s dict
+
+
+def _sha256_of_tensor(t):
+    """Hex SHA-256 of a tensor's raw bytes (CPU, contiguous), as the C++ core hashes them."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 class DiLoCo(_C.DiLoCo):
     """DiLoCo (Douillard et al. 2023, arXiv 2311.08105) over a torch.nn.Module.
 
@@ -236,8 +248,20 @@ class DiLoCo(_C.DiLoCo):
         diloco.Error: the ranks hold different models, a parameter is missing from `inner`, ...
         TypeError: `model`, `inner` or `group` of the wrong type.
 
+    Checkpoints: state_dict() returns the outer state (global weights, outer momentum,
+    error-feedback residuals and the other exchange state, the step counters) as a dict, and
+    load_state_dict(state) restores it bit-exactly and sets the model to the global weights, as
+    torch.optim's pair does; both only between exchanges (after step() returned True, or after
+    sync()). The island's own weights and the inner optimizers' state are not in it: save
+    model.state_dict() and each optimizer's state_dict() beside it, and load them after
+    load_state_dict (examples/python/train_lm.py --checkpoint-dir does all of it).
+    state_sha256() is the hex SHA-256 of the global weights, outer momentum and step counters,
+    computed as the C++ OuterState::sha256 is: the same on every island of a run, and the same
+    after a bit-exact resume.
+
     Methods inherited from the C++ core: step(), sync(), stats(), parameter_names(),
-    buffer_names(), flat_parameters(), global_weights(); properties group, inner_steps,
+    buffer_names(), flat_parameters(), global_weights(), save_state(path), load_state(path)
+    (the outer state as a LibTorch file, which state_dict() wraps); properties group, inner_steps,
     outer_lr, outer_momentum, nesterov, compression, buffers, outer_device, fragments,
     overlap_steps, mixing.
     """
@@ -265,6 +289,65 @@ class DiLoCo(_C.DiLoCo):
                          fragment_of=[int(f) for f in (fragment_of or [])])
         self.model = model
         self.inner = inner
+
+    def state_dict(self):
+        """The outer state, as a dict to torch.save beside the model's and inner optimizers':
+        "outer_state" (bytes: what save_state writes, a LibTorch archive of the global weights,
+        outer momentum, exchange state and counters), "inner_steps" and "outer_steps" (the
+        counters, for the caller to read; load_state_dict restores them from the archive) and
+        "format". Only between exchanges: diloco.Error while one is in flight."""
+        with tempfile.TemporaryDirectory(prefix="diloco-state-") as folder:
+            path = os.path.join(folder, "outer_state.pt")
+            self.save_state(path)
+            with open(path, "rb") as f:
+                data = f.read()
+        stats = self.stats()
+        return {"format": _STATE_FORMAT, "outer_state": data,
+                "inner_steps": int(stats.inner_steps), "outer_steps": int(stats.outer_steps)}
+
+    def load_state_dict(self, state):
+        """Restore the outer state from a dict made by state_dict() (on this run's
+        configuration, by this or another process), then set the model to its global weights.
+        Load the island's own weights and the inner optimizers' state after it. Raises
+        diloco.OptionError naming the field when the state does not fit this run (shapes,
+        compression, outer momentum), TypeError/ValueError for a dict that is not one."""
+        if not isinstance(state, dict) or "outer_state" not in state:
+            raise TypeError("[DiLoCo.load_state_dict] expected a dict from DiLoCo.state_dict() "
+                            "(with an 'outer_state' entry), got %s" % type(state).__name__)
+        if state.get("format", _STATE_FORMAT) != _STATE_FORMAT:
+            raise ValueError("[DiLoCo.load_state_dict] state format %r is not this library's (%d)"
+                             % (state.get("format"), _STATE_FORMAT))
+        data = state["outer_state"]
+        if isinstance(data, torch.Tensor):
+            data = data.detach().cpu().contiguous().numpy().tobytes()
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError("[DiLoCo.load_state_dict] 'outer_state' must be bytes (or a uint8 "
+                            "tensor), got %s" % type(data).__name__)
+        with tempfile.TemporaryDirectory(prefix="diloco-state-") as folder:
+            path = os.path.join(folder, "outer_state.pt")
+            with open(path, "wb") as f:
+                f.write(data)
+            self.load_state(path)
+
+    def state_sha256(self):
+        """Hex SHA-256 of the outer state, as C++'s OuterState::sha256 computes it: the digest of
+        "<inner step>:<outer step>" followed by the hex digests of each bucket's global weights
+        and outer momentum (raw bytes). Identical on every island after an outer step or a
+        sync(), and after a bit-exact resume. Only between exchanges, as state_dict()."""
+        with tempfile.TemporaryDirectory(prefix="diloco-state-") as folder:
+            path = os.path.join(folder, "outer_state.pt")
+            self.save_state(path)
+            archive = torch.jit.load(path, map_location="cpu")
+        fields = archive._c
+        digests = "%d:%d" % (fields.getattr("inner_step"), fields.getattr("outer_step"))
+        tensors = dict(archive.named_parameters())
+        tensors.update(archive.named_buffers())
+        for i in range(fields.getattr("buckets")):
+            for what in ("global", "momentum"):
+                t = tensors.get("%s.%d" % (what, i))
+                if t is not None:
+                    digests += _sha256_of_tensor(t)
+        return hashlib.sha256(digests.encode()).hexdigest()
 
     def __repr__(self):
         return ("DiLoCo(inner_steps=%d, outer_lr=%g, outer_momentum=%g, nesterov=%s, "
