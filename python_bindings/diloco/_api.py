@@ -5,7 +5,6 @@ statistic and the rendezvous (GroupOptions.read_env, Group.create) is the C++ li
 """
 
 import datetime
-import hashlib
 import os
 import tempfile
 
@@ -174,12 +173,6 @@ def _check_group(group, who):
 _STATE_FORMAT = 1  # of DiLoCo.state_dict()'s dict
 
 
-def _sha256_of_tensor(t):
-    """Hex SHA-256 of a tensor's raw bytes (CPU, contiguous), as the C++ core hashes them."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 class DiLoCo(_C.DiLoCo):
     """DiLoCo (Douillard et al. 2023, arXiv 2311.08105) over a torch.nn.Module.
 
@@ -255,9 +248,8 @@ class DiLoCo(_C.DiLoCo):
     sync()). The island's own weights and the inner optimizers' state are not in it: save
     model.state_dict() and each optimizer's state_dict() beside it, and load them after
     load_state_dict (examples/python/train_lm.py --checkpoint-dir does all of it).
-    state_sha256() is the hex SHA-256 of the global weights, outer momentum and step counters,
-    computed as the C++ OuterState::sha256 is: the same on every island of a run, and the same
-    after a bit-exact resume.
+    state_sha256() (from the C++ core) is the hex SHA-256 of the global weights, outer momentum
+    and step counters: the same on every island of a run, and the same after a bit-exact resume.
 
     Methods inherited from the C++ core: step(), sync(), stats(), parameter_names(),
     buffer_names(), flat_parameters(), global_weights(), save_state(path), load_state(path)
@@ -328,26 +320,6 @@ class DiLoCo(_C.DiLoCo):
             with open(path, "wb") as f:
                 f.write(data)
             self.load_state(path)
-
-    def state_sha256(self):
-        """Hex SHA-256 of the outer state, as C++'s OuterState::sha256 computes it: the digest of
-        "<inner step>:<outer step>" followed by the hex digests of each bucket's global weights
-        and outer momentum (raw bytes). Identical on every island after an outer step or a
-        sync(), and after a bit-exact resume. Only between exchanges, as state_dict()."""
-        with tempfile.TemporaryDirectory(prefix="diloco-state-") as folder:
-            path = os.path.join(folder, "outer_state.pt")
-            self.save_state(path)
-            archive = torch.jit.load(path, map_location="cpu")
-        fields = archive._c
-        digests = "%d:%d" % (fields.getattr("inner_step"), fields.getattr("outer_step"))
-        tensors = dict(archive.named_parameters())
-        tensors.update(archive.named_buffers())
-        for i in range(fields.getattr("buckets")):
-            for what in ("global", "momentum"):
-                t = tensors.get("%s.%d" % (what, i))
-                if t is not None:
-                    digests += _sha256_of_tensor(t)
-        return hashlib.sha256(digests.encode()).hexdigest()
 
     def __repr__(self):
         return ("DiLoCo(inner_steps=%d, outer_lr=%g, outer_momentum=%g, nesterov=%s, "

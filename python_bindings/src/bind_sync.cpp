@@ -244,6 +244,11 @@ void bind_sync(py::module_& m) {
           "other exchange state, step counters) to `path` in LibTorch's format. Only between "
           "exchanges (after step() returned True); raises Error while one is in flight.")
       .def(
+          "state_sha256", [](const PyDiLoCo& d) { return d.impl().state().sha256(); },
+          "Hex SHA-256 of the global weights, outer momentum and step counters "
+          "(OuterState::sha256): the same on every island after an outer step or a sync(), and "
+          "after a bit-exact resume.")
+      .def(
           "load_state", [](PyDiLoCo& d, const std::string& path) { d.impl().load_state(path); },
           py::arg("path"), Release(),
           "Read an outer state written by save_state and set the model to its global weights. "

@@ -29,19 +29,7 @@ std::unique_ptr<Exchange> CodecExchange::make(std::unique_ptr<Codec> codec) {
 }
 
 PendingExchange CodecExchange::start(Group& group, ExchangeRequest request, CommThread& comm) {
-  TORCH_CHECK(request.flat.device().is_cpu() && request.flat.scalar_type() == at::kFloat &&
-                  request.flat.is_contiguous(),
-              "[compression] the pseudo-gradient buffer must be contiguous float32 on the CPU");
-  if (request.produce) {
-    request.produce(0, request.flat.numel());
-    request.produce = nullptr;
-  }
-  at::Tensor flat = request.flat;
-  auto job = comm.submit([this, &group, request = std::move(request)] {
-    at::NoGradGuard no_grad;
-    run(group, request);
-  });
-  return pending(std::move(flat), {}, std::move(job));
+  return start_on_comm_thread(group, std::move(request), comm);
 }
 
 std::int64_t CodecExchange::payload_bytes(const std::vector<at::Tensor>& views) const {
@@ -90,12 +78,8 @@ void CodecExchange::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void CodecExchange::load(torch::serialize::InputArchive& archive) {
-  c10::IValue saved_spec, position;
-  archive.read("spec", saved_spec);
-  if (saved_spec.toStringRef() != spec()) {
-    throw Error("[compression] the saved state is of '" + saved_spec.toStringRef() +
-                "', this exchange is '" + spec() + "'");
-  }
+  check_saved_spec(archive);
+  c10::IValue position;
   archive.read("stream_position", position);
   codec_->set_stream_position(static_cast<std::uint64_t>(position.toInt()));
 }

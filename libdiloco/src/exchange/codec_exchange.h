@@ -31,7 +31,7 @@ class CodecExchange : public Exchange {
 
  protected:
   // The exchange itself: blocking collectives, on the communication thread.
-  virtual void run(Group& group, const ExchangeRequest& request) = 0;
+  void run(Group& group, const ExchangeRequest& request) override = 0;
   // Encodes every view into `payload` and returns each one's offset; subtracts what the island
   // sent from request.subtract_sent when set (error feedback).
   std::vector<std::int64_t> encode_all(const ExchangeRequest& request, std::uint8_t* payload);

@@ -57,12 +57,8 @@ void ErrorFeedback::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void ErrorFeedback::load(torch::serialize::InputArchive& archive) {
-  c10::IValue saved_spec, count;
-  archive.read("spec", saved_spec);
-  if (saved_spec.toStringRef() != spec()) {
-    throw Error("[compression] the saved state is of '" + saved_spec.toStringRef() +
-                "', this exchange is '" + spec() + "'");
-  }
+  check_saved_spec(archive);
+  c10::IValue count;
   archive.read("residuals", count);
   std::vector<at::Tensor> residuals(static_cast<std::size_t>(count.toInt()));
   for (std::size_t i = 0; i < residuals.size(); ++i) {

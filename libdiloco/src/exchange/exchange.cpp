@@ -57,13 +57,36 @@ void Exchange::save(torch::serialize::OutputArchive& archive) const {
   archive.write("spec", c10::IValue(spec()));
 }
 
-void Exchange::load(torch::serialize::InputArchive& archive) {
+void Exchange::load(torch::serialize::InputArchive& archive) { check_saved_spec(archive); }
+
+void Exchange::check_saved_spec(torch::serialize::InputArchive& archive) const {
   c10::IValue saved;
   archive.read("spec", saved);
   if (saved.toStringRef() != spec()) {
     throw Error("[compression] the saved state is of '" + saved.toStringRef() +
                 "', this exchange is '" + spec() + "'");
   }
+}
+
+PendingExchange Exchange::start_on_comm_thread(Group& group, ExchangeRequest request,
+                                               CommThread& comm) {
+  TORCH_CHECK(request.flat.device().is_cpu() && request.flat.scalar_type() == at::kFloat &&
+                  request.flat.is_contiguous(),
+              "[compression] the pseudo-gradient buffer must be contiguous float32 on the CPU");
+  if (request.produce) {
+    request.produce(0, request.flat.numel());
+    request.produce = nullptr;
+  }
+  at::Tensor flat = request.flat;
+  auto job = comm.submit([this, &group, request = std::move(request)] {
+    at::NoGradGuard no_grad;
+    run(group, request);
+  });
+  return pending(std::move(flat), {}, std::move(job));
+}
+
+void Exchange::run(Group&, const ExchangeRequest&) {
+  throw Error("[exchange] '" + spec() + "' has no blocking implementation to run");
 }
 
 std::unique_ptr<Exchange> Exchange::from_spec(const std::string& spec) {

@@ -120,20 +120,8 @@ void PowerSGD::redraw_zero_columns(std::size_t i) {
 }
 
 PendingExchange PowerSGD::start(Group& group, ExchangeRequest request, CommThread& comm) {
-  TORCH_CHECK(request.flat.device().is_cpu() && request.flat.scalar_type() == at::kFloat &&
-                  request.flat.is_contiguous(),
-              "[compression] the pseudo-gradient buffer must be contiguous float32 on the CPU");
   check_shapes(request.views);
-  if (request.produce) {
-    request.produce(0, request.flat.numel());
-    request.produce = nullptr;
-  }
-  at::Tensor flat = request.flat;
-  auto job = comm.submit([this, &group, request = std::move(request)] {
-    at::NoGradGuard no_grad;
-    run(group, request);
-  });
-  return pending(std::move(flat), {}, std::move(job));
+  return start_on_comm_thread(group, std::move(request), comm);
 }
 
 void PowerSGD::run(Group& group, const ExchangeRequest& request) {
@@ -216,12 +204,8 @@ void PowerSGD::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void PowerSGD::load(torch::serialize::InputArchive& archive) {
-  c10::IValue saved_spec, steps, tensors;
-  archive.read("spec", saved_spec);
-  if (saved_spec.toStringRef() != spec()) {
-    throw Error("[compression] the saved state is of '" + saved_spec.toStringRef() +
-                "', this exchange is '" + spec() + "'");
-  }
+  check_saved_spec(archive);
+  c10::IValue steps, tensors;
   archive.read("outer_steps", steps);
   archive.read("tensors", tensors);
   std::vector<std::vector<std::int64_t>> shapes;

@@ -128,6 +128,13 @@ class Exchange {
   // For implementations: a pending exchange of these collectives and/or this job.
   static PendingExchange pending(at::Tensor flat, std::vector<PendingCollective> collectives,
                                  CommThread::Job job = {});
+  // For exchanges that are sequences of blocking collectives: checks the buffer (contiguous
+  // float32 on the CPU), produces the pseudo-gradient on this thread, and queues
+  // run(group, request) on `comm`.
+  PendingExchange start_on_comm_thread(Group& group, ExchangeRequest request, CommThread& comm);
+  virtual void run(Group& group, const ExchangeRequest& request);
+  // Reads the spec a saved state was written with and throws Error unless it is this one's.
+  void check_saved_spec(torch::serialize::InputArchive& archive) const;
 };
 
 }  // namespace diloco

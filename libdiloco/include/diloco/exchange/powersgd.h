@@ -61,7 +61,7 @@ class PowerSGD final : public Exchange {
 
  private:
   void check_shapes(const std::vector<at::Tensor>& views);
-  void run(Group& group, const ExchangeRequest& request);
+  void run(Group& group, const ExchangeRequest& request) override;
   void redraw_zero_columns(std::size_t i);
 
   Options options_;
