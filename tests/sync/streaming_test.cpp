@@ -341,3 +341,53 @@ TEST_CASE("a peer lost while a fragment's exchange is in flight raises PeerLostE
   CHECK(seconds < 30);
   diloco_test::cleanup(procs);
 }
+
+TEST_CASE("sync() with a fragment in flight applies it and does not send it again",
+          "[streaming][gloo]") {
+  // H = 4, P = 2, tau = 1: fragment 0 starts after steps 2, 6; fragment 1 after 4, 8. After
+  // step 8 fragment 1 is in flight: sync() applies it, exchanges fragment 0 (which trained two
+  // steps since its last start), and leaves fragment 1 at its global weights without a sixth
+  // exchange.
+  const Shapes shapes;
+  constexpr int kWorld = 2;
+  std::vector<std::uint64_t> exchanges(kWorld);
+  std::vector<bool> settled_is_global(kWorld), mixed_differs(kWorld);
+  std::vector<std::vector<at::Tensor>> local(kWorld);
+  diloco_test::run_ranks(kWorld, [&](int rank, std::shared_ptr<diloco::Group> group) {
+    diloco::ModelTensors model;
+    for (std::size_t i = 0; i < shapes.names.size(); ++i) {
+      model.parameters.push_back({shapes.names[i], initial(i, shapes)});
+    }
+    std::vector<at::Tensor> params;
+    for (const auto& p : model.parameters) params.push_back(p.tensor);
+    diloco::DiLoCoOptions o;
+    o.inner_steps = 4;
+    o.fragments = 2;
+    o.overlap_steps = 1;
+    o.mixing = 0.5;
+    o.fragment_of = {0, 1, 0, 1};
+    diloco::DiLoCo sync(std::move(model), group, o);
+    for (int s = 1; s <= 8; ++s) {
+      at::NoGradGuard no_grad;
+      for (std::size_t i = 0; i < params.size(); ++i) {
+        params[i].sub_(params[i] - target(i, rank, s, shapes), kInnerLr);
+      }
+      sync.step();
+    }
+    sync.sync();
+    exchanges[rank] = group->stats().ops.at("allreduce:outer_sync").calls;
+    const auto& buckets = sync.parameters().buckets();
+    for (std::size_t b = 0; b < buckets.size(); ++b) {
+      const bool same = at::equal(buckets[b].flat, sync.global_weights()[b]);
+      if (buckets[b].fragment == 1) settled_is_global[rank] = same;
+      if (buckets[b].fragment == 0) mixed_differs[rank] = !same;  // alpha = 0.5 mixes it
+    }
+    for (const auto& p : params) local[rank].push_back(p.detach().clone());
+  });
+  for (int r = 0; r < kWorld; ++r) {
+    INFO("rank " << r);
+    CHECK(exchanges[r] == 5);
+    CHECK(settled_is_global[r]);
+    CHECK(mixed_differs[r]);
+  }
+}

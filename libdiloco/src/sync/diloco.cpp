@@ -126,7 +126,8 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
       outer_(options_.outer),
       schedule_(options_.inner_steps, options_.fragments, options_.overlap_steps),
       compressed_(options_.compression != "none"),
-      comm_(std::make_unique<CommThread>(/*background=*/options_.overlap_steps > 0)) {
+      comm_(std::make_unique<CommThread>(/*background=*/options_.overlap_steps > 0)),
+      started_at_(static_cast<std::size_t>(options_.fragments), -1) {
   if (!group_) throw OptionError("[DiLoCo] group must not be null");
   agree_on_fingerprint(*group_, "DiLoCo", fingerprint(),
                        missing_from_optimizer(params_, model.optimized));
@@ -247,8 +248,23 @@ bool DiLoCo::step() {
 void DiLoCo::sync() {
   const auto start = std::chrono::steady_clock::now();
   try {
+    // A fragment whose exchange started after this very step holds no progress it has not sent:
+    // once applied, the island takes the global fragment as it is (identical everywhere) rather
+    // than exchanging it again.
+    const std::int64_t settled =
+        in_flight_ >= 0 && started_at_[static_cast<std::size_t>(in_flight_)] == state_.inner_step
+            ? in_flight_
+            : -1;
     if (in_flight_ >= 0) finish_sync(in_flight_);
     for (std::int64_t f = 0; f < options_.fragments; ++f) {
+      if (f == settled) {
+        at::NoGradGuard no_grad;
+        auto& buckets = params_.buckets();
+        for (std::size_t i = 0; i < buckets.size(); ++i) {
+          if (buckets[i].fragment == f) buckets[i].flat.copy_(state_.global[i]);
+        }
+        continue;
+      }
       start_sync(f);
       finish_sync(f);
     }
@@ -307,6 +323,7 @@ void DiLoCo::check_finite(std::int64_t fragment, bool mine_finite) {
 
 void DiLoCo::start_sync(std::int64_t fragment) {
   auto& buckets = params_.buckets();
+  started_at_[static_cast<std::size_t>(fragment)] = state_.inner_step;
   pending_.clear();
   local_finite_.assign(buckets.size(), true);
   in_flight_ = fragment;

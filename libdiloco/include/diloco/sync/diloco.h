@@ -132,7 +132,9 @@ class DiLoCo {
   // same on every rank), and the model is set to the global weights.
   bool step();
   // Run an outer step now, whatever the inner step count (all ranks must call it together):
-  // the exchange in flight is applied, then every fragment is synchronized, in order.
+  // the exchange in flight is applied, then every fragment is synchronized, in order (but the
+  // one applied, when its exchange started after the last inner step: it has nothing left to
+  // send, and the island takes its global weights).
   void sync();
 
   const DiLoCoOptions& options() const { return options_; }
@@ -203,6 +205,7 @@ class DiLoCo {
   std::vector<InFlight> pending_;  // the exchanges of the fragment in flight
   CommThread::Job finite_check_;   // its finiteness check (compressed exchanges)
   std::int64_t in_flight_ = -1;    // the fragment whose exchange is in flight, or -1
+  std::vector<std::int64_t> started_at_;  // per fragment: the inner step its last exchange started
   double sync_seconds_ = 0.0;
 };
 
