@@ -2,7 +2,9 @@
 // data-parallel SGD, or alone, and report validation loss and the bytes each island sent.
 //
 // It is an example of the library in a realistic loop (AdamW, lr schedule, evaluation, metrics),
-// not a training framework: one model, one corpus, no checkpoints, no recovery from a lost peer.
+// not a training framework: one model, one corpus. Checkpoints and resume (--checkpoint-dir,
+// --resume), and elastic runs that survive lost, stopped and restarted islands (--elastic,
+// --min-islands; launched with diloco-run --elastic / --max-restarts) are the library's.
 //
 // clang-format off
 // Usage:
@@ -16,6 +18,8 @@
 //   # the same islands as if joined by a 100 Mbit/s link with 20 ms latency (emulated in the
 //   # library; DILOCO_LINK_MBPS / DILOCO_LINK_LATENCY_MS do the same):
 //   build/libdiloco/diloco-run -n 4 -- build/examples/train_lm --link-mbps 100 --link-latency-ms 20
+//   # elastic: islands may die or be stopped; the launcher restarts them and they rejoin:
+//   build/libdiloco/diloco-run -n 4 --max-restarts 3 -- build/examples/train_lm --min-islands 2
 //   # one island, no group and no launcher:
 //   build/examples/train_lm --mode single --steps 600 --metrics single.jsonl
 // clang-format on
@@ -96,6 +100,11 @@ struct Flags {
   std::int64_t checkpoint_every = 1;  // outer steps between checkpoints
   int keep_checkpoints = 3;
   bool resume = false;
+  // Elastic runs (diloco/elastic/membership.h): on with --elastic, --min-islands, or
+  // DILOCO_ELASTIC=1 (diloco-run --elastic sets it).
+  bool elastic = false;
+  int min_islands = 0;  // 0 = not given: 1
+  int heartbeat_timeout_s = 10;
 };
 
 void add_flags(CLI::App& app, Flags& f) {
@@ -233,6 +242,18 @@ void add_flags(CLI::App& app, Flags& f) {
                "start from the newest checkpoint in --checkpoint-dir that every rank has intact "
                "(a corrupted one is reported and skipped); start fresh when there is none");
 
+  app.add_flag("--elastic", f.elastic,
+               "DiLoCo: an elastic run (also on with --min-islands or DILOCO_ELASTIC=1): islands "
+               "that die or stop are dropped and the others go on; started again, they rejoin. "
+               "Needs a coordinator: launch with diloco-run --elastic or --max-restarts N");
+  app.add_option("--min-islands", f.min_islands,
+                 "elastic: stop with an error when fewer islands remain (in [1, WORLD_SIZE])")
+      ->check(CLI::Range(1, 1000000));
+  app.add_option("--heartbeat-timeout-s", f.heartbeat_timeout_s,
+                 "elastic: an island silent this long is declared lost (below --timeout-s)")
+      ->check(CLI::Range(1, 3600))
+      ->capture_default_str();
+
   // Checks that span flags: CLI11 reports a ValidationError thrown here like any other.
   app.callback([&app, &f] {
     if (f.model.d_model % f.model.heads != 0) {
@@ -261,6 +282,25 @@ void add_flags(CLI::App& app, Flags& f) {
     }
     if (f.resume && f.checkpoint_dir.empty()) {
       throw CLI::ValidationError("--resume", "needs --checkpoint-dir");
+    }
+    const char* elastic_env = std::getenv("DILOCO_ELASTIC");
+    if (f.min_islands > 0 || (elastic_env != nullptr && std::string(elastic_env) == "1")) {
+      f.elastic = true;
+    }
+    if (f.elastic) {
+      if (f.mode != "diloco") throw CLI::ValidationError("--elastic", "is for --mode diloco");
+      if (f.warm_start_steps > 0 || f.fragments != 1 || f.overlap_steps != 0 || f.mixing != 0.0) {
+        throw CLI::ValidationError("--elastic", "runs plain DiLoCo: no --warm-start-steps, "
+                                                "--fragments, --overlap-steps or --mixing");
+      }
+      if (!f.checkpoint_dir.empty()) {
+        throw CLI::ValidationError("--elastic", "does not take --checkpoint-dir (the run's "
+                                                "state lives on the surviving islands)");
+      }
+      if (f.heartbeat_timeout_s >= f.timeout_s) {
+        throw CLI::ValidationError("--heartbeat-timeout-s", "must be below --timeout-s (" +
+                                                                std::to_string(f.timeout_s) + ")");
+      }
     }
     if (app.count("--eval-every") == 0) f.eval_every = f.inner_steps;
     f.link_mbps_given = app.count("--link-mbps") > 0;
@@ -366,6 +406,29 @@ std::shared_ptr<diloco::Group> make_group(const Flags& f, bool timeout_given) {
   return diloco::Group::create(options);
 }
 
+std::shared_ptr<diloco::Membership> make_membership(const Flags& f, bool timeout_given) {
+  diloco::ElasticOptions options;
+  try {
+    options = diloco::ElasticOptions::from_env();
+  } catch (const diloco::OptionError& e) {
+    throw std::runtime_error(std::string(e.what()) +
+                             "\n--elastic needs a coordinator: launch under diloco-run --elastic "
+                             "(or --max-restarts N)");
+  }
+  if (timeout_given || std::getenv("DILOCO_TIMEOUT_S") == nullptr) {
+    options.timeout = std::chrono::seconds(f.timeout_s);
+    options.rendezvous_timeout = std::max(options.rendezvous_timeout, options.timeout);
+  }
+  options.heartbeat_timeout = std::chrono::seconds(f.heartbeat_timeout_s);
+  options.heartbeat_interval =
+      std::min<std::chrono::milliseconds>(std::chrono::milliseconds(1000), options.heartbeat_timeout / 5);
+  if (f.min_islands > 0) options.min_islands = f.min_islands;
+  if (f.link_mbps_given) options.link.mbit_per_s = f.link_mbps;
+  if (f.link_latency_given) options.link.latency_ms = f.link_latency_ms;
+  options.validate();
+  return diloco::Membership::join(options);
+}
+
 std::string format_bytes(std::uint64_t bytes) {
   char text[32];
   if (bytes < 1000) {
@@ -441,10 +504,19 @@ int train(const Flags& f, bool timeout_given) {
   train_lm::ByteCorpus corpus(train_lm::load_corpus(f.data), f.model.seq_len, f.batch_size);
 
   std::shared_ptr<diloco::Group> group;
-  if (f.mode != "single") group = make_group(f, timeout_given);
-  const int rank = group ? group->rank() : 0;
-  const int world_size = group ? group->world_size() : 1;
-  const bool leader = rank == 0;
+  std::shared_ptr<diloco::Membership> membership;
+  if (f.elastic) {
+    membership = make_membership(f, timeout_given);
+    group = membership->group();
+  } else if (f.mode != "single") {
+    group = make_group(f, timeout_given);
+  }
+  // Elastic runs: the island's slot (RANK), which names its data stream and its checkpoints;
+  // its rank in the group changes with the membership.
+  const int rank = membership ? membership->options().slot : group ? group->rank() : 0;
+  const int world_size = membership ? membership->options().world_size
+                                    : group ? group->world_size() : 1;
+  const bool leader = membership ? membership->island() == "0.0" : rank == 0;
 
   // The same seed on every rank gives every island the same initial model. DiLoCo and
   // DataParallel broadcast rank 0's weights anyway, but single runs must match them.
@@ -469,7 +541,9 @@ int train(const Flags& f, bool timeout_given) {
     options.agree_on = run_fields(f);
     auto tensors = diloco::ModelTensors::of(*model);
     tensors.optimized = optimizer.parameters();
-    sync = std::make_unique<diloco::DiLoCo>(std::move(tensors), group, options);
+    sync = membership
+               ? std::make_unique<diloco::DiLoCo>(std::move(tensors), membership, options)
+               : std::make_unique<diloco::DiLoCo>(std::move(tensors), group, options);
   };
   // DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
   // weights they reached: the islands then start their first H steps from one trained point.
@@ -512,8 +586,15 @@ int train(const Flags& f, bool timeout_given) {
   }
 
   std::ofstream metrics;
-  if (leader && !f.metrics.empty()) {
-    metrics.open(f.metrics);
+  // "{island}" in the path: every island writes its own file (elastic runs, benchmarks/churn.py).
+  std::string metrics_path = f.metrics;
+  const auto placeholder = metrics_path.find("{island}");
+  const bool every_island = placeholder != std::string::npos;
+  if (every_island) {
+    metrics_path.replace(placeholder, 8, membership ? membership->island() : std::to_string(rank));
+  }
+  if ((leader || every_island) && !f.metrics.empty()) {
+    metrics.open(metrics_path);
     if (!metrics) throw std::runtime_error("--metrics " + f.metrics + ": cannot open for writing");
   }
 
@@ -555,12 +636,17 @@ int train(const Flags& f, bool timeout_given) {
     if (train_loss_count > 0) train_loss = train_loss_sum.item<double>() / double(train_loss_count);
     const std::int64_t outer_step = sync ? sync->stats().outer_steps : 0;
     const auto stats = comm_stats();
-    if (leader) {
+    if (membership ? membership->epoch() >= 0 && group->rank() == 0 : leader) {
       std::printf("step %lld/%lld", static_cast<long long>(step), static_cast<long long>(f.steps));
       if (diloco_mode) std::printf(" outer %lld", static_cast<long long>(outer_step));
+      if (membership) {
+        std::printf(" | %d island%s (epoch %lld)", group->world_size(),
+                    group->world_size() == 1 ? "" : "s",
+                    static_cast<long long>(membership->epoch()));
+      }
       if (train_loss) std::printf(" | train %.3f", *train_loss);
       std::printf(" | val %.3f | sent %s", val_loss, format_bytes(stats.bytes_sent()).c_str());
-      if (step > 0) std::printf(" | %.1f steps/s", steps_per_s);
+      if (step > interval_first_step) std::printf(" | %.1f steps/s", steps_per_s);
       std::printf("\n");
       std::fflush(stdout);
     }
@@ -572,13 +658,19 @@ int train(const Flags& f, bool timeout_given) {
           {"val_loss", val_loss},
           {"bytes_sent", stats.bytes_sent()},
           {"bytes_received", stats.bytes_received()},
-          {"steps_per_s", step > 0 ? nlohmann::json(steps_per_s) : nlohmann::json(nullptr)},
+          {"steps_per_s",
+           step > interval_first_step ? nlohmann::json(steps_per_s) : nlohmann::json(nullptr)},
           {"elapsed_s", seconds_since(start)},
           {"mode", f.mode},
           {"rank", rank},
           {"world_size", world_size},
           {"parameters", parameter_count},
       };
+      if (membership) {
+        line["island"] = membership->island();
+        line["islands"] = group->world_size();
+        line["epoch"] = membership->epoch();
+      }
       metrics << line.dump() << '\n' << std::flush;
     }
     if (train_loss) last_train_loss = *train_loss;
@@ -591,9 +683,22 @@ int train(const Flags& f, bool timeout_given) {
     return val_loss;
   };
 
-  auto rng =
-      train_lm::make_rng(static_cast<std::uint64_t>(f.seed), static_cast<std::uint64_t>(rank));
-  std::int64_t first_step = 1;
+  // Elastic runs: an island that joins mid-run starts where the run is (the learning-rate
+  // schedule follows the global step) on a data stream of its own, named by its slot and the
+  // step it starts at.
+  const std::int64_t joined_at = membership ? sync->state().inner_step : 0;
+  auto rng = train_lm::make_rng(
+      static_cast<std::uint64_t>(f.seed),
+      static_cast<std::uint64_t>(rank) + static_cast<std::uint64_t>(joined_at) * 1000003ull);
+  std::int64_t first_step = joined_at + 1;
+  interval_first_step = joined_at;
+  if (membership && joined_at > 0) {
+    std::printf("island %s (slot %d): admitted at step %lld (outer step %lld) with the run's "
+                "outer state; it takes part from the next outer step\n",
+                membership->island().c_str(), rank, static_cast<long long>(joined_at),
+                static_cast<long long>(sync->state().outer_step));
+    std::fflush(stdout);
+  }
   if (resume_from >= 0) {
     // The island continues where the checkpoint left it: weights, inner optimizer state, outer
     // state, and the data stream (the generator's state) at the step it was written after.
@@ -674,7 +779,7 @@ int train(const Flags& f, bool timeout_given) {
       sync_seconds, train_seconds > 0 ? 100.0 * sync_seconds / train_seconds : 0.0);
   std::fflush(stdout);
 
-  if (leader) {
+  if (membership ? group->rank() == 0 : leader) {
     std::printf("\nsummary: %s, %d island%s x %lld steps", f.mode.c_str(), world_size,
                 world_size == 1 ? "" : "s", static_cast<long long>(f.steps));
     if (sync) {
@@ -707,12 +812,24 @@ int train(const Flags& f, bool timeout_given) {
     }
     std::fflush(stdout);
   }
+  if (membership) {
+    std::printf("island %s: %lld membership epoch%s joined; the run ends with %d island%s (%s)\n",
+                membership->island().c_str(),
+                static_cast<long long>(membership->epochs_joined()),
+                membership->epochs_joined() == 1 ? "" : "s", group->world_size(),
+                group->world_size() == 1 ? "" : "s", [&] {
+                  std::string names;
+                  for (const auto& m : membership->members()) names += (names.empty() ? "" : " ") + m;
+                  return names;
+                }().c_str());
+  }
   if (sync) {
     // Every island ends on the same global state: this last line is the same on every rank.
-    std::printf("rank %d/%d: global state sha256 %s\n", rank, world_size,
-                sync->state().sha256().c_str());
+    std::printf("rank %d/%d: global state sha256 %s\n", group ? group->rank() : rank,
+                group ? group->world_size() : world_size, sync->state().sha256().c_str());
     std::fflush(stdout);
   }
+  if (membership) membership->leave();
   return 0;
 }
 
@@ -727,6 +844,10 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     return train(flags, app.count("--timeout-s") > 0);
+  } catch (const diloco::RemovedError& e) {
+    // Elastic runs: a launcher with restarts left starts the island again, and it rejoins.
+    std::fprintf(stderr, "train_lm: removed from the run: %s\n", e.what());
+    return 3;
   } catch (const diloco::PeerLostError& e) {
     std::fprintf(stderr, "train_lm: lost a peer, giving up: %s\n", e.what());
   } catch (const std::exception& e) {

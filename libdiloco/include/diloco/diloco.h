@@ -4,6 +4,7 @@
 
 #include "diloco/comm/comm_stats.h"
 #include "diloco/comm/group.h"
+#include "diloco/elastic/membership.h"
 #include "diloco/errors.h"
 #include "diloco/exchange/exchange.h"
 #include "diloco/optim/muon.h"

@@ -23,8 +23,29 @@ class OptionError : public Error {
 };
 
 // A peer left the wide-area group (process exited, connection closed or timed out). The group is
-// unusable afterwards; the caller may build a new one.
+// unusable afterwards; the caller may build a new one (elastic runs do: diloco/elastic).
 class PeerLostError : public Error {
+ public:
+  // `peer`: the rank (in the group that failed) whose connection broke (closed or reset: the
+  // process is gone), when the backend could tell; -1 when it could not, or when the peer only
+  // failed to answer (it may be alive, or waiting for another).
+  explicit PeerLostError(const std::string& what, int peer = -1) : Error(what), peer_(peer) {}
+  int peer() const { return peer_; }
+
+ private:
+  int peer_;
+};
+
+// Elastic runs (diloco/elastic/membership.h): this island was left out of the run's membership
+// (it was stopped past the heartbeat timeout, or registered too late for the new epoch, or the
+// epoch it was admitted to was abandoned). Its state is stale; start it again to rejoin.
+class RemovedError : public Error {
+ public:
+  using Error::Error;
+};
+
+// Elastic runs: fewer islands remain than min_islands; the run stops on every survivor.
+class TooFewIslandsError : public Error {
  public:
   using Error::Error;
 };

@@ -76,7 +76,7 @@ void GlooBackend::exchange_socket_ports() {
   }
 }
 
-std::string GlooBackend::name_lost_peer(const std::string& what) const {
+std::string GlooBackend::name_lost_peer(const std::string& what, int* rank) const {
   // Gloo names the peer by the address of the socket it lost ("[10.0.0.2]:40123", on some
   // versions with the port's bytes swapped): the peer's listening port or its ephemeral one. Each
   // rank published the ports of its own sockets when the group connected (see the constructor);
@@ -98,6 +98,7 @@ std::string GlooBackend::name_lost_peer(const std::string& what) const {
     }
   }
   if (found < 0) return "";
+  if (rank != nullptr) *rank = found;
   return "rank " + std::to_string(found) + " at " + host;
 }
 
@@ -132,11 +133,15 @@ void GlooBackend::wait(const c10::intrusive_ptr<c10d::Work>& work, const std::st
     msg << "[" << operation << "] rank " << rank_ << " of " << world_size_ << ": ";
     const std::string what = e.what();
     if (dynamic_cast<const compat::LinkFailure*>(&e) != nullptr || looks_like_lost_peer(what)) {
-      const std::string lost = name_lost_peer(what);
+      int peer = -1;
+      const std::string lost = name_lost_peer(what, &peer);
       msg << "lost a peer" << (lost.empty() ? "" : ": " + lost)
           << " (it exited, or the link broke, or it did not answer within " << timeout_.count()
           << " ms): " << first_line(what);
-      throw PeerLostError(msg.str());
+      // A closed or reset connection means the process is gone; a timeout names a peer that
+      // may only be waiting for another, so it is not blamed.
+      const bool closed = what.find("imed out") == std::string::npos;
+      throw PeerLostError(msg.str(), closed ? peer : -1);
     }
     msg << first_line(what);
     throw Error(msg.str());

@@ -44,7 +44,7 @@ class GlooBackend : public Backend {
  private:
   void exchange_socket_ports();
   // "rank R at HOST" for the peer a failed collective lost (`what`: Gloo's error); "" if unknown.
-  std::string name_lost_peer(const std::string& what) const;
+  std::string name_lost_peer(const std::string& what, int* rank = nullptr) const;
 
   c10::intrusive_ptr<c10d::Store> store_;
   std::shared_ptr<compat::GlooGroup> gloo_;

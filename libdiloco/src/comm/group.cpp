@@ -37,10 +37,29 @@ std::shared_ptr<Backend> checked(std::unique_ptr<Backend> backend, const char* w
 
 }  // namespace
 
+void Interrupt::raise(const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (raised_.load(std::memory_order_relaxed)) return;
+  reason_ = reason;
+  raised_.store(true, std::memory_order_release);
+}
+
+void Interrupt::clear() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  reason_.clear();
+  raised_.store(false, std::memory_order_release);
+}
+
+std::string Interrupt::reason() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return reason_;
+}
+
 struct Group::Impl {
   // Shared with the collectives in flight, so that one started before replace_backend() still
   // completes on the backend that started it.
   std::shared_ptr<Backend> backend;
+  std::shared_ptr<Interrupt> interrupt;
   LinkEmulator link;
   Accounting accounting;
 };
@@ -63,10 +82,16 @@ Group::~Group() = default;
 
 const Backend& Group::backend() const { return *impl_->backend; }
 
-void Group::replace_backend(std::unique_ptr<Backend> backend) {
+std::shared_ptr<Backend> Group::replace_backend(std::unique_ptr<Backend> backend) {
+  auto previous = std::move(impl_->backend);
   impl_->backend = checked(std::move(backend), "replace_backend");
   rank_ = impl_->backend->rank();
   world_size_ = impl_->backend->world_size();
+  return previous;
+}
+
+void Group::set_interrupt(std::shared_ptr<Interrupt> interrupt) {
+  impl_->interrupt = std::move(interrupt);
 }
 
 void Group::set_link(const LinkModel& link) { impl_->link.set(link); }
@@ -76,6 +101,7 @@ const LinkModel& Group::link() const { return impl_->link.model(); }
 struct PendingCollective::State {
   Group* group = nullptr;
   std::shared_ptr<Backend> backend;  // the one that started it
+  std::shared_ptr<Interrupt> interrupt;
   Collective kind = Collective::kBarrier;
   std::string label;
   std::uint64_t payload_bytes = 0;
@@ -93,6 +119,19 @@ void PendingCollective::wait() {
   State& s = *state_;
   s.done = true;
   // Backend: the operation itself; its wait() throws PeerLostError / Error.
+  if (s.work && s.interrupt) {
+    // Poll, so that a raised interrupt ends the wait (the backend's own wait cannot be).
+    auto pause = std::chrono::microseconds(20);
+    while (!s.work->isCompleted()) {
+      if (s.interrupt->raised()) {
+        throw PeerLostError("[" + std::string(collective_name(s.kind)) + " '" + s.label +
+                            "'] rank " + std::to_string(s.rank) + " of " +
+                            std::to_string(s.world_size) + ": given up: " + s.interrupt->reason());
+      }
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::microseconds(1000));
+    }
+  }
   if (s.work) {
     s.backend->wait(s.work, std::string(collective_name(s.kind)) + " '" + s.label + "'");
   }
@@ -113,6 +152,7 @@ PendingCollective Group::issue(Collective c, const std::string& label,
   auto& s = *p.state_;
   s.group = this;
   s.backend = impl_->backend;
+  s.interrupt = impl_->interrupt;
   s.kind = c;
   s.label = label;
   s.payload_bytes = payload_bytes;
@@ -120,6 +160,12 @@ PendingCollective Group::issue(Collective c, const std::string& label,
   s.world_size = world_size_;
   s.root = root;
   s.start = std::chrono::steady_clock::now();
+  if (s.interrupt && s.interrupt->raised()) {
+    s.done = true;
+    throw PeerLostError("[" + std::string(collective_name(c)) + " '" + label + "'] rank " +
+                        std::to_string(rank_) + " of " + std::to_string(world_size_) +
+                        ": not started: " + s.interrupt->reason());
+  }
   s.link = impl_->link.reserve(c, payload_bytes, world_size_, root, s.start);
   if (world_size_ > 1) {
     try {

@@ -6,13 +6,18 @@
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
 #include <chrono>
+#include <cstring>
 #include <string>
 #include <set>
 #include <sstream>
 
 #include "diloco/comm/group.h"
 #include "diloco/compress/codec_params.h"
+#include "diloco/elastic/membership.h"
 #include "diloco/errors.h"
 #include "diloco/sync/fingerprint.h"
 #include "kernels/cpu_kernels.h"
@@ -93,6 +98,14 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+// Elastic runs: recoveries in a row (each a new epoch) before a lost peer is given up on.
+constexpr int kMaxRecoveries = 8;
+
+std::shared_ptr<Group> group_of(const std::shared_ptr<Membership>& membership) {
+  if (!membership) throw OptionError("[DiLoCo] membership must not be null");
+  return membership->group();
+}
+
 }  // namespace
 
 void DiLoCoOptions::validate() const {
@@ -119,8 +132,16 @@ DiLoCo::DiLoCo(torch::nn::Module& model, torch::optim::Optimizer& inner,
              std::move(options)) {}
 
 DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions options)
+    : DiLoCo(std::move(model), std::move(group), std::move(options), nullptr) {}
+
+DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Membership> membership, DiLoCoOptions options)
+    : DiLoCo(std::move(model), group_of(membership), std::move(options), membership) {}
+
+DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions options,
+               std::shared_ptr<Membership> membership)
     : options_((options.validate(), std::move(options))),
       group_(std::move(group)),
+      membership_(std::move(membership)),
       params_(flatten(model.parameters, options_)),
       buffers_(std::move(model.buffers)),
       outer_(options_.outer),
@@ -129,10 +150,23 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
       comm_(std::make_unique<CommThread>(/*background=*/options_.overlap_steps > 0)),
       started_at_(static_cast<std::size_t>(options_.fragments), -1) {
   if (!group_) throw OptionError("[DiLoCo] group must not be null");
-  agree_on_fingerprint(*group_, "DiLoCo", fingerprint(),
-                       missing_from_optimizer(params_, model.optimized));
-  params_.copy_from_rank0(*group_);
-  buffers_.copy_from_rank0(*group_);
+  if (membership_ && (options_.fragments != 1 || options_.overlap_steps != 0 ||
+                      options_.mixing != 0.0)) {
+    throw OptionError("[DiLoCo] elastic runs are plain DiLoCo: fragments (P) must be 1, "
+                      "overlap_steps (tau) 0 and mixing (alpha) 0; got P = " +
+                      std::to_string(options_.fragments) + ", tau = " +
+                      std::to_string(options_.overlap_steps) + ", alpha = " +
+                      exact_decimal(options_.mixing));
+  }
+  const std::string problem = missing_from_optimizer(params_, model.optimized);
+  const bool joining = membership_ && membership_->joining();
+  if (joining) {
+    if (!problem.empty()) throw OptionError("[DiLoCo] " + problem);
+  } else {
+    agree_on_fingerprint(*group_, "DiLoCo", fingerprint(), problem);
+    params_.copy_from_rank0(*group_);
+    buffers_.copy_from_rank0(*group_);
+  }
   // Compressed exchanges encode and decode on the CPU in float32, so their outer state lives
   // there unless the caller says otherwise.
   const at::Device outer_device = options_.outer_device.value_or(
@@ -147,16 +181,30 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
     state_.momentum.push_back(outer_.make_state(g));
     staging_.push_back(in_place_ok(b.flat, outer_device) && !staged() ? at::Tensor()
                                                                        : at::empty_like(g));
-    const at::Tensor& delta = staging_.back().defined() ? staging_.back() : b.flat;
-    std::vector<at::Tensor> views;
-    for (std::size_t j = 0; j < b.members.size(); ++j) {
-      const auto& p = params_.parameters()[b.members[j]].tensor;
-      views.push_back(delta.narrow(0, b.offsets[j], p.numel()).view(p.sizes()));
-    }
-    views_.push_back(std::move(views));
+    views_.push_back(views_over(staging_.size() - 1));
     state_.exchanges.push_back(Exchange::from_spec(options_.compression));
     state_.global.push_back(std::move(g));
   }
+  if (membership_) {
+    fingerprint_text_ = fingerprint().serialize();
+    if (joining) {
+      // The run's outer state, as rank 0 had it at the boundary this island was admitted at;
+      // its own error-feedback residuals start at zero.
+      load_state_bytes(membership_->await_admission(fingerprint_text_), /*keep_inner_step=*/false);
+      for (auto& exchange : state_.exchanges) exchange->clear_residuals();
+    }
+  }
+}
+
+std::vector<at::Tensor> DiLoCo::views_over(std::size_t i) const {
+  const auto& b = params_.buckets()[i];
+  const at::Tensor& delta = staging_[i].defined() ? staging_[i] : b.flat;
+  std::vector<at::Tensor> views;
+  for (std::size_t j = 0; j < b.members.size(); ++j) {
+    const auto& p = params_.parameters()[b.members[j]].tensor;
+    views.push_back(delta.narrow(0, b.offsets[j], p.numel()).view(p.sizes()));
+  }
+  return views;
 }
 
 // An exchange still in flight writes into buffers this object owns: wait it out (the collective
@@ -210,9 +258,13 @@ Fingerprint DiLoCo::fingerprint() const {
   return f;
 }
 
-bool DiLoCo::staged() const { return options_.overlap_steps > 0 || options_.mixing > 0.0; }
+// Elastic runs stage too: the model keeps the island's progress until the outer step is applied.
+bool DiLoCo::staged() const {
+  return options_.overlap_steps > 0 || options_.mixing > 0.0 || membership_ != nullptr;
+}
 
 bool DiLoCo::step() {
+  if (membership_) return elastic_step();
   const std::int64_t t = ++state_.inner_step;
   const std::int64_t finishing = schedule_.finishes_after(t);
   const std::int64_t starting = schedule_.starts_after(t);
@@ -247,6 +299,16 @@ bool DiLoCo::step() {
 
 void DiLoCo::sync() {
   const auto start = std::chrono::steady_clock::now();
+  if (membership_) {
+    try {
+      elastic_outer_step();
+    } catch (...) {
+      sync_seconds_ += seconds_since(start);
+      throw;
+    }
+    sync_seconds_ += seconds_since(start);
+    return;
+  }
   try {
     // A fragment whose exchange started after this very step holds no progress it has not sent:
     // once applied, the island takes the global fragment as it is (identical everywhere) rather
@@ -415,9 +477,155 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
 
 void DiLoCo::drain_and_reset() {
   // Wait out whatever is still in flight (it fails fast once a peer is gone) so that no
-  // collective writes into the model after we reset it.
+  // collective writes into the model after we reset it. Elastic runs keep the island's progress
+  // (the model was not the exchange's buffer) for the outer step they redo.
   wait_in_flight();
+  if (!membership_) reset_model_to_global();
+}
+
+bool DiLoCo::elastic_step() {
+  const std::int64_t t = ++state_.inner_step;
+  const auto start = std::chrono::steady_clock::now();
+  bool outer = false;
+  try {
+    // A peer was lost while this island computed: the others are forming a new epoch now.
+    if (membership_->failed()) recover();
+    if (schedule_.starts_after(t) != StreamingSchedule::kNone) {
+      elastic_outer_step();
+      outer = true;
+    }
+  } catch (...) {
+    sync_seconds_ += seconds_since(start);
+    throw;
+  }
+  sync_seconds_ += seconds_since(start);
+  return outer;
+}
+
+void DiLoCo::elastic_outer_step() {
+  const std::int64_t target = state_.outer_step + 1;
+  for (int attempt = 1;; ++attempt) {
+    try {
+      membership_->before_exchange();
+      if (state_.outer_step < target) {
+        exchange_snapshot_ = snapshot_exchanges();
+        start_sync(0);
+        finish_sync(0);
+        exchange_snapshot_.clear();
+        ++state_.outer_step;
+      }
+      buffers_.sync(*group_, options_.buffers, "DiLoCo outer", state_.outer_step - 1);
+      membership_->at_boundary(state_.outer_step, fingerprint_text_,
+                               [this] { return state_bytes(); });
+      return;
+    } catch (const PeerLostError& e) {
+      if (attempt >= kMaxRecoveries) throw;
+      membership_->report_failure(e.what(), e.peer());
+      // An island that receives the step from a survivor that completed it is done with it;
+      // that survivor went on training and takes no part in this boundary's work.
+      if (recover() && state_.outer_step >= target) return;
+    }
+  }
+}
+
+bool DiLoCo::recover() {
+  wait_in_flight();
+  if (!exchange_snapshot_.empty()) {
+    restore_exchanges(exchange_snapshot_);
+    exchange_snapshot_.clear();
+  }
+  renew_staging();
+  for (int attempt = 1;; ++attempt) {
+    try {
+      membership_->reform();
+      return align_state();
+    } catch (const PeerLostError& e) {
+      if (attempt >= kMaxRecoveries) throw;
+      membership_->report_failure(e.what(), e.peer());
+    }
+  }
+}
+
+void DiLoCo::renew_staging() {
+  // The abandoned group's collectives may still write into the old buffers (a stopped peer that
+  // resumes completes them): they are left to it.
+  for (std::size_t i = 0; i < staging_.size(); ++i) {
+    if (!staging_[i].defined()) continue;
+    staging_[i] = at::empty_like(staging_[i]);
+    views_[i] = views_over(i);
+  }
+}
+
+bool DiLoCo::align_state() {
+  // Survivors agree on the newest committed outer state: one may have completed the last outer
+  // step while another's failed. The newest is sent, in one broadcast, to those without it.
+  const auto steps = group_->allgather(at::full({1}, state_.outer_step, at::kLong),
+                                       "elastic_outer_step");
+  std::int64_t newest = state_.outer_step;
+  int source = group_->rank();
+  for (int r = 0; r < static_cast<int>(steps.size()); ++r) {
+    const auto s = steps[static_cast<std::size_t>(r)].item<std::int64_t>();
+    if (s > newest || (s == newest && r < source)) {
+      newest = s;
+      source = r;
+    }
+  }
+  bool behind_anyone = false;
+  for (const auto& s : steps) behind_anyone = behind_anyone || s.item<std::int64_t>() != newest;
+  if (!behind_anyone) return false;
+  const bool mine = group_->rank() == source;
+  const std::string bytes = mine ? state_bytes() : std::string();
+  at::Tensor length = at::full({1}, static_cast<std::int64_t>(bytes.size()), at::kLong);
+  group_->broadcast(length, source, "elastic_state.length");
+  at::Tensor buffer = at::empty({length.item<std::int64_t>()}, at::kByte);
+  if (mine) std::memcpy(buffer.data_ptr<std::uint8_t>(), bytes.data(), bytes.size());
+  group_->broadcast(buffer, source, "elastic_state");
+  if (state_.outer_step == newest) return false;
+  load_state_bytes(std::string(reinterpret_cast<const char*>(buffer.data_ptr<std::uint8_t>()),
+                               static_cast<std::size_t>(buffer.numel())),
+                   /*keep_inner_step=*/true);
+  return true;
+}
+
+std::string DiLoCo::state_bytes() const {
+  torch::serialize::OutputArchive archive;
+  state_.save(archive);
+  std::ostringstream out;
+  archive.save_to(out);
+  return out.str();
+}
+
+void DiLoCo::load_state_bytes(const std::string& bytes, bool keep_inner_step) {
+  std::istringstream in(bytes);
+  torch::serialize::InputArchive archive;
+  archive.load_from(in);
+  const std::int64_t inner = state_.inner_step;
+  state_.load(archive);
+  if (keep_inner_step) state_.inner_step = inner;
   reset_model_to_global();
+}
+
+std::string DiLoCo::snapshot_exchanges() const {
+  torch::serialize::OutputArchive archive;
+  for (std::size_t i = 0; i < state_.exchanges.size(); ++i) {
+    torch::serialize::OutputArchive exchange;
+    state_.exchanges[i]->save(exchange);
+    archive.write("exchange." + std::to_string(i), exchange);
+  }
+  std::ostringstream out;
+  archive.save_to(out);
+  return out.str();
+}
+
+void DiLoCo::restore_exchanges(const std::string& bytes) {
+  std::istringstream in(bytes);
+  torch::serialize::InputArchive archive;
+  archive.load_from(in);
+  for (std::size_t i = 0; i < state_.exchanges.size(); ++i) {
+    torch::serialize::InputArchive exchange;
+    archive.read("exchange." + std::to_string(i), exchange);
+    state_.exchanges[i]->load(exchange);
+  }
 }
 
 void DiLoCo::reset_model_to_global() {

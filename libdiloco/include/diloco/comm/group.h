@@ -32,8 +32,10 @@
 #include <ATen/Tensor.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <atomic>
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -72,6 +74,26 @@ struct GroupOptions {
 };
 
 class Group;
+
+// A flag another thread raises to make every collective of a Group give up at once: those in
+// flight stop waiting and throw PeerLostError with the reason, and new ones throw before they
+// start. Elastic runs (diloco/elastic/membership.h) raise it when a peer misses its heartbeat or
+// another island reports that the membership epoch failed, so that no island waits out the
+// collective timeout for a peer that is stopped or gone. What the backend was doing is left to
+// it: the group is abandoned, not repaired.
+class Interrupt {
+ public:
+  // The first reason wins until clear().
+  void raise(const std::string& reason);
+  void clear();
+  bool raised() const { return raised_.load(std::memory_order_acquire); }
+  std::string reason() const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::atomic<bool> raised_{false};
+  std::string reason_;
+};
 
 // A collective in flight. wait() blocks until it completes, records its bytes and time, and throws
 // the backend's PeerLostError or Error on failure; it is idempotent. The Group must outlive it.
@@ -123,8 +145,14 @@ class Group {
   // The statistics, the link and its queue of transmissions carry on; collectives still in flight
   // complete on the backend that started them, which lives until they are waited. Call it from
   // the thread that issues collectives, on every rank of the new backend, at the same point in
-  // the order of collectives. Throws OptionError for a null backend.
-  void replace_backend(std::unique_ptr<Backend> backend);
+  // the order of collectives. Returns the previous backend, for the caller to keep or drop
+  // (dropping a Gloo backend whose peer is stopped blocks until its collectives time out).
+  // Throws OptionError for a null backend.
+  std::shared_ptr<Backend> replace_backend(std::unique_ptr<Backend> backend);
+
+  // Collectives issued from now on give up when `interrupt` is raised (see Interrupt); their
+  // waits poll it (about every millisecond) instead of blocking in the backend. Null: block.
+  void set_interrupt(std::shared_ptr<Interrupt> interrupt);
 
   // The emulated link (see the class comment). Set it before issuing collectives, to the same
   // value on every rank; create() sets it from GroupOptions::link. Throws OptionError.

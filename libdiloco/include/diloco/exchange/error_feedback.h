@@ -26,6 +26,10 @@ class ErrorFeedback final : public Exchange {
     return inner_->payload_bytes(views);
   }
   const std::vector<at::Tensor>& residuals() const override { return residuals_; }
+  void clear_residuals() override {
+    residuals_.clear();  // zeros again at the next start()
+    inner_->clear_residuals();
+  }
   const Codec* codec() const override { return inner_->codec(); }
   const Exchange& inner() const { return *inner_; }
   double beta() const { return beta_; }

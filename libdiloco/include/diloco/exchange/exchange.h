@@ -115,6 +115,10 @@ class Exchange {
   // Error feedback's residuals, one per view (empty without error feedback or before the first
   // exchange).
   virtual const std::vector<at::Tensor>& residuals() const;
+  // Forgets this island's own part of the state (error-feedback residuals), keeping what every
+  // island shares (PowerSGD's factors, a codec's stream position): what an island that joins a
+  // run mid-way starts from.
+  virtual void clear_residuals() {}
   // The codec of a single-payload exchange; null for none and multi-round ones (PowerSGD).
   virtual const Codec* codec() const { return nullptr; }
 

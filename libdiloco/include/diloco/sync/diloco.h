@@ -32,6 +32,18 @@
 // steps, so collectives issue in the same order on every rank. The caller must not issue
 // collectives on the same group while an exchange is in flight (between a start and its finish).
 //
+// Elastic runs (a Membership instead of a Group; diloco/elastic/membership.h): the run survives
+// lost, stopped and restarted islands. A failed collective, or a peer declared lost by the
+// heartbeats, makes every survivor drop the exchange in flight (the global weights are never
+// partly updated, and the exchange state, e.g. error-feedback residuals, is rolled back to the
+// start of the outer step), form a new epoch with the others, agree on the newest committed outer
+// state (a survivor that missed the last outer step receives it and drops its round's progress),
+// and redo the interrupted outer step with the survivors' pseudo-gradients: their inner steps
+// are kept, since the model's own weights are never used as the exchange's buffer in elastic
+// runs. Islands that join receive the outer state at an outer-step boundary and take part from
+// the next one. Plain DiLoCo only (P = 1, tau = 0, alpha = 0); module buffers are not sent to
+// joiners.
+//
 // The inner optimizer's state stays local (DiLoCo §6.1: syncing it triples the bytes for no gain).
 //
 // Memory: beyond the model and its inner optimizer, DiLoCo holds the global weights and the outer
@@ -79,6 +91,7 @@ namespace diloco {
 
 class Fingerprint;
 class Group;
+class Membership;
 
 struct DiLoCoOptions {
   std::int64_t inner_steps = 500;  // H, DiLoCo §3 (H = 500); range >= 1
@@ -119,6 +132,12 @@ class DiLoCo {
          DiLoCoOptions options = {});
   // The same from tensors (the tensors the inner optimizer steps in model.optimized, if known).
   DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions options = {});
+  // An elastic run (see "Elastic runs" above) over membership->group(). An island of the first
+  // epoch starts like any other; a joining one waits here to be admitted, then holds the run's
+  // outer state (state().inner_step says where the run is: derive the learning-rate schedule
+  // and the data position from it). Throws OptionError for streaming options, or when a joiner's
+  // configuration differs from the run's (naming the field).
+  DiLoCo(ModelTensors model, std::shared_ptr<Membership> membership, DiLoCoOptions options = {});
   ~DiLoCo();
 
   // Call after each inner optimizer step. Every inner_steps-th call runs an outer step (a
@@ -130,6 +149,9 @@ class DiLoCo {
   // Throws Error if any island's pseudo-gradient holds a NaN or an infinity: no non-finite value
   // enters the global weights (the 2048-element blocks holding one keep their old values, the
   // same on every rank), and the model is set to the global weights.
+  // Elastic runs: a lost peer is survived as described above (PeerLostError only after repeated
+  // failures); RemovedError when this island was left out, TooFewIslandsError below
+  // min_islands.
   bool step();
   // Run an outer step now, whatever the inner step count (all ranks must call it together):
   // the exchange in flight is applied, then every fragment is synchronized, in order (but the
@@ -166,7 +188,21 @@ class DiLoCo {
                                           const std::vector<torch::optim::Optimizer*>& inner = {});
 
  private:
+  DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions options,
+         std::shared_ptr<Membership> membership);
   Fingerprint fingerprint() const;
+  // Elastic runs.
+  bool elastic_step();
+  void elastic_outer_step();
+  // Forms the next epoch and aligns the outer state; true when this island received it.
+  bool recover();
+  bool align_state();
+  std::string state_bytes() const;
+  void load_state_bytes(const std::string& bytes, bool keep_inner_step);
+  std::string snapshot_exchanges() const;
+  void restore_exchanges(const std::string& bytes);
+  void renew_staging();
+  std::vector<at::Tensor> views_over(std::size_t bucket) const;
   bool staged() const;
   // The pseudo-gradient's buffer of bucket i: the staging buffer, or the model's own storage.
   at::Tensor& delta(std::size_t i);
@@ -185,6 +221,7 @@ class DiLoCo {
 
   DiLoCoOptions options_;
   std::shared_ptr<Group> group_;
+  std::shared_ptr<Membership> membership_;  // elastic runs only
   FlatParameters params_;
   ModelBuffers buffers_;
   OuterSGD outer_;
@@ -207,6 +244,8 @@ class DiLoCo {
   std::int64_t in_flight_ = -1;    // the fragment whose exchange is in flight, or -1
   std::vector<std::int64_t> started_at_;  // per fragment: the inner step its last exchange started
   double sync_seconds_ = 0.0;
+  std::string fingerprint_text_;   // elastic: what a joiner's configuration must equal
+  std::string exchange_snapshot_;  // elastic: exchange state at the start of the outer step
 };
 
 }  // namespace diloco
