@@ -462,6 +462,13 @@ struct Child {
   OutputStream err;
 };
 
+// The child's whole process group (it may have started processes of its own), or the child alone
+// if the group is not there yet. Only for unreaped children: until reaped, a child keeps its pid,
+// and so its group id, so neither can have been reused.
+void signal_child(const Child& child, int sig) {
+  if (::kill(-child.pid, sig) != 0) ::kill(child.pid, sig);
+}
+
 // What a wait status means, for the logs, and the exit code diloco-run reports for it.
 struct ExitReport {
   int code = 0;  // 128+S for signal S
@@ -526,6 +533,7 @@ class Launcher {
   void signal_running(int sig);
   bool any_running() const;
   bool restart_pending() const;
+  std::vector<Child*> all_children();  // the ranks, then the coordinator if there is one
   std::string running_ranks() const;
 
   void read_once(const Child& child, OutputStream& stream);
@@ -574,13 +582,11 @@ Launcher::Launcher(Options options) : options_(std::move(options)), buffer_(kRea
 }
 
 Launcher::~Launcher() {
-  std::vector<Child*> all;
-  for (Child& child : children_) all.push_back(&child);
-  if (coordinator_) all.push_back(&*coordinator_);
+  const std::vector<Child*> all = all_children();
   // Only reached with processes still running when run() threw; never leave them orphaned.
   for (Child* child : all) {
     if (!child->running) continue;
-    if (::kill(-child->pid, SIGKILL) != 0) ::kill(child->pid, SIGKILL);
+    signal_child(*child, SIGKILL);
     int status = 0;
     while (::waitpid(child->pid, &status, 0) < 0 && errno == EINTR) {
     }
@@ -690,7 +696,7 @@ void Launcher::stop_coordinator() {
   // not make poll_once spin.
   timeout_at_.reset();
   kill_at_.reset();
-  if (::kill(-coordinator.pid, SIGTERM) != 0) ::kill(coordinator.pid, SIGTERM);
+  signal_child(coordinator, SIGTERM);
   coordinator_deadline_ = Clock::now() + to_duration(options_.kill_after_s);
   while (coordinator.running) {
     poll_once();
@@ -699,7 +705,7 @@ void Launcher::stop_coordinator() {
       coordinator_deadline_.reset();
       log_message("the coordinator is still running " + format_seconds(options_.kill_after_s) +
                   " s after SIGTERM, sending SIGKILL");
-      if (::kill(-coordinator.pid, SIGKILL) != 0) ::kill(coordinator.pid, SIGKILL);
+      signal_child(coordinator, SIGKILL);
     }
   }
 }
@@ -847,9 +853,7 @@ void Launcher::poll_once() {
   std::vector<std::pair<Child*, OutputStream*>> sources;
   fds.push_back({signal_fd_, POLLIN, 0});
   sources.emplace_back(nullptr, nullptr);
-  std::vector<Child*> all;
-  for (Child& child : children_) all.push_back(&child);
-  if (coordinator_) all.push_back(&*coordinator_);
+  const std::vector<Child*> all = all_children();
   for (Child* child : all) {
     for (OutputStream* stream : {&child->out, &child->err}) {
       if (stream->fd < 0) continue;
@@ -899,7 +903,7 @@ void Launcher::on_interrupt(int sig) {
     if (now - *first_interrupt_at_ < kRepeatSignalGap) return;
     log_message("received " + signal_name(sig) + " again, killing all ranks");
     signal_running(SIGKILL);
-    if (coordinator_stopping_ && coordinator_->running) ::kill(-coordinator_->pid, SIGKILL);
+    if (coordinator_stopping_ && coordinator_->running) signal_child(*coordinator_, SIGKILL);
     return;
   }
   first_interrupt_at_ = now;
@@ -1022,13 +1026,19 @@ void Launcher::stop_all(int sig) {
 
 void Launcher::signal_running(int sig) {
   for (const Child& child : children_) {
-    // Unreaped children keep their pid, and so their group id, so neither can have been reused.
-    if (child.running && ::kill(-child.pid, sig) != 0) ::kill(child.pid, sig);
+    if (child.running) signal_child(child, sig);
   }
 }
 
 bool Launcher::any_running() const {
   return std::any_of(children_.begin(), children_.end(), [](const Child& c) { return c.running; });
+}
+
+std::vector<Child*> Launcher::all_children() {
+  std::vector<Child*> all;
+  for (Child& child : children_) all.push_back(&child);
+  if (coordinator_) all.push_back(&*coordinator_);
+  return all;
 }
 
 bool Launcher::restart_pending() const {
