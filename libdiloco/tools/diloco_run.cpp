@@ -3,16 +3,27 @@
 // What it is: `diloco-run -n N -- PROGRAM ARGS...` starts N copies of PROGRAM on this host, each
 // with the rendezvous environment that diloco's process-group setup reads (MASTER_ADDR,
 // MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK). It prefixes every
-// output line with the rank that wrote it, forwards SIGINT/SIGTERM/SIGHUP to the processes, and
-// tears the whole job down as soon as one process fails: the survivors would otherwise sit in a
-// collective until Gloo's timeout, waiting for a peer that is gone. Multi-host jobs run one
-// diloco-run per host with --nnodes/--node-rank and a shared --master-addr/--master-port.
+// output line with the rank that wrote it and forwards SIGINT/SIGTERM/SIGHUP to the processes.
+// Multi-host jobs run one diloco-run per host with --nnodes/--node-rank.
 //
-// What it is not: an elastic agent. There are no restarts, no rendezvous service, no membership
-// changes and no health checks, and it starts nothing on other hosts (use ssh, Slurm, ... for
-// that). It does not link LibTorch; it only sets the environment the processes read.
+// Two modes:
+// - Default (static): it tears the whole job down as soon as one process fails: the survivors
+//   would otherwise sit in a collective until Gloo's timeout, waiting for a peer that is gone.
+//   Ranks meet at --master-addr/--master-port, where rank 0 serves the store.
+// - Elastic (--elastic, --max-restarts N > 0 or --coordinator): the islands survive lost peers
+//   and admit restarted ones, so a failed process stops nobody else. It is started again up to
+//   --max-restarts times (same RANK, DILOCO_RESTART=k) after --restart-delay seconds; once out of
+//   restarts it stays down and the others go on. The store that holds the islands' membership
+//   must outlive every island, so no rank serves it: a diloco-coordinator does, started here as
+//   a child (one host) or elsewhere and named by --coordinator HOST:PORT (several hosts); ranks
+//   join it as store clients (TORCHELASTIC_USE_AGENT_STORE=True).
 //
-// Linux only: it relies on signalfd, execvpe and PR_SET_PDEATHSIG.
+// What it is not: a rendezvous agent or a scheduler. Membership (who is in, epochs) is decided by
+// the islands through the store, not here; there are no health checks beyond "the process
+// exited", and it starts nothing on other hosts (use ssh, Slurm, ... for that). It does not link
+// LibTorch; it only sets the environment the processes read.
+//
+// Linux only: it relies on signalfd, execvpe, /proc/self/exe and PR_SET_PDEATHSIG.
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -28,6 +39,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <climits>
@@ -60,6 +72,15 @@ constexpr double kMaxSeconds = 1e9;
 constexpr double kDefaultKillAfterSeconds = 10.0;
 constexpr const char* kDefaultMasterAddr = "127.0.0.1";
 constexpr std::chrono::seconds kRepeatSignalGap{1};
+// Restarts are bounded like every other loop here; a million is more than any run needs.
+constexpr int kMaxRestarts = 1000000;
+constexpr double kDefaultRestartDelaySeconds = 1.0;
+constexpr double kMaxRestartDelaySeconds = 3600.0;
+constexpr const char* kCoordinatorProgram = "diloco-coordinator";
+// What diloco-coordinator prints once it listens; the ranks start only after this line.
+constexpr std::string_view kCoordinatorReadyLine = "diloco-coordinator: serving the store at ";
+// Serving a store takes milliseconds; this only bounds a coordinator that is stuck.
+constexpr std::chrono::seconds kCoordinatorStartTimeout{30};
 
 constexpr int kExitInternalError = 1;
 constexpr int kExitUsage = 2;  // what getopt-style tools and torchrun's argparse use
@@ -83,6 +104,12 @@ struct Options {
   double kill_after_s = kDefaultKillAfterSeconds;
   double timeout_s = 0.0;  // 0 = no timeout
   bool no_prefix = false;
+  bool elastic = false;  // --elastic, or implied by --max-restarts > 0 or --coordinator
+  int max_restarts = 0;
+  double restart_delay_s = kDefaultRestartDelaySeconds;
+  std::string coordinator;       // --coordinator HOST:PORT as given; empty: elastic mode starts one
+  std::string coordinator_host;  // parsed from it
+  int coordinator_port = 0;
   std::vector<std::string> command;
 };
 
@@ -182,33 +209,49 @@ class HelpFormatter : public CLI::Formatter {
 
 constexpr const char* kDescription =
     "Start N local processes of PROGRAM ARGS..., each with the torchrun environment that\n"
-    "diloco's process group reads, and supervise them until all have exited.";
+    "diloco's process group reads, and supervise them until all have exited. In elastic mode\n"
+    "(--elastic, --max-restarts, --coordinator) a failed process stops nobody else and may be\n"
+    "restarted.";
 
 constexpr const char* kFooter =
     "Environment of each process (everything else is inherited):\n"
-    "  MASTER_ADDR, MASTER_PORT  where rank 0 listens for the rendezvous\n"
+    "  MASTER_ADDR, MASTER_PORT  where the store is: rank 0's (default mode) or the\n"
+    "                            coordinator's (elastic mode)\n"
     "  RANK                      node_rank * N + LOCAL_RANK\n"
     "  WORLD_SIZE                nnodes * N\n"
     "  LOCAL_RANK                0 .. N-1 on this host\n"
     "  LOCAL_WORLD_SIZE          N\n"
     "  GROUP_RANK                the node rank\n"
+    "  elastic mode only:\n"
+    "  TORCHELASTIC_USE_AGENT_STORE=True  join the coordinator's store as a client\n"
+    "  DILOCO_ELASTIC=1\n"
+    "  DILOCO_RESTART            0 on the first start, k on the k-th restart of this rank\n"
     "  stdin is /dev/null: the processes share no terminal input.\n"
     "\n"
     "Output: each line a process writes is printed as `[rank R] line`, stdout to stdout and\n"
     "stderr to stderr; an unfinished last line is printed when the process exits.\n"
-    "--no-prefix lets the processes write to diloco-run's stdout/stderr directly.\n"
+    "--no-prefix lets the processes write to diloco-run's stdout/stderr directly. The\n"
+    "coordinator's lines are always prefixed `[coordinator] `.\n"
     "\n"
-    "Failures and signals: when a process exits non-zero or is killed by a signal, the others\n"
-    "get SIGTERM, then SIGKILL after --kill-after seconds. SIGINT, SIGTERM and SIGHUP sent to\n"
-    "diloco-run are forwarded to every process (and its children), with the same SIGKILL\n"
-    "deadline; another such signal a second or more later kills them at once. Each process\n"
-    "runs in its own process group and is killed if diloco-run itself dies.\n"
+    "Failures and signals (default mode): when a process exits non-zero or is killed by a\n"
+    "signal, the others get SIGTERM, then SIGKILL after --kill-after seconds.\n"
+    "Elastic mode: a failed process is started again after --restart-delay seconds, up to\n"
+    "--max-restarts times per rank, with the same RANK; once out of restarts it stays down\n"
+    "and the other ranks go on. A process that exits 0 is done. Unless --coordinator names\n"
+    "one, diloco-run starts a diloco-coordinator (looked for next to diloco-run, then on\n"
+    "PATH) on --master-port or a free port before the ranks, and stops it after the last one.\n"
+    "Both modes: SIGINT, SIGTERM and SIGHUP sent to diloco-run are forwarded to every process\n"
+    "(and its children), with the same SIGKILL deadline, and nothing is restarted; another\n"
+    "such signal a second or more later kills them at once. Each process runs in its own\n"
+    "process group and is killed if diloco-run itself dies.\n"
     "\n"
     "Exit status:\n"
-    "  0        every process exited with 0\n"
-    "  C        the first process to fail exited with C (128+S if killed by signal S)\n"
+    "  0        every process exited with 0 (elastic mode: every rank's last run did)\n"
+    "  C        the first process to fail exited with C (128+S if killed by signal S);\n"
+    "           elastic mode: the first rank to fail with no restarts left\n"
+    "  1        the coordinator could not be started, or died during the run\n"
     "  124      --timeout expired\n"
-    "  127      PROGRAM could not be executed\n"
+    "  127      PROGRAM (or diloco-coordinator) could not be executed\n"
     "  128+S    diloco-run received signal S\n"
     "  2        invalid command line\n"
     "\n"
@@ -220,7 +263,17 @@ constexpr const char* kFooter =
     "    host0$ diloco-run -n 8 --nnodes 2 --node-rank 0 \\\n"
     "             --master-addr 10.0.0.1 --master-port 29500 -- ./train\n"
     "    host1$ diloco-run -n 8 --nnodes 2 --node-rank 1 \\\n"
-    "             --master-addr 10.0.0.1 --master-port 29500 -- ./train\n";
+    "             --master-addr 10.0.0.1 --master-port 29500 -- ./train\n"
+    "\n"
+    "  Elastic, one host, each process restarted up to 3 times:\n"
+    "    diloco-run -n 4 --max-restarts 3 -- ./train\n"
+    "\n"
+    "  Elastic, two hosts, the coordinator on 10.0.0.1:\n"
+    "    host0$ diloco-coordinator --port 29500 &\n"
+    "    host0$ diloco-run -n 8 --nnodes 2 --node-rank 0 \\\n"
+    "             --coordinator 10.0.0.1:29500 --max-restarts 3 -- ./train\n"
+    "    host1$ diloco-run -n 8 --nnodes 2 --node-rank 1 \\\n"
+    "             --coordinator 10.0.0.1:29500 --max-restarts 3 -- ./train\n";
 
 void configure_command_line(CLI::App& app, Options& options) {
   app.name("diloco-run");
@@ -242,10 +295,12 @@ void configure_command_line(CLI::App& app, Options& options) {
   app.add_option("--node-rank", options.node_rank, "Rank of this host, 0..nnodes-1 (default 0)")
       ->option_text("R");
   app.add_option("--master-addr", options.master_addr,
-                 std::string("Address of rank 0's host (default ") + kDefaultMasterAddr + ")")
+                 std::string("Address of rank 0's host; elastic: of the coordinator started "
+                             "here (default ") +
+                     kDefaultMasterAddr + ")")
       ->option_text("HOST");
   app.add_option("--master-port", options.master_port,
-                 "Rendezvous port, 1.." + std::to_string(kMaxPort) +
+                 "Rendezvous port (elastic: the coordinator's), 1.." + std::to_string(kMaxPort) +
                      " (default: a free one; required if nnodes > 1)")
       ->option_text("PORT");
   app.add_option("--kill-after", options.kill_after_s,
@@ -256,6 +311,21 @@ void configure_command_line(CLI::App& app, Options& options) {
                  "Stop all and exit 124 after this many seconds (default 0 = never)")
       ->option_text("SECONDS");
   app.add_flag("--no-prefix", options.no_prefix, "Do not prefix output lines with `[rank R] `");
+  app.add_flag("--elastic", options.elastic,
+               "Elastic mode: a failed process stops no other; ranks use a coordinator's store");
+  app.add_option("--max-restarts", options.max_restarts,
+                 "Restarts per rank in elastic mode, 0.." + std::to_string(kMaxRestarts) +
+                     " (default 0; N > 0 implies --elastic)")
+      ->option_text("N");
+  app.add_option("--restart-delay", options.restart_delay_s,
+                 "Seconds before a restart, 0.." +
+                     std::to_string(static_cast<int>(kMaxRestartDelaySeconds)) + " (default " +
+                     format_seconds(kDefaultRestartDelaySeconds) + ")")
+      ->option_text("SECONDS");
+  app.add_option("--coordinator", options.coordinator,
+                 "Use the diloco-coordinator at HOST:PORT instead of starting one (implies "
+                 "--elastic; required for elastic runs with nnodes > 1)")
+      ->option_text("HOST:PORT");
 }
 
 std::vector<std::string> program_from(const CLI::App& app) {
@@ -278,7 +348,30 @@ void check_seconds(const char* option, double value, const char* zero_means) {
   }
 }
 
-void validate(const Options& options, const CLI::App& app) {
+// HOST:PORT; an IPv6 host goes in brackets ([::1]:29500), as in URLs.
+void parse_coordinator(Options& options) {
+  const std::string& text = options.coordinator;
+  const std::string expected = "--coordinator must be HOST:PORT with PORT in 1.." +
+                               std::to_string(kMaxPort) + ", got '" + text + "'";
+  const std::size_t colon = text.rfind(':');
+  if (colon == std::string::npos) throw UsageError(expected);
+  std::string host = text.substr(0, colon);
+  const std::string port = text.substr(colon + 1);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  const bool digits =
+      !port.empty() && port.size() <= 5 &&
+      std::all_of(port.begin(), port.end(), [](unsigned char c) { return std::isdigit(c) != 0; });
+  if (host.empty() || !digits) throw UsageError(expected);
+  const int number = std::stoi(port);
+  if (number < 1 || number > kMaxPort) throw UsageError(expected);
+  options.coordinator_host = host;
+  options.coordinator_port = number;
+}
+
+// Also settles what the options imply (elastic mode), so that the rest reads one flag.
+void validate(Options& options, const CLI::App& app) {
   if (app.count("--nproc-per-node") == 0) {
     throw UsageError("-n/--nproc-per-node is required (1.." + std::to_string(kMaxProcsPerNode) +
                      ")");
@@ -302,10 +395,39 @@ void validate(const Options& options, const CLI::App& app) {
     throw UsageError("--master-port must be in 1.." + std::to_string(kMaxPort) + ", got " +
                      std::to_string(options.master_port));
   }
-  // Each host would pick a different free port and the rendezvous could never meet.
-  if (options.nnodes > 1 && app.count("--master-port") == 0) {
-    throw UsageError(
-        "--master-port is required when --nnodes > 1 (every host must use the same port)");
+  if (options.max_restarts < 0 || options.max_restarts > kMaxRestarts) {
+    throw UsageError("--max-restarts must be in 0.." + std::to_string(kMaxRestarts) + ", got " +
+                     std::to_string(options.max_restarts));
+  }
+  if (!std::isfinite(options.restart_delay_s) || options.restart_delay_s < 0 ||
+      options.restart_delay_s > kMaxRestartDelaySeconds) {
+    throw UsageError("--restart-delay must be in 0.." +
+                     std::to_string(static_cast<int>(kMaxRestartDelaySeconds)) + " seconds, got " +
+                     format_seconds(options.restart_delay_s));
+  }
+  if (app.count("--coordinator") > 0) {
+    // The coordinator's address is MASTER_ADDR/MASTER_PORT; two answers would be one too many.
+    if (app.count("--master-addr") > 0 || app.count("--master-port") > 0) {
+      throw UsageError(
+          "--coordinator HOST:PORT replaces --master-addr/--master-port; give one "
+          "or the other");
+    }
+    parse_coordinator(options);
+  }
+  options.elastic = options.elastic || options.max_restarts > 0 || app.count("--coordinator") > 0;
+  if (options.nnodes > 1) {
+    // A coordinator started by one host's diloco-run would stop with that host's ranks, and the
+    // other hosts' islands would lose their store.
+    if (options.elastic && options.coordinator.empty()) {
+      throw UsageError(
+          "elastic runs with --nnodes > 1 need --coordinator HOST:PORT of a "
+          "diloco-coordinator started on its own (diloco-coordinator --port P)");
+    }
+    // Each host would pick a different free port and the rendezvous could never meet.
+    if (!options.elastic && app.count("--master-port") == 0) {
+      throw UsageError(
+          "--master-port is required when --nnodes > 1 (every host must use the same port)");
+    }
   }
   check_seconds("--kill-after", options.kill_after_s, "");
   check_seconds("--timeout", options.timeout_s, " (0 = no timeout)");
@@ -326,14 +448,57 @@ struct OutputStream {
   bool mid_line = false;  // the start of the current line (and its prefix) is already printed
 };
 
+// A rank, or the coordinator (is_coordinator; its rank fields unused).
 struct Child {
   int rank = 0;
   int local_rank = 0;
+  bool is_coordinator = false;
+  std::string prefix;  // "[rank R] " or "[coordinator] "
   pid_t pid = -1;
   bool running = false;
+  int restarts = 0;  // restarts used so far; the current run's DILOCO_RESTART
+  std::optional<Clock::time_point> restart_at;  // a restart is due then (elastic mode)
   OutputStream out;
   OutputStream err;
 };
+
+// The child's whole process group (it may have started processes of its own), or the child alone
+// if the group is not there yet. Only for unreaped children: until reaped, a child keeps its pid,
+// and so its group id, so neither can have been reused.
+void signal_child(const Child& child, int sig) {
+  if (::kill(-child.pid, sig) != 0) ::kill(child.pid, sig);
+}
+
+// What a wait status means, for the logs, and the exit code diloco-run reports for it.
+struct ExitReport {
+  int code = 0;  // 128+S for signal S
+  std::string how;
+};
+
+ExitReport describe_exit(int status) {
+  if (WIFEXITED(status)) {
+    const int code = WEXITSTATUS(status);
+    return {code, "exited with code " + std::to_string(code)};
+  }
+  if (WIFSIGNALED(status)) {
+    const int sig = WTERMSIG(status);
+    return {128 + sig, "killed by signal " + std::to_string(sig) + " (" + signal_name(sig) + ")"};
+  }
+  return {};
+}
+
+// Next to diloco-run first (the build tree, an install's bin/), so that a launcher uses the
+// coordinator built with it; then execvpe searches PATH.
+std::string coordinator_program() {
+  std::vector<char> self(PATH_MAX + 1);
+  const ssize_t n = ::readlink("/proc/self/exe", self.data(), self.size() - 1);
+  if (n > 0) {
+    const std::string exe(self.data(), static_cast<std::size_t>(n));
+    const std::string beside = exe.substr(0, exe.rfind('/') + 1) + kCoordinatorProgram;
+    if (::access(beside.c_str(), X_OK) == 0) return beside;
+  }
+  return kCoordinatorProgram;
+}
 
 class Launcher {
  public:
@@ -347,19 +512,28 @@ class Launcher {
 
  private:
   void install_signal_handling();
+  void start_coordinator();
+  void stop_coordinator();
   void start_children();
+  std::vector<std::string> rank_environment(const Child& child) const;
   // Returns 0, or the errno of a failed exec.
-  int spawn(Child& child, std::vector<std::string> env);
+  int spawn(Child& child, const std::vector<std::string>& args, std::vector<std::string> env,
+            bool pipe_output);
   void poll_once();
   int poll_timeout_ms() const;
   void handle_signals();
   void on_interrupt(int sig);
   void reap_children();
   void on_child_exit(Child& child, int status);
+  void on_elastic_exit(Child& child, const ExitReport& report);
+  void on_coordinator_exit(int status);
+  void start_due_restarts();
   void enforce_deadlines();
   void stop_all(int sig);
   void signal_running(int sig);
   bool any_running() const;
+  bool restart_pending() const;
+  std::vector<Child*> all_children();  // the ranks, then the coordinator if there is one
   std::string running_ranks() const;
 
   void read_once(const Child& child, OutputStream& stream);
@@ -369,7 +543,13 @@ class Launcher {
 
   Options options_;
   std::vector<Child> children_;
+  std::optional<Child> coordinator_;   // the one diloco-run started (elastic, no --coordinator)
+  bool coordinator_ready_ = false;     // it printed kCoordinatorReadyLine
+  bool coordinator_stopping_ = false;  // its exit is our doing
+  // While starting: give up waiting for the ready line; while stopping: send SIGKILL.
+  std::optional<Clock::time_point> coordinator_deadline_;
   std::vector<char> buffer_;
+  std::string master_addr_;
   int master_port_ = 0;
   int signal_fd_ = -1;
   int null_fd_ = -1;
@@ -379,29 +559,40 @@ class Launcher {
   // Set by the first event that ends the run (a failed process, a signal, the timeout); later
   // exits are usually our own doing and must not override it.
   std::optional<int> exit_code_;
+  // Set with exit_code_ when the whole job is being stopped: nothing is restarted any more.
+  bool stopping_ = false;
+  // Elastic mode: the first rank that failed with no restarts left, and its exit code.
+  std::optional<std::pair<int, int>> first_final_failure_;
   std::optional<Clock::time_point> first_interrupt_at_;
   std::optional<Clock::time_point> timeout_at_;
   std::optional<Clock::time_point> kill_at_;
 };
 
 Launcher::Launcher(Options options) : options_(std::move(options)), buffer_(kReadChunk) {
-  master_port_ = options_.master_port > 0 ? options_.master_port : diloco::net::free_local_port();
+  if (!options_.coordinator.empty()) {
+    master_addr_ = options_.coordinator_host;
+    master_port_ = options_.coordinator_port;
+  } else {
+    master_addr_ = options_.master_addr;
+    master_port_ = options_.master_port > 0 ? options_.master_port : diloco::net::free_local_port();
+  }
   null_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
   if (null_fd_ < 0) throw errno_error("open /dev/null");
   install_signal_handling();
 }
 
 Launcher::~Launcher() {
+  const std::vector<Child*> all = all_children();
   // Only reached with processes still running when run() threw; never leave them orphaned.
-  for (Child& child : children_) {
-    if (!child.running) continue;
-    if (::kill(-child.pid, SIGKILL) != 0) ::kill(child.pid, SIGKILL);
+  for (Child* child : all) {
+    if (!child->running) continue;
+    signal_child(*child, SIGKILL);
     int status = 0;
-    while (::waitpid(child.pid, &status, 0) < 0 && errno == EINTR) {
+    while (::waitpid(child->pid, &status, 0) < 0 && errno == EINTR) {
     }
   }
-  for (Child& child : children_) {
-    for (OutputStream* s : {&child.out, &child.err}) {
+  for (Child* child : all) {
+    for (OutputStream* s : {&child->out, &child->err}) {
       if (s->fd >= 0) ::close(s->fd);
     }
   }
@@ -439,35 +630,116 @@ void Launcher::install_signal_handling() {
 }
 
 int Launcher::run() {
-  start_children();
+  // Set first: --timeout bounds the whole job, the coordinator's start included.
   if (options_.timeout_s > 0) timeout_at_ = Clock::now() + to_duration(options_.timeout_s);
-  while (any_running()) {
+  if (options_.elastic && options_.coordinator.empty()) start_coordinator();
+  if (!stopping_) start_children();
+  while (any_running() || restart_pending()) {
     poll_once();
     // SIGCHLDs coalesce, so reap on every wake-up rather than once per signal.
     reap_children();
     enforce_deadlines();
+    start_due_restarts();
   }
-  return exit_code_.value_or(0);
+  stop_coordinator();
+  if (exit_code_) return *exit_code_;
+  if (first_final_failure_) {
+    const auto [rank, code] = *first_final_failure_;
+    log_message("exiting with code " + std::to_string(code) + " of rank " + std::to_string(rank) +
+                ", the first rank that failed with no restarts left");
+    return code;
+  }
+  return 0;
+}
+
+void Launcher::start_coordinator() {
+  coordinator_.emplace();
+  Child& coordinator = *coordinator_;
+  coordinator.is_coordinator = true;
+  coordinator.prefix = "[coordinator] ";
+  const std::string program = coordinator_program();
+  const std::string where = master_addr_ + ":" + std::to_string(master_port_);
+  // Its output is always piped, even with --no-prefix: that is how we learn that it listens.
+  const int exec_errno =
+      spawn(coordinator, {program, "--port", std::to_string(master_port_), "--host", master_addr_},
+            make_environment({}), /*pipe_output=*/true);
+  if (exec_errno != 0) {
+    log_message("cannot execute the coordinator '" + program + "' (looked next to diloco-run, " +
+                "then on PATH): " + std::strerror(exec_errno));
+    exit_code_ = kExitCannotExecute;
+    stopping_ = true;
+    return;
+  }
+  coordinator_deadline_ = Clock::now() + kCoordinatorStartTimeout;
+  // Ends on the ready line, the coordinator's exit (on_coordinator_exit reports it), a signal or
+  // --timeout (both set exit_code_), or the deadline.
+  while (!coordinator_ready_ && coordinator.running && !exit_code_) {
+    if (Clock::now() >= *coordinator_deadline_) {
+      log_message("the coordinator did not report serving the store at " + where + " within " +
+                  std::to_string(kCoordinatorStartTimeout.count()) + " s; stopping it");
+      exit_code_ = kExitInternalError;
+      stopping_ = true;
+      break;
+    }
+    poll_once();
+    reap_children();
+    enforce_deadlines();
+  }
+  coordinator_deadline_.reset();
+}
+
+void Launcher::stop_coordinator() {
+  if (!coordinator_ || !coordinator_->running) return;
+  Child& coordinator = *coordinator_;
+  coordinator_stopping_ = true;
+  // The ranks are gone; what is left is bounded by --kill-after, and the ranks' deadlines must
+  // not make poll_once spin.
+  timeout_at_.reset();
+  kill_at_.reset();
+  signal_child(coordinator, SIGTERM);
+  coordinator_deadline_ = Clock::now() + to_duration(options_.kill_after_s);
+  while (coordinator.running) {
+    poll_once();
+    reap_children();
+    if (coordinator_deadline_ && Clock::now() >= *coordinator_deadline_) {
+      coordinator_deadline_.reset();
+      log_message("the coordinator is still running " + format_seconds(options_.kill_after_s) +
+                  " s after SIGTERM, sending SIGKILL");
+      signal_child(coordinator, SIGKILL);
+    }
+  }
+}
+
+std::vector<std::string> Launcher::rank_environment(const Child& child) const {
+  const int nproc = options_.nproc_per_node;
+  std::vector<std::pair<std::string, std::string>> vars = {
+      {"MASTER_ADDR", master_addr_},
+      {"MASTER_PORT", std::to_string(master_port_)},
+      {"RANK", std::to_string(child.rank)},
+      {"WORLD_SIZE", std::to_string(options_.nnodes * nproc)},
+      {"LOCAL_RANK", std::to_string(child.local_rank)},
+      {"LOCAL_WORLD_SIZE", std::to_string(nproc)},
+      {"GROUP_RANK", std::to_string(options_.node_rank)},
+  };
+  if (options_.elastic) {
+    // torchrun's name for "a store is already served; connect to it as a client".
+    vars.emplace_back("TORCHELASTIC_USE_AGENT_STORE", "True");
+    vars.emplace_back("DILOCO_ELASTIC", "1");
+    vars.emplace_back("DILOCO_RESTART", std::to_string(child.restarts));
+  }
+  return make_environment(vars);
 }
 
 void Launcher::start_children() {
   const int nproc = options_.nproc_per_node;
-  const std::string world_size = std::to_string(options_.nnodes * nproc);
   children_.resize(static_cast<std::size_t>(nproc));
   for (int local = 0; local < nproc; ++local) {
     Child& child = children_[static_cast<std::size_t>(local)];
     child.local_rank = local;
     child.rank = options_.node_rank * nproc + local;
-    std::vector<std::string> env = make_environment({
-        {"MASTER_ADDR", options_.master_addr},
-        {"MASTER_PORT", std::to_string(master_port_)},
-        {"RANK", std::to_string(child.rank)},
-        {"WORLD_SIZE", world_size},
-        {"LOCAL_RANK", std::to_string(local)},
-        {"LOCAL_WORLD_SIZE", std::to_string(nproc)},
-        {"GROUP_RANK", std::to_string(options_.node_rank)},
-    });
-    const int exec_errno = spawn(child, std::move(env));
+    child.prefix = "[rank " + std::to_string(child.rank) + "] ";
+    const int exec_errno =
+        spawn(child, options_.command, rank_environment(child), !options_.no_prefix);
     if (exec_errno != 0) {
       log_message("cannot execute '" + options_.command.front() +
                   "': " + std::strerror(exec_errno));
@@ -478,11 +750,33 @@ void Launcher::start_children() {
   }
 }
 
-int Launcher::spawn(Child& child, std::vector<std::string> env) {
+void Launcher::start_due_restarts() {
+  const auto now = Clock::now();
+  for (Child& child : children_) {
+    if (!child.restart_at || now < *child.restart_at) continue;
+    child.restart_at.reset();
+    // The first line of each restart, so that the `[rank R]` lines after it can be told apart.
+    log_message("rank " + std::to_string(child.rank) + ": restart " +
+                std::to_string(child.restarts) + " of " + std::to_string(options_.max_restarts) +
+                " (DILOCO_RESTART=" + std::to_string(child.restarts) + ")");
+    const int exec_errno =
+        spawn(child, options_.command, rank_environment(child), !options_.no_prefix);
+    if (exec_errno != 0) {
+      // Another try would fail the same way.
+      log_message("cannot execute '" + options_.command.front() +
+                  "': " + std::strerror(exec_errno) + "; rank " + std::to_string(child.rank) +
+                  " stays down, the other ranks go on");
+      if (!first_final_failure_) first_final_failure_ = {child.rank, kExitCannotExecute};
+    }
+  }
+}
+
+int Launcher::spawn(Child& child, const std::vector<std::string>& args_in,
+                    std::vector<std::string> env, bool pipe_output) {
   int out_pipe[2] = {-1, -1};
   int err_pipe[2] = {-1, -1};
   int exec_pipe[2] = {-1, -1};
-  const bool prefix = !options_.no_prefix;
+  const bool prefix = pipe_output;
   // O_CLOEXEC everywhere: no child may hold another child's pipe, or EOF would never come.
   if (prefix && (::pipe2(out_pipe, O_CLOEXEC) != 0 || ::pipe2(err_pipe, O_CLOEXEC) != 0)) {
     throw errno_error("pipe");
@@ -490,7 +784,7 @@ int Launcher::spawn(Child& child, std::vector<std::string> env) {
   // A successful exec closes the write end (O_CLOEXEC), so EOF on it means "exec worked".
   if (::pipe2(exec_pipe, O_CLOEXEC) != 0) throw errno_error("pipe");
 
-  std::vector<std::string> args = options_.command;
+  std::vector<std::string> args = args_in;
   std::vector<char*> argv = to_c_array(args);
   std::vector<char*> envp = to_c_array(env);
   const pid_t parent = ::getpid();
@@ -559,11 +853,12 @@ void Launcher::poll_once() {
   std::vector<std::pair<Child*, OutputStream*>> sources;
   fds.push_back({signal_fd_, POLLIN, 0});
   sources.emplace_back(nullptr, nullptr);
-  for (Child& child : children_) {
-    for (OutputStream* stream : {&child.out, &child.err}) {
+  const std::vector<Child*> all = all_children();
+  for (Child* child : all) {
+    for (OutputStream* stream : {&child->out, &child->err}) {
       if (stream->fd < 0) continue;
       fds.push_back({stream->fd, POLLIN, 0});
-      sources.emplace_back(&child, stream);
+      sources.emplace_back(child, stream);
     }
   }
   if (::poll(fds.data(), fds.size(), poll_timeout_ms()) < 0) {
@@ -580,7 +875,10 @@ void Launcher::poll_once() {
 
 int Launcher::poll_timeout_ms() const {
   std::optional<Clock::time_point> next;
-  for (const auto& deadline : {timeout_at_, kill_at_}) {
+  std::vector<std::optional<Clock::time_point>> deadlines = {timeout_at_, kill_at_,
+                                                             coordinator_deadline_};
+  for (const Child& child : children_) deadlines.push_back(child.restart_at);
+  for (const auto& deadline : deadlines) {
     if (deadline && (!next || *deadline < *next)) next = deadline;
   }
   if (!next) return -1;
@@ -605,6 +903,7 @@ void Launcher::on_interrupt(int sig) {
     if (now - *first_interrupt_at_ < kRepeatSignalGap) return;
     log_message("received " + signal_name(sig) + " again, killing all ranks");
     signal_running(SIGKILL);
+    if (coordinator_stopping_ && coordinator_->running) signal_child(*coordinator_, SIGKILL);
     return;
   }
   first_interrupt_at_ = now;
@@ -620,6 +919,10 @@ void Launcher::reap_children() {
     const pid_t pid = ::waitpid(-1, &status, WNOHANG);
     if (pid < 0 && errno == EINTR) continue;
     if (pid <= 0) return;
+    if (coordinator_ && coordinator_->running && coordinator_->pid == pid) {
+      on_coordinator_exit(status);
+      continue;
+    }
     for (Child& child : children_) {
       if (child.pid == pid && child.running) {
         on_child_exit(child, status);
@@ -635,16 +938,13 @@ void Launcher::on_child_exit(Child& child, int status) {
   drain(child, child.err);
   child.running = false;
 
-  int code = 0;
-  std::string how;
-  if (WIFEXITED(status)) {
-    code = WEXITSTATUS(status);
-    how = "exited with code " + std::to_string(code);
-  } else if (WIFSIGNALED(status)) {
-    code = 128 + WTERMSIG(status);
-    how = "killed by signal " + std::to_string(WTERMSIG(status)) + " (" +
-          signal_name(WTERMSIG(status)) + ")";
+  const ExitReport report = describe_exit(status);
+  if (options_.elastic) {
+    on_elastic_exit(child, report);
+    return;
   }
+  const int code = report.code;
+  const std::string& how = report.how;
   if (code == 0 || exit_code_) return;
 
   exit_code_ = code;
@@ -653,6 +953,48 @@ void Launcher::on_child_exit(Child& child, int status) {
               (others ? " (stopping the other ranks)" : ""));
   // The survivors would block in their next collective until Gloo's timeout.
   if (others) stop_all(SIGTERM);
+}
+
+void Launcher::on_elastic_exit(Child& child, const ExitReport& report) {
+  // A rank that exits 0 is done; after a signal or --timeout the exits are our own doing.
+  if (report.code == 0 || stopping_) return;
+  const std::string who = "rank " + std::to_string(child.rank) + " " + report.how;
+  if (child.restarts < options_.max_restarts) {
+    ++child.restarts;
+    child.restart_at = Clock::now() + to_duration(options_.restart_delay_s);
+    log_message(who + "; restarting it (restart " + std::to_string(child.restarts) + " of " +
+                std::to_string(options_.max_restarts) + ") in " +
+                format_seconds(options_.restart_delay_s) + " s");
+    return;
+  }
+  const bool others = any_running() || restart_pending();
+  log_message(who + "; " +
+              (options_.max_restarts == 0
+                   ? std::string("not restarted (--max-restarts 0)")
+                   : "no restarts left (" + std::to_string(child.restarts) + " used)") +
+              (others ? ", the other ranks go on" : ""));
+  if (!first_final_failure_) first_final_failure_ = {child.rank, report.code};
+}
+
+void Launcher::on_coordinator_exit(int status) {
+  Child& coordinator = *coordinator_;
+  drain(coordinator, coordinator.out);
+  drain(coordinator, coordinator.err);
+  coordinator.running = false;
+  if (coordinator_stopping_) return;
+  const ExitReport report = describe_exit(status);
+  const std::string where = master_addr_ + ":" + std::to_string(master_port_);
+  if (!coordinator_ready_) {
+    log_message("the coordinator " + report.how + " before it served the store at " + where +
+                " (its lines above start with [coordinator])");
+  } else {
+    // The islands' membership lives in its store; without it no island can go on or rejoin.
+    log_message(
+        "the coordinator " + report.how + " during the run" +
+        (any_running() ? "; stopping the ranks, which cannot go on without its store" : ""));
+  }
+  if (!exit_code_) exit_code_ = kExitInternalError;
+  stop_all(SIGTERM);
 }
 
 void Launcher::enforce_deadlines() {
@@ -676,19 +1018,32 @@ void Launcher::enforce_deadlines() {
 }
 
 void Launcher::stop_all(int sig) {
+  stopping_ = true;
+  for (Child& child : children_) child.restart_at.reset();
   signal_running(sig);
   if (!kill_at_) kill_at_ = Clock::now() + to_duration(options_.kill_after_s);
 }
 
 void Launcher::signal_running(int sig) {
   for (const Child& child : children_) {
-    // Unreaped children keep their pid, and so their group id, so neither can have been reused.
-    if (child.running && ::kill(-child.pid, sig) != 0) ::kill(child.pid, sig);
+    if (child.running) signal_child(child, sig);
   }
 }
 
 bool Launcher::any_running() const {
   return std::any_of(children_.begin(), children_.end(), [](const Child& c) { return c.running; });
+}
+
+std::vector<Child*> Launcher::all_children() {
+  std::vector<Child*> all;
+  for (Child& child : children_) all.push_back(&child);
+  if (coordinator_) all.push_back(&*coordinator_);
+  return all;
+}
+
+bool Launcher::restart_pending() const {
+  return std::any_of(children_.begin(), children_.end(),
+                     [](const Child& c) { return c.restart_at.has_value(); });
 }
 
 std::string Launcher::running_ranks() const {
@@ -725,11 +1080,16 @@ void Launcher::drain(const Child& child, OutputStream& stream) {
 }
 
 void Launcher::emit(const Child& child, OutputStream& stream, const char* data, std::size_t size) {
-  const std::string prefix = "[rank " + std::to_string(child.rank) + "] ";
+  const std::string& prefix = child.prefix;
   std::string out;
   std::size_t start = 0;
   for (std::size_t i = 0; i < size; ++i) {
     if (data[i] != '\n') continue;
+    if (child.is_coordinator && &stream == &child.out && !coordinator_ready_) {
+      const std::string line = stream.pending + std::string(data + start, i - start);
+      coordinator_ready_ =
+          line.compare(0, kCoordinatorReadyLine.size(), kCoordinatorReadyLine) == 0;
+    }
     if (!stream.mid_line) out += prefix;
     out += stream.pending;
     out.append(data + start, i + 1 - start);
@@ -754,7 +1114,7 @@ void Launcher::close_stream(const Child& child, OutputStream& stream) {
   stream.fd = -1;
   if (stream.pending.empty() && !stream.mid_line) return;
   // End the unfinished line so the next rank's line starts on a line of its own.
-  std::string out = stream.mid_line ? std::string() : "[rank " + std::to_string(child.rank) + "] ";
+  std::string out = stream.mid_line ? std::string() : child.prefix;
   out += stream.pending;
   out += '\n';
   stream.pending.clear();

@@ -10,6 +10,7 @@ trap 'rm -rf "$tmp"' EXIT
 cmake --install "$build_dir" --prefix "$tmp/prefix" >/dev/null
 find "$tmp/prefix" -name dilocoConfig.cmake | grep -q . || { echo "no package config installed"; exit 1; }
 test -x "$tmp/prefix/bin/diloco-run" || { echo "diloco-run not installed"; exit 1; }
+test -x "$tmp/prefix/bin/diloco-coordinator" || { echo "diloco-coordinator not installed"; exit 1; }
 cmake -S "$here/consumer" -B "$tmp/build" -DCMAKE_PREFIX_PATH="$tmp/prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$tmp/build" >/dev/null
 "$tmp/build/consumer" | tee "$tmp/out.txt"
