@@ -1,0 +1,207 @@
+// Elastic runs in one process: islands are threads, each with its own Membership (store clients,
+// heartbeat thread, Gloo groups on loopback) against a TCPStore this test serves. The fault
+// scenarios with real processes (kill -9, SIGSTOP, restarts) are in tests/examples/elastic_test.sh.
+#include <ATen/ATen.h>
+#include <catch2/catch.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm/c10d_compat.h"
+#include "diloco/comm/group.h"
+#include "diloco/elastic/membership.h"
+#include "diloco/errors.h"
+#include "diloco/sync/diloco.h"
+#include "support/ranks.h"
+
+using Catch::Matchers::Contains;
+
+namespace {
+
+using namespace std::chrono_literals;
+
+diloco::ElasticOptions options_for(int port, int slot, int world_size) {
+  diloco::ElasticOptions o;
+  o.store_port = port;
+  o.slot = slot;
+  o.world_size = world_size;
+  o.hostname = "127.0.0.1";
+  o.heartbeat_interval = 50ms;
+  o.heartbeat_timeout = 500ms;
+  o.timeout = 5000ms;
+  o.rendezvous_timeout = 20000ms;
+  return o;
+}
+
+// One parameter of 10 elements, the same on every island.
+diloco::ModelTensors model_of(at::Tensor& w) {
+  diloco::ModelTensors m;
+  m.parameters.push_back({"w", w});
+  return m;
+}
+
+// The outer step of DiLoCo (Alg. 1) with Nesterov momentum mu from a zero buffer:
+// delta = mean of the pseudo-gradients; b = delta; theta -= lr * (delta + mu * b).
+at::Tensor first_outer_step(const at::Tensor& theta, const std::vector<at::Tensor>& locals,
+                            double lr, double mu) {
+  at::Tensor delta = at::zeros_like(theta);
+  for (const auto& l : locals) delta += theta - l;
+  delta /= static_cast<double>(locals.size());
+  return theta - lr * (delta + mu * delta);
+}
+
+}  // namespace
+
+TEST_CASE("ElasticOptions: every option is validated, naming it and its range", "[elastic]") {
+  const auto bad = [](auto change, const std::string& names) {
+    diloco::ElasticOptions o = options_for(29500, 0, 4);
+    change(o);
+    CHECK_THROWS_WITH(o.validate(), Contains(names));
+  };
+  bad([](auto& o) { o.world_size = 0; }, "world_size (WORLD_SIZE");
+  bad([](auto& o) { o.slot = -1; }, "slot (RANK) must be >= 0");
+  bad([](auto& o) { o.min_islands = 5; }, "min_islands must be in [1, world_size = 4]");
+  bad([](auto& o) { o.store_port = 70000; }, "store_port (MASTER_PORT) must be in [1, 65535]");
+  bad([](auto& o) { o.heartbeat_timeout = 60ms; }, "heartbeat_timeout must be >= 2 x heartbeat_interval");
+  bad([](auto& o) { o.timeout = 400ms; }, "timeout (the collective timeout) must be above heartbeat_timeout");
+  bad([](auto& o) { o.rendezvous_timeout = 1000ms; }, "rendezvous_timeout must be >= timeout");
+  diloco::ElasticOptions fine = options_for(29500, 7, 4);  // a slot beyond WORLD_SIZE joins
+  CHECK_NOTHROW(fine.validate());
+}
+
+TEST_CASE("Interrupt: a raised interrupt ends a collective's wait at once and refuses new ones",
+          "[elastic][group]") {
+  const auto errors = diloco_test::run_ranks_collect(2, [](int rank, std::shared_ptr<diloco::Group> g) {
+    if (rank == 1) {
+      // Late: rank 0 gives up before this; the all-reduce then completes its abandoned one.
+      std::this_thread::sleep_for(1500ms);
+      at::Tensor t = at::ones({4});
+      g->allreduce_sum(t, "late");
+      return;
+    }
+    auto interrupt = std::make_shared<diloco::Interrupt>();
+    g->set_interrupt(interrupt);
+    at::Tensor t = at::ones({4});
+    auto pending = g->allreduce_sum_async(t, "waits");
+    std::thread raiser([&] {
+      std::this_thread::sleep_for(200ms);
+      interrupt->raise("island 1.0 sent no heartbeat");
+    });
+    const auto start = std::chrono::steady_clock::now();
+    std::string what;
+    try {
+      pending.wait();
+    } catch (const diloco::PeerLostError& e) {
+      what = e.what();
+    }
+    raiser.join();
+    const double waited =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (what.find("given up: island 1.0 sent no heartbeat") == std::string::npos) {
+      throw std::runtime_error("the wait did not end with the interrupt's reason: '" + what + "'");
+    }
+    if (waited > 1.0) throw std::runtime_error("the wait took " + std::to_string(waited) + " s");
+    bool refused = false;
+    try {
+      at::Tensor u = at::ones({4});
+      g->allreduce_sum(u, "after");
+    } catch (const diloco::PeerLostError& e) {
+      refused = std::string(e.what()).find("not started") != std::string::npos;
+    }
+    if (!refused) throw std::runtime_error("a collective after the interrupt was not refused");
+  });
+  CHECK(errors[0] == "");
+  CHECK(errors[1] == "");
+}
+
+TEST_CASE("Elastic DiLoCo: an island that exits mid-round is dropped, the survivors redo the outer "
+          "step with their own pseudo-gradients, and a restarted island joins bit-identical",
+          "[elastic]") {
+  const int port = diloco_test::free_port();
+  auto server = diloco::compat::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(port),
+                                               /*is_server=*/true, 20000ms);
+  auto watcher = diloco::compat::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(port),
+                                                /*is_server=*/false, 20000ms);
+  const std::int64_t H = 2;
+  const double lr = 0.7, mu = 0.9;
+  diloco::DiLoCoOptions options;
+  options.inner_steps = H;
+  options.outer.lr = lr;
+  options.outer.momentum = mu;
+  const at::Tensor theta0 = at::linspace(-1.0, 1.0, 10);
+  // Island r's inner steps: w -= (r + 1) * 0.01 * (t + 1) at its inner step t (deterministic).
+  const auto inner_step = [](at::Tensor& w, int slot, std::int64_t t) {
+    at::NoGradGuard no_grad;
+    w.sub_(0.01 * (slot + 1) * static_cast<double>(t + 1));
+  };
+
+  struct Result {
+    std::string error;
+    at::Tensor after_first;  // global weights after outer step 1
+    std::string sha;
+    std::int64_t world = 0;
+  };
+  std::vector<Result> results(4);
+  std::atomic<bool> joiner_waiting{false};
+  auto island = [&](int index, int slot) {
+    Result& out = results[static_cast<std::size_t>(index)];
+    try {
+      at::Tensor w = theta0.clone();
+      auto membership = diloco::Membership::join(options_for(port, slot, 3));
+      diloco::DiLoCo outer(model_of(w), membership, options);
+      for (std::int64_t t = outer.state().inner_step; t < 4 * H; ++t) {
+        inner_step(w, slot, t);
+        if (slot == 2 && index == 2 && t == H - 1) return;  // exits before its first outer step
+        // The survivors wait for the restarted island to register before their second outer step,
+        // so that it is admitted there.
+        if (index < 2 && t == 2 * H - 1) {
+          while (!joiner_waiting.load()) std::this_thread::sleep_for(10ms);
+        }
+        const bool outer_step = outer.step();
+        if (outer_step && outer.state().outer_step == 1) out.after_first = outer.global_weights()[0].clone();
+      }
+      out.sha = outer.state().sha256();
+      out.world = membership->group()->world_size();
+      membership->leave();
+    } catch (const std::exception& e) {
+      out.error = e.what();
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int s = 0; s < 3; ++s) threads.emplace_back(island, s, s);
+  // Slot 2 again (incarnation 1), once the survivors have formed their epoch without it.
+  threads.emplace_back([&] {
+    while (!watcher->check({"diloco-elastic/e/1/members"})) std::this_thread::sleep_for(10ms);
+    std::thread([&] {
+      while (!watcher->check({"diloco-elastic/join/list/0"})) std::this_thread::sleep_for(5ms);
+      joiner_waiting = true;
+    }).detach();
+    island(3, 2);
+  });
+  for (auto& t : threads) t.join();
+  for (int i : {0, 1, 3}) {
+    INFO("island " << i << ": " << results[static_cast<std::size_t>(i)].error);
+    CHECK(results[static_cast<std::size_t>(i)].error.empty());
+  }
+  REQUIRE(results[0].after_first.defined());
+  // Outer step 1 averaged the two survivors' pseudo-gradients (their H inner steps kept).
+  std::vector<at::Tensor> locals;
+  for (int slot : {0, 1}) {
+    at::Tensor w = theta0.clone();
+    for (std::int64_t t = 0; t < H; ++t) inner_step(w, slot, t);
+    locals.push_back(w);
+  }
+  const at::Tensor expected = first_outer_step(theta0, locals, lr, mu);
+  CHECK(at::allclose(results[0].after_first, expected, 1e-6, 1e-6));
+  CHECK(at::equal(results[0].after_first, results[1].after_first));
+  // The joiner took part from its admission on and ends bit-identical, in a group of 3 again.
+  CHECK(results[0].sha == results[1].sha);
+  CHECK(results[3].sha == results[0].sha);
+  CHECK(results[0].world == 3);
+  CHECK(results[3].world == 3);
+}
