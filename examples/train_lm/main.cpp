@@ -844,6 +844,10 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     return train(flags, app.count("--timeout-s") > 0);
+  } catch (const diloco::RunFinishedError& e) {
+    // Elastic runs: started (or restarted) after the others finished; not a failure.
+    std::printf("train_lm: nothing to do: %s\n", e.what());
+    return 0;
   } catch (const diloco::RemovedError& e) {
     // Elastic runs: a launcher with restarts left starts the island again, and it rejoins.
     std::fprintf(stderr, "train_lm: removed from the run: %s\n", e.what());

@@ -8,8 +8,9 @@
 #   kill      kill -9 a random one of 4 islands at a random moment, during an exchange (the emulated
 #             link makes each exchange last about a second) and, in a second run, between outer
 #             steps; the survivors finish and agree
-#   restart   kill -9 a random island; diloco-run --max-restarts starts it again and it rejoins:
-#             all 4 finish and agree
+#   restart   kill -9 a random island; diloco-run --max-restarts starts it again and it rejoins;
+#             another island is killed while the first is being admitted (its state published,
+#             its first outer step not reached) and rejoins too: all 4 finish and agree
 #   stop      SIGSTOP one island: the others form a new epoch within heartbeat_timeout + 2 s and go
 #             on; on SIGCONT it is told it was removed (exit code 3)
 #   join      a fifth island joins mid-run and ends bit-identical to the others; a misconfigured one
@@ -103,15 +104,20 @@ kill)
   ;;
 restart)
   victim=$(( RANDOM % 4 ))
-  echo "== kill -9 island $victim; diloco-run starts it again and it rejoins"
-  launch restart -n 4 --max-restarts 1 --restart-delay 0 -- "$train_lm" "${model[@]}" --steps 500 --inner-steps 50
+  second=$(( (victim + 1 + RANDOM % 3) % 4 ))
+  echo "== kill -9 island $victim; diloco-run starts it again and it rejoins; island $second is" \
+       "killed while $victim.1 is being admitted, and rejoins too"
+  launch restart -n 4 --max-restarts 1 --restart-delay 0 -- "$train_lm" "${model[@]}" --steps 1000 --inner-steps 50
   wait_for_line "$tmp/restart.txt" "step [0-9]+/[0-9]+ outer 2 " 120
   sleep "0.$(( RANDOM % 10 ))"
   kill -9 "$(island_pid "$victim")"
+  # Between its admission (the state published for it) and its first outer step.
+  wait_for_line "$tmp/restart.txt" "island $victim.1 \(slot $victim\): admitted at step" 120
+  kill -9 "$(island_pid "$second")"
   finish restart
   [ "$rc" = 0 ] || fail "diloco-run exited $rc"
-  grep -q "island $victim.1 (slot $victim): admitted at step" "$tmp/restart.txt" || fail "island $victim.1 was not admitted"
-  grep -E "admitted at step" "$tmp/restart.txt"
+  grep -q "island $second.1 (slot $second): admitted at step" "$tmp/restart.txt" || fail "island $second.1 was not admitted"
+  grep -E "admitted at step|\[elastic\].*formed" "$tmp/restart.txt" | sort -u | head -n 8
   expect_agree "$tmp/restart.txt" 4
   ;;
 stop)

@@ -44,6 +44,13 @@ class RemovedError : public Error {
   using Error::Error;
 };
 
+// Elastic runs: an island that came to join found the run over (every member of its newest epoch
+// left when done). Nothing is wrong; there is nothing left to do.
+class RunFinishedError : public Error {
+ public:
+  using Error::Error;
+};
+
 // Elastic runs: fewer islands remain than min_islands; the run stops on every survivor.
 class TooFewIslandsError : public Error {
  public:

@@ -231,6 +231,23 @@ struct Membership::Impl {
 
   std::string who() const { return "[elastic] island " + id; }
 
+  // A new connection to the coordinator's store, under the run's prefix.
+  Store open_store() const {
+    const std::string where = options.store_addr + ":" + std::to_string(options.store_port);
+    try {
+      auto raw = compat::make_tcp_store(options.store_addr,
+                                        static_cast<std::uint16_t>(options.store_port),
+                                        /*is_server=*/false, options.timeout);
+      return Store(c10::make_intrusive<c10d::PrefixStore>("diloco-elastic", raw));
+    } catch (const std::exception& e) {
+      const std::string what = e.what();
+      throw Error("[elastic] slot " + std::to_string(options.slot) +
+                  ": no coordinator answered at " + where +
+                  " (start diloco-coordinator, or launch with diloco-run --elastic): " +
+                  what.substr(0, what.find('\n')));
+    }
+  }
+
   // --- the heartbeat thread ---
   void beat_loop() {
     std::unique_lock<std::mutex> lock(mutex);
@@ -361,13 +378,58 @@ struct Membership::Impl {
       }
       std::this_thread::sleep_for(kPoll);
     }
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("g/" + std::to_string(e), calls);
     const int rank = static_cast<int>(me - m.begin());
-    auto backend = make_gloo_backend(prefixed, rank, static_cast<int>(m.size()), options.timeout,
-                                     hostname);
-    retired.push_back(group->replace_backend(std::move(backend)));
+    retired.push_back(group->replace_backend(connect(e, m, rank)));
     set_epoch(e, m, true);
     ++epochs_joined;
+  }
+
+  // Connects epoch e's Gloo group. Gloo's connect cannot be interrupted, and a member killed
+  // between the arrival barrier and here would hold it for the whole collective timeout: it runs
+  // on a thread of its own, and a member declared gone meanwhile ends the wait (the thread is left
+  // to fail by itself at Gloo's timeout; it owns everything it uses).
+  std::unique_ptr<Backend> connect(std::int64_t e, const std::vector<std::string>& m, int rank) {
+    struct Attempt {
+      std::mutex mutex;
+      bool done = false;
+      std::unique_ptr<Backend> backend;
+      std::exception_ptr error;
+    };
+    auto attempt = std::make_shared<Attempt>();
+    // A connection of its own: Gloo's blocking store reads would hold up this thread's calls.
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("g/" + std::to_string(e), open_store());
+    std::thread([attempt, prefixed, rank, n = static_cast<int>(m.size()), timeout = options.timeout,
+                 host = hostname] {
+      std::unique_ptr<Backend> backend;
+      std::exception_ptr error;
+      try {
+        backend = make_gloo_backend(prefixed, rank, n, timeout, host);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(attempt->mutex);
+      attempt->backend = std::move(backend);
+      attempt->error = error;
+      attempt->done = true;
+    }).detach();
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lock(attempt->mutex);
+        if (attempt->done) {
+          if (attempt->error) std::rethrow_exception(attempt->error);
+          return std::move(attempt->backend);
+        }
+      }
+      for (std::size_t r = 0; r < m.size(); ++r) {
+        if (m[r] != id && gone(e, m[r])) {
+          throw PeerLostError(who() + ": island " + m[r] + " was lost while epoch " +
+                              std::to_string(e) + "'s group connected (silent for " +
+                              std::to_string(static_cast<int>(silent_for(m[r]))) + " s)",
+                              static_cast<int>(r));
+        }
+      }
+      std::this_thread::sleep_for(kPoll);
+    }
   }
 
   // The leader of a reform round decides the next epoch (or "!" and why the run stops).
@@ -579,22 +641,9 @@ std::shared_ptr<Membership> Membership::join(const ElasticOptions& options) {
   } catch (const std::invalid_argument& e) {
     throw Error("[elastic] MASTER_ADDR " + std::string(e.what()));
   }
-  auto connect = [&] {
-    try {
-      auto raw = compat::make_tcp_store(options.store_addr,
-                                        static_cast<std::uint16_t>(options.store_port),
-                                        /*is_server=*/false, options.timeout);
-      return Store(c10::make_intrusive<c10d::PrefixStore>("diloco-elastic", raw));
-    } catch (const std::exception& e) {
-      throw Error("[elastic] slot " + std::to_string(options.slot) +
-                  ": no coordinator answered at " + where +
-                  " (start diloco-coordinator, or launch with diloco-run --elastic): " +
-                  std::string(e.what()).substr(0, std::string(e.what()).find('\n')));
-    }
-  };
-  m.calls = connect();
-  m.beats = connect();
-  m.uploads = connect();
+  m.calls = m.open_store();
+  m.beats = m.open_store();
+  m.uploads = m.open_store();
   const std::string slot = std::to_string(options.slot);
   const std::int64_t incarnation = m.calls->add("inc/" + slot, 1) - 1;
   m.id = slot + "." + std::to_string(incarnation);
@@ -752,6 +801,15 @@ std::string Membership::await_admission(const std::string& mine) {
   const auto deadline = Clock::now() + m.options.rendezvous_timeout;
   const std::string status_key = "join/" + m.id + "/status";
   while (!has(m.calls, status_key)) {
+    // Nobody is left to admit it when every member of the newest epoch has left, done.
+    const auto newest = split(get_or(m.calls, epoch_key(std::stoll(get_or(m.calls, "latest", "0")),
+                                                       "members"), ""));
+    if (!newest.empty() && std::all_of(newest.begin(), newest.end(), [&](const std::string& x) {
+          return has(m.calls, "left/" + x);
+        })) {
+      throw RunFinishedError(m.who() + ": the run is over (its last islands, " + joined(newest) +
+                             ", finished) before this island was admitted");
+    }
     if (Clock::now() > deadline) {
       throw Error(m.who() + ": not admitted within " +
                   std::to_string(m.options.rendezvous_timeout.count()) +

@@ -122,7 +122,8 @@ class Membership {
   // A joiner's admission: publishes `mine` (its fingerprint) and waits (rendezvous_timeout) to
   // be admitted; returns the outer state's bytes. Throws OptionError naming the first field in
   // which its configuration differs from the run's, RemovedError when the epoch it was admitted
-  // to was abandoned (a member failed first), Error for a corrupted transfer (naming the chunk).
+  // to was abandoned (a member failed first), RunFinishedError when the run ended before it was
+  // admitted, Error for a corrupted transfer (naming the chunk).
   std::string await_admission(const std::string& mine);
   // This island leaves on purpose (its run is done): the others do not count its silence as a
   // loss. Call it after the last collective.
