@@ -10,6 +10,7 @@ packages=(
   libtorch-dev          # CPU LibTorch 1.13.1 with c10d (TCPStore, ProcessGroupGloo)
   libgloo-dev libeigen3-dev catch2 libcli11-dev nlohmann-json3-dev
   libssl-dev            # libcrypto: SHA-256 of checkpoints and of the global state
+  libxxhash-dev         # XXH3: the islands compare their global state after every outer step
   libopenblas0-openmp   # Debian's torch otherwise runs matmuls on the reference BLAS (~16x slower)
   pybind11-dev python3-dev python3-torch python3-pytest python3-matplotlib
   dataset-fashion-mnist # the Python example examples/python/fashion_mnist.py

@@ -9,7 +9,9 @@
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <set>
@@ -21,6 +23,10 @@
 #include "diloco/errors.h"
 #include "diloco/sync/fingerprint.h"
 #include "kernels/cpu_kernels.h"
+
+// Header-only: no library to link, for this package or for its users.
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 namespace diloco {
 namespace {
@@ -245,6 +251,7 @@ Fingerprint DiLoCo::fingerprint() const {
   f.add("fragments (P)", std::to_string(options_.fragments));
   f.add("overlap_steps (tau)", std::to_string(options_.overlap_steps));
   f.add("mixing (alpha)", exact_decimal(options_.mixing));
+  f.add("compare_states", options_.compare_states ? "true" : "false");
   std::string fragment_of;
   for (const auto& b : params_.buckets()) {
     for (auto m : b.members) {
@@ -461,6 +468,8 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
     }
   }
   pending_.clear();
+  // Elastic runs compare once the outer step is committed (elastic_outer_step).
+  if (options_.compare_states && !membership_ && bad_bucket < 0) compare_states(fragment);
   if (bad_bucket >= 0) {
     const auto i = static_cast<std::size_t>(bad_bucket);
     std::ostringstream m;
@@ -473,6 +482,74 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
     if (staged()) reset_model_to_global();
     throw Error(m.str());
   }
+}
+
+void DiLoCo::compare_states(std::int64_t fragment) {
+  XXH3_state_t* hasher = XXH3_createState();
+  if (hasher == nullptr) throw Error("[DiLoCo] out of memory for the state hash");
+  XXH3_128bits_reset(hasher);
+  const std::int64_t counters[2] = {state_.outer_step, fragment};
+  XXH3_128bits_update(hasher, counters, sizeof counters);
+  const auto& buckets = params_.buckets();
+  for (std::size_t i = 0; i < buckets.size(); ++i) {
+    if (buckets[i].fragment != fragment) continue;
+    for (const at::Tensor* t : {&state_.global[i], &state_.momentum[i]}) {
+      if (!t->defined()) continue;
+      const at::Tensor host = t->is_cpu() ? t->contiguous() : t->cpu().contiguous();
+      XXH3_128bits_update(hasher, host.data_ptr(), host.nbytes());
+    }
+  }
+  const XXH128_hash_t h = XXH3_128bits_digest(hasher);
+  XXH3_freeState(hasher);
+  const auto all = group_->allgather(
+      at::tensor({static_cast<std::int64_t>(h.high64), static_cast<std::int64_t>(h.low64)},
+                 at::kLong),
+      "state_check");
+  // The majority's hash (a strict majority, or none).
+  const int n = static_cast<int>(all.size());
+  const auto same = [&](int a, int b) { return at::equal(all[a], all[b]); };
+  int majority = -1;
+  for (int r = 0; r < n && majority < 0; ++r) {
+    int votes = 0;
+    for (int q = 0; q < n; ++q) votes += same(r, q) ? 1 : 0;
+    if (2 * votes > n) majority = r;
+  }
+  std::vector<int> differing;
+  for (int r = 0; r < n; ++r) {
+    if (majority < 0 || !same(r, majority)) differing.push_back(r);
+  }
+  if (differing.empty()) return;
+  const auto hex = [&](int r) {
+    char text[40];
+    std::snprintf(text, sizeof text, "%016llx%016llx",
+                  static_cast<unsigned long long>(all[r][0].item<std::int64_t>()),
+                  static_cast<unsigned long long>(all[r][1].item<std::int64_t>()));
+    return std::string(text);
+  };
+  std::ostringstream m;
+  m << "[DiLoCo outer step " << state_.outer_step << ", fragment " << fragment << "] rank "
+    << group_->rank() << ": the islands' global states differ after the outer step: ";
+  if (majority < 0) {
+    m << "no majority (";
+    for (int r = 0; r < n; ++r) m << (r ? ", " : "") << "rank " << r << " " << hex(r);
+    m << ")";
+    throw Error(m.str());
+  }
+  m << "rank(s) ";
+  for (std::size_t k = 0; k < differing.size(); ++k) m << (k ? ", " : "") << differing[k];
+  m << " disagree with the majority (state hash " << hex(majority) << "; theirs ";
+  for (std::size_t k = 0; k < differing.size(); ++k) m << (k ? ", " : "") << hex(differing[k]);
+  m << ")";
+  const bool mine_differs =
+      std::find(differing.begin(), differing.end(), group_->rank()) != differing.end();
+  if (!membership_) throw Error(m.str());
+  if (mine_differs) {
+    throw RemovedError(m.str() + "; this island leaves the run (started again, it rejoins with "
+                       "the run's state)");
+  }
+  // The majority drops them now rather than at their next collective.
+  for (int r : differing) membership_->report_failure(m.str(), r);
+  throw PeerLostError(m.str(), differing.front());
 }
 
 void DiLoCo::drain_and_reset() {
@@ -513,6 +590,7 @@ void DiLoCo::elastic_outer_step() {
         finish_sync(0);
         exchange_snapshot_.clear();
         ++state_.outer_step;
+        if (options_.compare_states) compare_states(0);
       }
       buffers_.sync(*group_, options_.buffers, "DiLoCo outer", state_.outer_step - 1);
       membership_->at_boundary(state_.outer_step, fingerprint_text_,

@@ -115,6 +115,12 @@ struct DiLoCoOptions {
   std::int64_t fragments = 1;
   std::int64_t overlap_steps = 0;
   double mixing = 0.0;
+  // After every applied fragment the islands compare a 128-bit XXH3 hash of its global weights,
+  // outer momentum and the outer step (one all-gather of 16 bytes per rank). A difference is an
+  // Error on every rank naming the ranks that disagree with the majority; in elastic runs those
+  // get RemovedError (started again, they rejoin with the run's state) and the others go on.
+  bool compare_states = true;
+
   // Each parameter's fragment, in the model's parameter order, values in [0, P); empty: the
   // default_fragments of sync/schedule.h (strided over the blocks, or size-balanced when the
   // model has fewer blocks than fragments). Every fragment must hold a parameter.
@@ -213,6 +219,8 @@ class DiLoCo {
   void check_finite(std::int64_t fragment, bool mine_finite);
   void start_sync(std::int64_t fragment);
   void finish_sync(std::int64_t fragment);
+  // options_.compare_states: the islands compare the fragment's global state (see the option).
+  void compare_states(std::int64_t fragment);
   void end_round();
   void reset_model_to_global();
   void drain_and_reset();
