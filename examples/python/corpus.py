@@ -83,6 +83,11 @@ class ByteCorpus:
         return [self._sample(self.validation, generator) for _ in range(count)]
 
 
-def make_generator(seed, rank):
-    """Batches of stream `rank` of run `seed`: distinct, reproducible streams."""
-    return torch.Generator().manual_seed(seed * 1000003 + rank + 1)
+def make_generator(seed, rank, start=0):
+    """Batches of stream `rank` of run `seed`: distinct, reproducible streams. `start`: the step
+    an island joining an elastic run starts at, which gives it a stream of its own (a restarted
+    slot does not replay its first life's batches); 0 for the islands that start the run."""
+    value = seed * 1000003 + rank + 1
+    if start:
+        value = (value * 0x9E3779B97F4A7C15 + start) % (1 << 63)
+    return torch.Generator().manual_seed(value)

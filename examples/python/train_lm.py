@@ -16,6 +16,9 @@ Usage (from the repository root, after `bash libdiloco/scripts/build.sh` and
   # data-parallel, and one island alone:
   build/libdiloco/diloco-run -n 4 -- /usr/bin/python3 examples/python/train_lm.py --mode dp
   /usr/bin/python3 examples/python/train_lm.py --mode single --steps 600 --metrics single.jsonl
+  # elastic: islands may die or be stopped; --max-restarts starts them again and they rejoin:
+  build/libdiloco/diloco-run -n 4 --max-restarts 3 -- /usr/bin/python3 \
+      examples/python/train_lm.py --steps 600 --min-islands 2
   # checkpoints every 2 outer steps; after a crash, the same command with --resume continues:
   build/libdiloco/diloco-run -n 4 -- /usr/bin/python3 examples/python/train_lm.py --steps 600 \
       --checkpoint-dir ckpt --checkpoint-every 2 [--resume]
@@ -128,6 +131,17 @@ def parse_flags(argv):
     p.add_argument("--resume", action="store_true",
                    help="start from the newest checkpoint in --checkpoint-dir that every rank has "
                         "intact (checksums verified; none: start fresh)")
+    p.add_argument("--elastic", action="store_true",
+                   help="DiLoCo: an elastic run (also on with --min-islands or DILOCO_ELASTIC=1): "
+                        "islands that die or stop are dropped and the others go on; started "
+                        "again, they rejoin. Needs a coordinator: launch with diloco-run "
+                        "--elastic or --max-restarts N")
+    p.add_argument("--min-islands", type=int, default=None,
+                   help="elastic: stop with an error when fewer islands remain (in [1, "
+                        "WORLD_SIZE]; default 1)")
+    p.add_argument("--heartbeat-timeout-s", type=int, default=10,
+                   help="elastic: an island silent this long is declared lost (below "
+                        "--timeout-s)")
     f = p.parse_args(argv)
     if f.steps < 1 or f.inner_steps < 1:
         p.error("--steps and --inner-steps must be >= 1")
@@ -149,6 +163,27 @@ def parse_flags(argv):
         p.error("--checkpoint-every must be >= 1 (outer steps), got %d" % f.checkpoint_every)
     if f.keep_checkpoints < 1:
         p.error("--keep-checkpoints must be >= 1, got %d" % f.keep_checkpoints)
+    if f.min_islands is not None and not 1 <= f.min_islands <= 1000000:
+        p.error("--min-islands must be in [1, WORLD_SIZE], got %d" % f.min_islands)
+    if not 1 <= f.heartbeat_timeout_s <= 3600:
+        p.error("--heartbeat-timeout-s must be in [1, 3600], got %d" % f.heartbeat_timeout_s)
+    # Elastic runs, as the C++ example's: on with --elastic, --min-islands or DILOCO_ELASTIC=1
+    # (which diloco-run --elastic sets); plain DiLoCo, no checkpoints (the run's state lives on
+    # the surviving islands).
+    if f.min_islands is not None or os.environ.get("DILOCO_ELASTIC") == "1":
+        f.elastic = True
+    if f.elastic:
+        if f.mode != "diloco":
+            p.error("--elastic is for --mode diloco")
+        if f.warm_start_steps > 0 or f.fragments != 1 or f.overlap_steps != 0 or f.mixing != 0.0:
+            p.error("--elastic runs plain DiLoCo: no --warm-start-steps, --fragments, "
+                    "--overlap-steps or --mixing")
+        if f.checkpoint_dir:
+            p.error("--elastic does not take --checkpoint-dir (the run's state lives on the "
+                    "surviving islands)")
+        if f.heartbeat_timeout_s >= collective_timeout(f):
+            p.error("--heartbeat-timeout-s must be below --timeout-s (%g)"
+                    % collective_timeout(f))
     if f.eval_every is None:
         f.eval_every = f.inner_steps
     return f
@@ -334,15 +369,38 @@ def agree_on_checkpoint(checkpoints, group, rank):
     return max(common)
 
 
-def make_group(f):
-    timeout = f.timeout_s
-    if timeout is None:
-        timeout = os.environ.get("DILOCO_TIMEOUT_S") or 120.0
+def collective_timeout(f):
+    """--timeout-s, else DILOCO_TIMEOUT_S (a launcher's), else 120 s."""
+    if f.timeout_s is not None:
+        return f.timeout_s
     try:
-        return diloco.init_process_group(timeout=timeout)
+        return float(os.environ.get("DILOCO_TIMEOUT_S") or 120.0)
+    except ValueError:
+        raise SystemExit("train_lm.py: DILOCO_TIMEOUT_S=%r is not a number of seconds"
+                         % os.environ["DILOCO_TIMEOUT_S"])
+
+
+def make_group(f):
+    try:
+        return diloco.init_process_group(timeout=collective_timeout(f))
     except diloco.OptionError as e:
         raise SystemExit("train_lm.py: %s\n--mode %s needs a group: launch under diloco-run or "
                          "torchrun, or use --mode single" % (e, f.mode))
+
+
+def make_membership(f):
+    """Joins the elastic run (diloco.join_elastic) with this run's heartbeat and collective
+    timeouts, as the C++ example does. The launcher's variables are required here (MASTER_ADDR
+    and MASTER_PORT name the coordinator's store): without them there is no coordinator to
+    join."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        if not os.environ.get(name):
+            raise SystemExit("train_lm.py: [elastic] environment variable %s is not set\n"
+                             "--elastic needs a coordinator: launch under diloco-run --elastic "
+                             "(or --max-restarts N)" % name)
+    heartbeat = float(f.heartbeat_timeout_s)
+    return diloco.join_elastic(timeout=collective_timeout(f), heartbeat_timeout=heartbeat,
+                               min_islands=f.min_islands)
 
 
 def format_bytes(n):
@@ -357,10 +415,20 @@ def train(f):
     device = torch.device(f.device)
     corpus = ByteCorpus(load_corpus(f.data), f.seq_len, f.batch_size)
 
-    group = make_group(f) if f.mode != "single" else None
-    rank = group.rank if group else 0
-    world_size = group.world_size if group else 1
-    leader = rank == 0
+    membership = make_membership(f) if f.elastic else None
+    if membership:
+        group = membership.group
+    else:
+        group = make_group(f) if f.mode != "single" else None
+    # Elastic runs: the island's slot (RANK), which names its data stream; its rank in the group
+    # changes with the membership.
+    rank = membership.options.slot if membership else group.rank if group else 0
+    world_size = membership.options.world_size if membership else group.world_size if group else 1
+    leader = membership.island == "0.0" if membership else rank == 0
+
+    def reports():
+        """Whether this island prints the progress lines: rank 0 of the current epoch."""
+        return membership.epoch >= 0 and group.rank == 0 if membership else leader
 
     torch.manual_seed(f.seed)
     model = GPT(d_model=f.d_model, layers=f.layers, heads=f.heads, seq_len=f.seq_len,
@@ -380,8 +448,11 @@ def train(f):
             resume_from = agree_on_checkpoint(checkpoints, group, rank)
 
     def start_diloco():
+        # Elastic runs: built over the membership; a joining island waits here to be admitted,
+        # then holds the run's outer state.
         return diloco.DiLoCo(
-            model, inner, group, inner_steps=f.inner_steps, outer_lr=f.outer_lr,
+            model, inner, membership if membership is not None else group,
+            inner_steps=f.inner_steps, outer_lr=f.outer_lr,
             outer_momentum=f.outer_momentum, nesterov=not f.no_nesterov, compression=f.compress,
             agree_on=run_fields(f), fragments=f.fragments, overlap_steps=f.overlap_steps,
             mixing=f.mixing)
@@ -406,7 +477,10 @@ def train(f):
                                                    "%g" % f.clip if f.clip > 0 else "off",
                                                    f.optimizer), flush=True)
 
-    metrics = open(f.metrics, "w") if leader and f.metrics else None
+    # "{island}" in the path: every island writes its own file (elastic runs).
+    metrics_path = f.metrics.replace("{island}", membership.island if membership else str(rank))
+    every_island = "{island}" in f.metrics
+    metrics = open(metrics_path, "w") if (leader or every_island) and f.metrics else None
     validation = [(x.to(device), y.to(device))
                   for x, y in corpus.validation_batches(f.eval_batches, f.seed)]
 
@@ -432,24 +506,31 @@ def train(f):
         stats = comm_stats()
         sent = stats.bytes_sent if stats else 0
         received = stats.bytes_received if stats else 0
-        if leader:
+        if reports():
             line = "step %d/%d" % (step, f.steps)
             if outer:
                 line += " outer %d" % outer_step
+            if membership:
+                line += " | %d island%s (epoch %d)" % (
+                    group.world_size, "" if group.world_size == 1 else "s", membership.epoch)
             if train_loss is not None:
                 line += " | train %.3f" % train_loss
             line += " | val %.3f | sent %s" % (val_loss, format_bytes(sent))
-            if step > 0:
+            if step > state["first_step"]:
                 line += " | %.1f steps/s" % steps_per_s
             print(line, flush=True)
         if metrics:
-            metrics.write(json.dumps({
+            record = {
                 "step": step, "outer_step": outer_step, "train_loss": train_loss,
                 "val_loss": val_loss, "bytes_sent": sent, "bytes_received": received,
-                "steps_per_s": steps_per_s if step > 0 else None,
+                "steps_per_s": steps_per_s if step > state["first_step"] else None,
                 "elapsed_s": time.perf_counter() - start, "mode": f.mode, "rank": rank,
                 "world_size": world_size, "parameters": parameter_count,
-                "language": "python"}) + "\n")
+                "language": "python"}
+            if membership:
+                record.update(island=membership.island, islands=group.world_size,
+                              epoch=membership.epoch)
+            metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         if train_loss is not None:
             state["train_loss"] = train_loss
@@ -458,8 +539,17 @@ def train(f):
                      first_step=step)
         return val_loss
 
-    generator = make_generator(f.seed, rank)
-    first_step = 1
+    # Elastic runs: an island that joins mid-run starts where the run is (the learning-rate
+    # schedule follows the global step) on a data stream of its own, named by its slot and the
+    # step it starts at.
+    joined_at = outer.stats().inner_steps if membership else 0
+    generator = make_generator(f.seed, rank, joined_at)
+    first_step = joined_at + 1
+    state["first_step"] = joined_at
+    if membership and joined_at > 0:
+        print("island %s (slot %d): admitted at step %d (outer step %d) with the run's outer "
+              "state; it takes part from the next outer step"
+              % (membership.island, rank, joined_at, outer.stats().outer_steps), flush=True)
     if resume_from >= 0:
         # The island continues where the checkpoint left it: the outer state, its own weights,
         # the inner optimizers' state, and the data stream (the generator's state) at the step it
@@ -539,7 +629,7 @@ def train(f):
     print("rank %d/%d: done, %d steps in %.1f s | train %.3f | val %.3f | sent %s | received %s"
           % (rank, world_size, f.steps, elapsed, state["train_loss"], state["val_loss"],
              format_bytes(sent), format_bytes(received)), flush=True)
-    if leader:
+    if reports():
         summary = "\nsummary: %s, %d island%s x %d steps" % (
             f.mode, world_size, "" if world_size == 1 else "s", f.steps)
         if outer:
@@ -552,7 +642,8 @@ def train(f):
                   % (format_bytes(sent), format_bytes(received)))
         if outer:
             payload = parameter_count * 4
-            dp_sent = diloco.collective_bytes("allreduce", payload, world_size, rank)[0] * f.steps
+            dp_sent = diloco.collective_bytes("allreduce", payload, group.world_size,
+                                              group.rank)[0] * f.steps
             print("  data-parallel    would send %s for the same steps (one ring all-reduce of "
                   "%s per step)" % (format_bytes(dp_sent), format_bytes(payload)))
             if sent:
@@ -561,17 +652,31 @@ def train(f):
         sys.stdout.flush()
     if metrics:
         metrics.close()
+    if membership:
+        print("island %s: %d membership epoch%s joined; the run ends with %d island%s (%s)"
+              % (membership.island, membership.epochs_joined,
+                 "" if membership.epochs_joined == 1 else "s", group.world_size,
+                 "" if group.world_size == 1 else "s", " ".join(membership.members)), flush=True)
     if outer:
         # Every island ends on the same global state: this last line is the same on every rank,
-        # and the C++ example's (OuterState::sha256).
+        # and the C++ example's (OuterState::sha256). Elastic runs: the final epoch's rank and
+        # size.
         digest = outer.state_sha256()
-        print("rank %d/%d: global state sha256 %s" % (rank, world_size, digest), flush=True)
+        print("rank %d/%d: global state sha256 %s" % (group.rank if group else rank,
+                                                      group.world_size if group else world_size,
+                                                      digest), flush=True)
+    if membership:
+        membership.leave()
 
 
 def main(argv=None):
     f = parse_flags(sys.argv[1:] if argv is None else argv)
     try:
         train(f)
+    except diloco.RemovedError as e:
+        # Elastic runs: a launcher with restarts left starts the island again, and it rejoins.
+        print("train_lm.py: removed from the run: %s" % e, file=sys.stderr)
+        return 3
     except diloco.PeerLostError as e:
         print("train_lm.py: lost a peer, giving up: %s" % e, file=sys.stderr)
         return 1

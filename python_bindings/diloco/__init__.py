@@ -11,9 +11,19 @@
         outer.step()                           # every inner_steps-th call: one outer step
     print(outer.stats())
 
+Elastic runs (islands may die, be stopped or restart; launched with diloco-run --elastic):
+
+    membership = diloco.join_elastic()        # the coordinator's store, RANK, WORLD_SIZE, ...
+    outer = diloco.DiLoCo(model, inner, membership, inner_steps=500)
+    start = outer.stats().inner_steps         # a joining island starts where the run is
+    ...
+    membership.leave()
+
 The model's parameters are shared with the C++ core without copies; the optimizer stays the
 user's own torch.optim object. Errors: diloco.Error (a RuntimeError), diloco.OptionError (also a
-ValueError) and diloco.PeerLostError carry the C++ library's messages.
+ValueError), diloco.PeerLostError, and for elastic runs diloco.RemovedError (this island was left
+out of the run) and diloco.TooFewIslandsError (fewer islands than min_islands remain) carry the
+C++ library's messages.
 """
 
 # LibTorch's Python bindings must be loaded before the extension, which links against them.
@@ -22,14 +32,18 @@ import torch  # noqa: F401
 from . import _C
 from ._C import (
     CommStats,
+    ElasticOptions,
     Error,
     Group,
     GroupOptions,
     LinkModel,
+    Membership,
     OpStats,
     OptionError,
     PeerLostError,
+    RemovedError,
     SyncStats,
+    TooFewIslandsError,
     aggregation,
     codec_help,
     codec_names,
@@ -37,7 +51,7 @@ from ._C import (
     compressor_spec,
     payload_bytes,
 )
-from ._api import DataParallel, DiLoCo, init_process_group, named_tensors
+from ._api import DataParallel, DiLoCo, init_process_group, join_elastic, named_tensors
 from ._optim import Muon
 
 __version__ = _C.__version__
@@ -46,21 +60,26 @@ __all__ = [
     "CommStats",
     "DataParallel",
     "DiLoCo",
+    "ElasticOptions",
     "Error",
     "Group",
     "GroupOptions",
     "LinkModel",
+    "Membership",
     "Muon",
     "OpStats",
     "OptionError",
     "PeerLostError",
+    "RemovedError",
     "SyncStats",
+    "TooFewIslandsError",
     "aggregation",
     "codec_help",
     "codec_names",
     "collective_bytes",
     "compressor_spec",
     "init_process_group",
+    "join_elastic",
     "named_tensors",
     "payload_bytes",
 ]

@@ -1,7 +1,8 @@
 """The PyTorch-facing layer over diloco._C: arguments in PyTorch's shapes (a torch.nn.Module, a
 torch.optim optimizer, torch.distributed-style group arguments), checked with clear messages
 before they reach the C++ core. It holds no algorithm and reads no environment: every step, sync,
-statistic and the rendezvous (GroupOptions.read_env, Group.create) is the C++ library's.
+statistic, the rendezvous (GroupOptions.read_env, Group.create) and an elastic run's membership
+(ElasticOptions.read_env, Membership.join) is the C++ library's.
 """
 
 import datetime
@@ -13,23 +14,33 @@ import torch
 from . import _C
 
 
-def _as_int(value, what):
+def _as_int(value, what, who="init_process_group"):
     try:
         return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise _C.OptionError("[%s] %s must be an integer, got %r" % (who, what, value)) from None
+
+
+def _as_float(value, what, who):
+    try:
+        return float(value)
     except (TypeError, ValueError):
-        raise _C.OptionError(
-            "[init_process_group] %s must be an integer, got %r" % (what, value)) from None
+        raise _C.OptionError("[%s] %s must be a number, got %r" % (who, what, value)) from None
+
+
+def _seconds(value, what, who):
+    """Seconds from a number or a datetime.timedelta."""
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _C.OptionError("[%s] %s must be seconds or a datetime.timedelta, got %r"
+                             % (who, what, value)) from None
 
 
 def _timeout_seconds(timeout):
-    if isinstance(timeout, datetime.timedelta):
-        return timeout.total_seconds()
-    try:
-        return float(timeout)
-    except (TypeError, ValueError):
-        raise _C.OptionError(
-            "[init_process_group] timeout must be seconds or a datetime.timedelta, got %r"
-            % (timeout,)) from None
+    return _seconds(timeout, "timeout", "init_process_group")
 
 
 def init_process_group(master_addr=None, master_port=None, rank=None, world_size=None,
@@ -85,6 +96,101 @@ def init_process_group(master_addr=None, master_port=None, rank=None, world_size
     if hostname is not None:
         options.hostname = str(hostname)
     return _C.Group.create(options)
+
+
+def join_elastic(store_addr=None, store_port=None, slot=None, world_size=None, min_islands=None,
+                 heartbeat_timeout=None, timeout=None, rendezvous_timeout=None, hostname=None,
+                 link_mbps=None, link_latency_ms=None, heartbeat_interval=None):
+    """Join an elastic run and return its diloco.Membership, for diloco.DiLoCo(model, inner,
+    membership, ...).
+
+    An elastic run survives islands that die, are stopped or restart: a coordinator process
+    (diloco-coordinator) serves the run's store, and the islands agree through it on who is in
+    (membership epochs). `diloco-run --elastic` (or `--max-restarts N`) starts the coordinator
+    and sets the environment, so under it `diloco.join_elastic()` needs no arguments.
+
+    Starts from diloco.ElasticOptions.read_env(), the C++ library's reading of the launcher's
+    environment (ElasticOptions::from_env's variables, each optional here): MASTER_ADDR and
+    MASTER_PORT (the coordinator's store; default 127.0.0.1:29500), RANK (the island's slot) and
+    WORLD_SIZE (islands the run starts with; both required unless given as arguments),
+    DILOCO_MIN_ISLANDS (default 1), DILOCO_HEARTBEAT_TIMEOUT_S (10), DILOCO_TIMEOUT_S (60),
+    DILOCO_RENDEZVOUS_TIMEOUT_S (600), DILOCO_HOSTNAME, DILOCO_LINK_MBPS and
+    DILOCO_LINK_LATENCY_MS. Every argument that is not None overrides its variable; then
+    diloco.Membership.join(options) validates them and joins, with the GIL released.
+
+    Slots 0..world_size-1 started for the first time form the run's first epoch: join waits (up
+    to rendezvous_timeout) until all of them arrived. Any other island (a restarted slot, a slot
+    >= world_size, or one arriving after the run started) returns at once as a joiner
+    (membership.joining): DiLoCo's constructor then waits until the run admits it at an
+    outer-step boundary and hands it the run's outer state (its stats().inner_steps is the
+    run's step: derive the learning-rate schedule and the data position from it).
+
+    Args:
+        store_addr, store_port: where the coordinator serves the store.
+        slot: this island's slot (RANK); names it "<slot>.<incarnation>".
+        world_size: islands the run starts with.
+        min_islands: the run stops (diloco.TooFewIslandsError) when fewer remain; in
+            [1, world_size].
+        heartbeat_timeout: seconds of silence after which an island is declared lost (a stopped
+            island costs this long; a killed one is noticed at once). The heartbeat interval is
+            a fifth of it, at most 1 s, unless heartbeat_interval is given.
+        timeout: seconds for one collective; above heartbeat_timeout. When given (and
+            rendezvous_timeout is not), rendezvous_timeout is raised to it if below.
+        rendezvous_timeout: seconds the first islands wait for each other, and a joiner to be
+            admitted; >= timeout.
+        hostname: the interface Gloo binds to; "" resolves the one that routes to store_addr.
+        link_mbps, link_latency_ms: an emulated wide-area link (see diloco.LinkModel).
+        heartbeat_interval: seconds between heartbeats (default: see heartbeat_timeout).
+
+    Raises:
+        diloco.OptionError: a missing or malformed argument or variable, or an option out of
+            its range, named in the message (e.g. "[elastic] min_islands must be in [1,
+            world_size = 2], got 3").
+        diloco.Error: no coordinator answered at store_addr:store_port within `timeout`, or the
+            first islands did not all arrive within rendezvous_timeout.
+
+    At the end of training, call membership.leave() after the last collective, so that the
+    others do not take this island's exit for a loss.
+    """
+    options = _C.ElasticOptions.read_env()
+    if store_addr is not None:
+        options.store_addr = str(store_addr)
+    if store_port is not None:
+        options.store_port = _as_int(store_port, "store_port", "join_elastic")
+    for arg, var, value in (("slot", "RANK", slot), ("world_size", "WORLD_SIZE", world_size)):
+        if value is not None:
+            setattr(options, arg, _as_int(value, arg, "join_elastic"))
+        elif getattr(options, arg) == -1:
+            raise _C.OptionError(
+                "[join_elastic] %s not given and %s is not set: pass %s=... or launch under "
+                "diloco-run --elastic (which also starts the coordinator)" % (arg, var, arg))
+    if min_islands is not None:
+        options.min_islands = _as_int(min_islands, "min_islands", "join_elastic")
+    if heartbeat_timeout is not None:
+        options.heartbeat_timeout = _seconds(heartbeat_timeout, "heartbeat_timeout",
+                                             "join_elastic")
+        if heartbeat_interval is None:
+            options.heartbeat_interval = min(1.0, options.heartbeat_timeout / 5)
+    if heartbeat_interval is not None:
+        options.heartbeat_interval = _seconds(heartbeat_interval, "heartbeat_interval",
+                                              "join_elastic")
+    if timeout is not None:
+        options.timeout = _seconds(timeout, "timeout", "join_elastic")
+        if rendezvous_timeout is None:
+            options.rendezvous_timeout = max(options.rendezvous_timeout, options.timeout)
+    if rendezvous_timeout is not None:
+        options.rendezvous_timeout = _seconds(rendezvous_timeout, "rendezvous_timeout",
+                                              "join_elastic")
+    if hostname is not None:
+        options.hostname = str(hostname)
+    if link_mbps is not None or link_latency_ms is not None:
+        link = options.link
+        if link_mbps is not None:
+            link.mbit_per_s = _as_float(link_mbps, "link_mbps", "join_elastic")
+        if link_latency_ms is not None:
+            link.latency_ms = _as_float(link_latency_ms, "link_latency_ms", "join_elastic")
+        options.link = link
+    return _C.Membership.join(options)
 
 
 def named_tensors(model, who="DiLoCo"):
@@ -164,10 +270,15 @@ def _optimizer_tensors(inner):
     return tensors
 
 
-def _check_group(group, who):
-    if not isinstance(group, _C.Group):
-        raise TypeError("[%s] group must be a diloco.Group (from diloco.init_process_group()), "
-                        "got %s" % (who, type(group).__name__))
+def _check_group(group, who, membership_too=False):
+    if isinstance(group, _C.Group) or (membership_too and isinstance(group, _C.Membership)):
+        return
+    if membership_too:
+        raise TypeError("[%s] group must be a diloco.Group (from diloco.init_process_group()) "
+                        "or a diloco.Membership (from diloco.join_elastic()), got %s"
+                        % (who, type(group).__name__))
+    raise TypeError("[%s] group must be a diloco.Group (from diloco.init_process_group()), "
+                    "got %s" % (who, type(group).__name__))
 
 
 _STATE_FORMAT = 1  # of DiLoCo.state_dict()'s dict
@@ -202,7 +313,8 @@ class DiLoCo(_C.DiLoCo):
         inner: the inner optimizer (any torch.optim.Optimizer over the model's parameters, or a
             list of them that together cover every parameter, e.g. [Muon, AdamW]), or
             None when the caller updates the tensors itself.
-        group: a diloco.Group from diloco.init_process_group().
+        group: a diloco.Group from diloco.init_process_group(), or a diloco.Membership from
+            diloco.join_elastic() for an elastic run (see below).
         inner_steps: H, inner steps per outer step (>= 1; DiLoCo uses 500).
         outer_lr: outer SGD learning rate (DiLoCo: 0.7). lr 1 with momentum 0 is FedAvg.
         outer_momentum: outer SGD momentum in [0, 1) (DiLoCo: 0.9).
@@ -241,6 +353,28 @@ class DiLoCo(_C.DiLoCo):
         diloco.Error: the ranks hold different models, a parameter is missing from `inner`, ...
         TypeError: `model`, `inner` or `group` of the wrong type.
 
+    Elastic runs (`group` a diloco.Membership): the run survives islands that die, are stopped
+    or restart. A failed exchange, or a peer silent for the heartbeat timeout, makes the
+    survivors drop the exchange in flight, form a new membership epoch and redo the interrupted
+    outer step with their own pseudo-gradients (no inner step is lost; the average is over the
+    survivors). An island that joins (a restarted one, or a new slot) waits in this constructor,
+    with the GIL released, until the run admits it at an outer-step boundary, and receives the
+    run's outer state (global weights, outer momentum, exchange state, counters): then
+    stats().inner_steps is the run's step, from which to derive the learning-rate schedule and
+    the data position. Its configuration must equal the run's: a difference is an OptionError
+    on the joiner naming the field. Plain DiLoCo only (fragments=1, overlap_steps=0,
+    mixing=0.0); module buffers are not sent to joiners. step() then raises
+    diloco.RemovedError when this island was left out of the run (stopped past the heartbeat
+    timeout: start it again to rejoin) and diloco.TooFewIslandsError when fewer than
+    min_islands remain. `group` (the property) is the membership's group: its rank and
+    world_size follow the epoch. Call membership.leave() once training is done.
+
+        membership = diloco.join_elastic()      # under diloco-run --elastic
+        outer = diloco.DiLoCo(model, inner, membership, inner_steps=500)
+        for step in range(outer.stats().inner_steps, total_steps):   # a joiner starts mid-run
+            ...; inner.step(); outer.step()
+        membership.leave()
+
     Checkpoints: state_dict() returns the outer state (global weights, outer momentum,
     error-feedback residuals and the other exchange state, the step counters) as a dict, and
     load_state_dict(state) restores it bit-exactly and sets the model to the global weights, as
@@ -255,7 +389,8 @@ class DiLoCo(_C.DiLoCo):
     buffer_names(), flat_parameters(), global_weights(), save_state(path), load_state(path)
     (the outer state as a LibTorch file, which state_dict() wraps); properties group, inner_steps,
     outer_lr, outer_momentum, nesterov, compression, buffers, outer_device, fragments,
-    overlap_steps, mixing.
+    overlap_steps, mixing, elastic (built over a Membership); attribute membership (the
+    Membership, or None).
     """
 
     def __init__(self, model, inner, group, *, inner_steps=500, outer_lr=0.7,
@@ -264,7 +399,7 @@ class DiLoCo(_C.DiLoCo):
                  fragment_of=None):
         parameters = named_tensors(model, "DiLoCo")
         optimized = None if inner is None else _optimizer_tensors(inner)
-        _check_group(group, "DiLoCo")
+        _check_group(group, "DiLoCo", membership_too=True)
         if outer_device is not None:
             outer_device = str(outer_device)
         if not isinstance(compression, str):
@@ -281,6 +416,8 @@ class DiLoCo(_C.DiLoCo):
                          fragment_of=[int(f) for f in (fragment_of or [])])
         self.model = model
         self.inner = inner
+        # Elastic runs: keeps the membership (and so the one Python object of its group) alive.
+        self.membership = group if isinstance(group, _C.Membership) else None
 
     def state_dict(self):
         """The outer state, as a dict to torch.save beside the model's and inner optimizers':

@@ -28,21 +28,6 @@ std::chrono::milliseconds to_timeout(double seconds) {
   return std::chrono::milliseconds(static_cast<std::int64_t>(std::llround(seconds * 1000.0)));
 }
 
-// The last reference to a Group may be dropped while this thread holds the GIL (the Python object
-// is collected). Destroying it joins c10d's Gloo worker threads, which may themselves need the GIL
-// to release tensors that Python objects own: so the Group is destroyed with the GIL released.
-std::shared_ptr<diloco::Group> destroyed_without_gil(std::shared_ptr<diloco::Group> group) {
-  diloco::Group* raw = group.get();
-  return std::shared_ptr<diloco::Group>(raw, [owner = std::move(group)](diloco::Group*) mutable {
-    if (PyGILState_Check()) {
-      py::gil_scoped_release release;
-      owner.reset();
-    } else {
-      owner.reset();
-    }
-  });
-}
-
 diloco::Collective collective_from_name(const std::string& name) {
   using diloco::Collective;
   for (Collective c : {Collective::kAllReduce, Collective::kAllGather, Collective::kBroadcast,

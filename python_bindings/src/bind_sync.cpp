@@ -6,6 +6,7 @@
 // TensorImpl the Python objects wrap, so the model, its optimizer and the library share memory
 // with no copies. The Python package (diloco/_api.py) builds the arguments from a torch.nn.Module
 // (named_parameters, named_buffers) and a torch.optim optimizer (its param_groups' tensors).
+#include <diloco/elastic/membership.h>
 #include <diloco/errors.h>
 #include <diloco/sync/buffers.h>
 #include <diloco/sync/data_parallel.h>
@@ -20,6 +21,7 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "bindings.h"
@@ -52,7 +54,9 @@ diloco::ModelTensors model_tensors(NamedTensors parameters, NamedTensors buffers
   return model;
 }
 
-// DiLoCo plus the Group's Python handle, so that `outer.group is pg`.
+// DiLoCo plus the Group's Python handle, so that `outer.group is pg`. Elastic runs: built over a
+// Membership (the membership's group; `outer.group is membership.group`), which it keeps alive.
+// Holds no Python object: it is built and may be destroyed with the GIL released.
 class PyDiLoCo {
  public:
   PyDiLoCo(diloco::ModelTensors model, std::shared_ptr<diloco::Group> group,
@@ -60,13 +64,21 @@ class PyDiLoCo {
       : group_(group),
         impl_(std::make_unique<diloco::DiLoCo>(std::move(model), std::move(group),
                                                std::move(options))) {}
+  PyDiLoCo(diloco::ModelTensors model, std::shared_ptr<diloco::Membership> membership,
+           std::shared_ptr<diloco::Group> group, diloco::DiLoCoOptions options)
+      : group_(std::move(group)),
+        membership_(membership),
+        impl_(std::make_unique<diloco::DiLoCo>(std::move(model), std::move(membership),
+                                               std::move(options))) {}
 
   diloco::DiLoCo& impl() { return *impl_; }
   const diloco::DiLoCo& impl() const { return *impl_; }
   const std::shared_ptr<diloco::Group>& group() const { return group_; }
+  bool elastic() const { return membership_ != nullptr; }
 
  private:
   std::shared_ptr<diloco::Group> group_;
+  std::shared_ptr<diloco::Membership> membership_;  // elastic runs only
   std::unique_ptr<diloco::DiLoCo> impl_;
 };
 
@@ -168,8 +180,9 @@ void bind_sync(py::module_& m) {
       "a torch.nn.Module and a torch.optim optimizer.")
       .def(py::init([](NamedTensors parameters, NamedTensors buffers,
                        std::optional<std::vector<at::Tensor>> optimized,
-                       std::shared_ptr<diloco::Group> group, std::int64_t inner_steps,
-                       double outer_lr, double outer_momentum, bool nesterov,
+                       std::variant<std::shared_ptr<diloco::Group>, std::shared_ptr<PyMembership>>
+                           group_or_membership,
+                       std::int64_t inner_steps, double outer_lr, double outer_momentum, bool nesterov,
                        std::optional<std::string> outer_device, std::string compression,
                        std::string buffer_sync, Fields agree_on, std::int64_t fragments,
                        std::int64_t overlap_steps, double mixing,
@@ -183,8 +196,14 @@ void bind_sync(py::module_& m) {
              options.overlap_steps = overlap_steps;
              options.mixing = mixing;
              options.fragment_of = std::move(fragment_of);
-             return std::make_unique<PyDiLoCo>(std::move(model), std::move(group),
-                                               std::move(options));
+             if (auto* group = std::get_if<std::shared_ptr<diloco::Group>>(&group_or_membership)) {
+               return std::make_unique<PyDiLoCo>(std::move(model), std::move(*group),
+                                                 std::move(options));
+             }
+             const auto& membership = std::get<std::shared_ptr<PyMembership>>(group_or_membership);
+             if (!membership) throw diloco::OptionError("[DiLoCo] membership must not be None");
+             return std::make_unique<PyDiLoCo>(std::move(model), membership->impl,
+                                               membership->group, std::move(options));
            }),
            py::arg("parameters"), py::arg("buffers"), py::arg("optimized"), py::arg("group"),
            py::arg("inner_steps") = 500, py::arg("outer_lr") = 0.7, py::arg("outer_momentum") = 0.9,
@@ -195,7 +214,9 @@ void bind_sync(py::module_& m) {
            py::arg("fragment_of") = std::vector<std::int64_t>{}, Release(),
            "A collective: checks that every rank has the same configuration and parameters "
            "(names, shapes, dtypes) and that each parameter is in `optimized` (unless None), "
-           "then copies rank 0's parameters and buffers to every rank.")
+           "then copies rank 0's parameters and buffers to every rank. `group` may be a "
+           "Membership (an elastic run): an island joining a run in progress then waits here "
+           "to be admitted and receives the run's outer state. The GIL is released.")
       .def(
           "step", [](PyDiLoCo& d) { return d.impl().step(); }, Release(),
           "Call after each inner optimizer step. Every inner_steps-th call runs an outer step "
@@ -203,7 +224,11 @@ void bind_sync(py::module_& m) {
           "the others return False at once.\n\n"
           "Raises PeerLostError if a peer is lost (the model then holds this rank's global "
           "weights), and Error if any rank's pseudo-gradient holds a NaN or an infinity (no "
-          "non-finite value enters the global weights; the model is set to them).")
+          "non-finite value enters the global weights; the model is set to them).\n\n"
+          "Elastic runs (built over a Membership): a lost or stopped peer is survived (the "
+          "survivors form a new epoch and redo the outer step); RemovedError when this island "
+          "was left out of the run, TooFewIslandsError below min_islands, PeerLostError only "
+          "after repeated failures.")
       .def(
           "sync", [](PyDiLoCo& d) { d.impl().sync(); }, Release(),
           "Run an outer step now, whatever the inner step count (all ranks together), e.g. to "
@@ -255,7 +280,11 @@ void bind_sync(py::module_& m) {
           "OptionError names the field when it does not fit this run (shapes, compression, "
           "momentum).")
       .def_property_readonly(
-          "group", [](const PyDiLoCo& d) { return d.group(); }, "the Group the syncs run over")
+          "group", [](const PyDiLoCo& d) { return d.group(); },
+          "the Group the syncs run over (an elastic run's: the membership's group)")
+      .def_property_readonly(
+          "elastic", [](const PyDiLoCo& d) { return d.elastic(); },
+          "whether it was built over a Membership (an elastic run)")
       .def_property_readonly(
           "inner_steps", [](const PyDiLoCo& d) { return d.impl().options().inner_steps; },
           "H: inner steps between outer steps")

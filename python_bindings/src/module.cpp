@@ -1,6 +1,7 @@
-// The extension module diloco._C: the library's Group, DiLoCo, DataParallel, compressor registry
-// and statistics for Python. The Python package diloco/ wraps it with PyTorch-style constructors;
-// import `diloco`, not `diloco._C` (torch must be imported first, and diloco/__init__.py does it).
+// The extension module diloco._C: the library's Group, Membership, DiLoCo, DataParallel,
+// compressor registry and statistics for Python. The Python package diloco/ wraps it with
+// PyTorch-style constructors; import `diloco`, not `diloco._C` (torch must be imported first, and
+// diloco/__init__.py does it).
 #include <diloco/errors.h>
 #include <diloco/version.h>
 
@@ -14,6 +15,8 @@ namespace {
 PyObject* g_error = nullptr;
 PyObject* g_option_error = nullptr;
 PyObject* g_peer_lost_error = nullptr;
+PyObject* g_removed_error = nullptr;
+PyObject* g_too_few_islands_error = nullptr;
 
 PyObject* new_exception(const char* name, const char* doc, PyObject* bases) {
   PyObject* type = PyErr_NewExceptionWithDoc(name, doc, bases, nullptr);
@@ -41,9 +44,24 @@ void bind_errors(py::module_& m) {
       "A peer left the group (process exited, connection closed, or a collective timed out; "
       "diloco::PeerLostError). The group is unusable afterwards; build a new one to continue.",
       g_error);
+  g_removed_error = new_exception(
+      "diloco.RemovedError",
+      "Elastic runs: this island was left out of the run's membership (it was stopped past the "
+      "heartbeat timeout, registered too late for the new epoch, or the epoch it was admitted to "
+      "was abandoned; diloco::RemovedError). Its state is stale: start the process again to "
+      "rejoin (examples/python/train_lm.py exits with code 3, and diloco-run --max-restarts "
+      "restarts it).",
+      g_error);
+  g_too_few_islands_error = new_exception(
+      "diloco.TooFewIslandsError",
+      "Elastic runs: fewer islands remain than min_islands (diloco::TooFewIslandsError); the run "
+      "stops on every survivor.",
+      g_error);
   m.add_object("Error", py::handle(g_error));
   m.add_object("OptionError", py::handle(g_option_error));
   m.add_object("PeerLostError", py::handle(g_peer_lost_error));
+  m.add_object("RemovedError", py::handle(g_removed_error));
+  m.add_object("TooFewIslandsError", py::handle(g_too_few_islands_error));
 
   py::register_exception_translator([](std::exception_ptr thrown) {
     try {
@@ -52,6 +70,10 @@ void bind_errors(py::module_& m) {
       PyErr_SetString(g_peer_lost_error, e.what());
     } catch (const diloco::OptionError& e) {
       PyErr_SetString(g_option_error, e.what());
+    } catch (const diloco::RemovedError& e) {
+      PyErr_SetString(g_removed_error, e.what());
+    } catch (const diloco::TooFewIslandsError& e) {
+      PyErr_SetString(g_too_few_islands_error, e.what());
     } catch (const diloco::Error& e) {
       PyErr_SetString(g_error, e.what());
     } catch (const c10::Error& e) {
@@ -69,6 +91,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = DILOCO_VERSION;
   diloco_python::bind_errors(m);
   diloco_python::bind_comm(m);
+  diloco_python::bind_elastic(m);
   diloco_python::bind_compress(m);
   diloco_python::bind_sync(m);
   diloco_python::bind_optim(m);
