@@ -673,6 +673,10 @@ def main(argv=None):
     f = parse_flags(sys.argv[1:] if argv is None else argv)
     try:
         train(f)
+    except diloco.RunFinishedError as e:
+        # Elastic runs: started (or restarted) after the others finished; not a failure.
+        print("train_lm.py: nothing to do: %s" % e, flush=True)
+        return 0
     except diloco.RemovedError as e:
         # Elastic runs: a launcher with restarts left starts the island again, and it rejoins.
         print("train_lm.py: removed from the run: %s" % e, file=sys.stderr)

@@ -812,7 +812,11 @@ int train(const Flags& f, bool timeout_given) {
     }
     std::fflush(stdout);
   }
-  if (membership) {
+  if (membership && membership->epochs_joined() == 0) {
+    std::printf("island %s: admitted after the run's last outer step: it holds the final state "
+                "and has nothing to train\n",
+                membership->island().c_str());
+  } else if (membership) {
     std::printf("island %s: %lld membership epoch%s joined; the run ends with %d island%s (%s)\n",
                 membership->island().c_str(),
                 static_cast<long long>(membership->epochs_joined()),

@@ -22,8 +22,8 @@ Elastic runs (islands may die, be stopped or restart; launched with diloco-run -
 The model's parameters are shared with the C++ core without copies; the optimizer stays the
 user's own torch.optim object. Errors: diloco.Error (a RuntimeError), diloco.OptionError (also a
 ValueError), diloco.PeerLostError, and for elastic runs diloco.RemovedError (this island was left
-out of the run) and diloco.TooFewIslandsError (fewer islands than min_islands remain) carry the
-C++ library's messages.
+out of the run), diloco.TooFewIslandsError (fewer islands than min_islands remain) and
+diloco.RunFinishedError (a joiner found the run over) carry the C++ library's messages.
 """
 
 # LibTorch's Python bindings must be loaded before the extension, which links against them.
@@ -42,6 +42,7 @@ from ._C import (
     OptionError,
     PeerLostError,
     RemovedError,
+    RunFinishedError,
     SyncStats,
     TooFewIslandsError,
     aggregation,
@@ -71,6 +72,7 @@ __all__ = [
     "OptionError",
     "PeerLostError",
     "RemovedError",
+    "RunFinishedError",
     "SyncStats",
     "TooFewIslandsError",
     "aggregation",

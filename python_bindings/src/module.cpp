@@ -17,6 +17,7 @@ PyObject* g_option_error = nullptr;
 PyObject* g_peer_lost_error = nullptr;
 PyObject* g_removed_error = nullptr;
 PyObject* g_too_few_islands_error = nullptr;
+PyObject* g_run_finished_error = nullptr;
 
 PyObject* new_exception(const char* name, const char* doc, PyObject* bases) {
   PyObject* type = PyErr_NewExceptionWithDoc(name, doc, bases, nullptr);
@@ -61,7 +62,14 @@ void bind_errors(py::module_& m) {
   m.add_object("OptionError", py::handle(g_option_error));
   m.add_object("PeerLostError", py::handle(g_peer_lost_error));
   m.add_object("RemovedError", py::handle(g_removed_error));
+  g_run_finished_error = new_exception(
+      "diloco.RunFinishedError",
+      "Elastic runs: an island that came to join found the run over (every member of its newest "
+      "epoch left when done; diloco::RunFinishedError). Nothing is wrong: there is nothing left "
+      "to do (examples/python/train_lm.py exits with code 0).",
+      g_error);
   m.add_object("TooFewIslandsError", py::handle(g_too_few_islands_error));
+  m.add_object("RunFinishedError", py::handle(g_run_finished_error));
 
   py::register_exception_translator([](std::exception_ptr thrown) {
     try {
@@ -74,6 +82,8 @@ void bind_errors(py::module_& m) {
       PyErr_SetString(g_removed_error, e.what());
     } catch (const diloco::TooFewIslandsError& e) {
       PyErr_SetString(g_too_few_islands_error, e.what());
+    } catch (const diloco::RunFinishedError& e) {
+      PyErr_SetString(g_run_finished_error, e.what());
     } catch (const diloco::Error& e) {
       PyErr_SetString(g_error, e.what());
     } catch (const c10::Error& e) {

@@ -205,3 +205,51 @@ TEST_CASE("Elastic DiLoCo: an island that exits mid-round is dropped, the surviv
   CHECK(results[0].world == 3);
   CHECK(results[3].world == 3);
 }
+
+TEST_CASE("Elastic DiLoCo: an island whose global state differs from the majority's is removed, "
+          "and the others go on",
+          "[elastic]") {
+  const int port = diloco_test::free_port();
+  auto server = diloco::compat::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(port),
+                                               /*is_server=*/true, 20000ms);
+  diloco::DiLoCoOptions options;
+  options.inner_steps = 2;
+  std::vector<std::string> errors(3);
+  std::vector<std::string> shas(3);
+  std::vector<int> worlds(3, 0);
+  std::vector<std::thread> threads;
+  for (int slot = 0; slot < 3; ++slot) {
+    threads.emplace_back([&, slot] {
+      try {
+        at::Tensor w = at::linspace(-1.0, 1.0, 10);
+        auto membership = diloco::Membership::join(options_for(port, slot, 3));
+        diloco::DiLoCo outer(model_of(w), membership, options);
+        for (std::int64_t t = 0; t < 8; ++t) {
+          {
+            at::NoGradGuard no_grad;
+            w.sub_(0.01 * (slot + 1));
+          }
+          outer.step();
+          if (slot == 2 && t == 1) {
+            at::NoGradGuard no_grad;
+            outer.global_weights()[0][4] += 1e-3f;  // corrupted after outer step 1
+          }
+        }
+        shas[static_cast<std::size_t>(slot)] = outer.state().sha256();
+        worlds[static_cast<std::size_t>(slot)] = membership->group()->world_size();
+        membership->leave();
+      } catch (const diloco::RemovedError& e) {
+        errors[static_cast<std::size_t>(slot)] = std::string("removed: ") + e.what();
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(slot)] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  INFO("0: " << errors[0] << "\n1: " << errors[1] << "\n2: " << errors[2]);
+  CHECK(errors[0].empty());
+  CHECK(errors[1].empty());
+  CHECK_THAT(errors[2], Contains("removed: ") && Contains("rank(s) 2 disagree with the majority"));
+  CHECK(shas[0] == shas[1]);
+  CHECK(worlds[0] == 2);
+}

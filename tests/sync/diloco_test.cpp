@@ -281,3 +281,47 @@ TEST_CASE("global weights and momentum offloaded to the CPU for a CUDA model", "
   CHECK(at::equal(global[0], global[1]));
   CHECK((model[0] - global[0]).abs().max().item<double>() == 0.0);
 }
+
+TEST_CASE("islands compare their global state after every outer step; one that differs is named",
+          "[diloco][gloo]") {
+  // Rank 2's global weights are corrupted between two outer steps (a bit flip in memory, a
+  // hostile island): every rank fails the next outer step naming rank 2 against the majority.
+  const auto errors = diloco_test::run_ranks_collect(3, [](int rank, std::shared_ptr<diloco::Group> g) {
+    torch::manual_seed(0);
+    TinyNet net;
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
+    diloco::DiLoCoOptions options;
+    options.inner_steps = 2;
+    diloco::DiLoCo outer(net, opt, g, options);
+    for (int step = 0; step < 4; ++step) {
+      inner_step(net, opt, rank, step);
+      outer.step();
+      if (step == 1 && rank == 2) {
+        at::NoGradGuard no_grad;
+        outer.global_weights()[0].view(-1)[3] += 1e-3f;
+      }
+    }
+  });
+  for (int r = 0; r < 3; ++r) {
+    INFO("rank " << r << ": " << errors[static_cast<std::size_t>(r)]);
+    CHECK_THAT(errors[static_cast<std::size_t>(r)],
+               Contains("global states differ after the outer step: rank(s) 2 disagree with the "
+                        "majority"));
+  }
+  // Off, nothing is compared (and nothing is sent for it).
+  const auto quiet = diloco_test::run_ranks_collect(3, [](int rank, std::shared_ptr<diloco::Group> g) {
+    torch::manual_seed(0);
+    TinyNet net;
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
+    diloco::DiLoCoOptions options;
+    options.inner_steps = 2;
+    options.compare_states = false;
+    diloco::DiLoCo outer(net, opt, g, options);
+    for (int step = 0; step < 4; ++step) {
+      inner_step(net, opt, rank, step);
+      outer.step();
+    }
+    if (g->stats().ops.count("allgather:state_check") != 0) throw std::runtime_error("state_check sent");
+  });
+  for (const auto& e : quiet) CHECK(e.empty());
+}

@@ -83,8 +83,9 @@ Group::~Group() = default;
 const Backend& Group::backend() const { return *impl_->backend; }
 
 std::shared_ptr<Backend> Group::replace_backend(std::unique_ptr<Backend> backend) {
+  auto next = checked(std::move(backend), "replace_backend");  // throws before anything changes
   auto previous = std::move(impl_->backend);
-  impl_->backend = checked(std::move(backend), "replace_backend");
+  impl_->backend = std::move(next);
   rank_ = impl_->backend->rank();
   world_size_ = impl_->backend->world_size();
   return previous;

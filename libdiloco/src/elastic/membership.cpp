@@ -277,10 +277,11 @@ struct Membership::Impl {
     }
     if (e < 0) return;
     if (alarm) {
-      // Removed: the newest epoch was formed from ours, without us.
+      // Removed: a newer epoch was formed without us. Every epoch is formed from the newest one
+      // (by a reform of its survivors, or by admitting joiners to its members), so a member that
+      // is still in the run is in the newest epoch, whatever happened since its own.
       const std::int64_t latest = std::stoll(get_or(beats, "latest", "-1"));
-      if (latest > e && get_or(beats, epoch_key(latest, "from"), "") == std::to_string(e) &&
-          !contains(split(get_or(beats, epoch_key(latest, "members"), "")), id)) {
+      if (latest > e && !contains(split(get_or(beats, epoch_key(latest, "members"), "")), id)) {
         interrupt->raise("island " + id + " was removed from the run (epoch " +
                          std::to_string(latest) + " formed without it)");
         return;
