@@ -420,8 +420,7 @@ std::shared_ptr<diloco::Membership> make_membership(const Flags& f, bool timeout
     options.rendezvous_timeout = std::max(options.rendezvous_timeout, options.timeout);
   }
   options.heartbeat_timeout = std::chrono::seconds(f.heartbeat_timeout_s);
-  options.heartbeat_interval =
-      std::min<std::chrono::milliseconds>(std::chrono::milliseconds(1000), options.heartbeat_timeout / 5);
+  options.heartbeat_interval = diloco::ElasticOptions::interval_for(options.heartbeat_timeout);
   if (f.min_islands > 0) options.min_islands = f.min_islands;
   if (f.link_mbps_given) options.link.mbit_per_s = f.link_mbps;
   if (f.link_latency_given) options.link.latency_ms = f.link_latency_ms;

@@ -35,50 +35,11 @@ milliseconds to_duration(const char* name, double seconds) {
 
 double to_seconds(milliseconds d) { return double(d.count()) / 1000.0; }
 
-// The heartbeat interval that goes with a heartbeat timeout when none is given: a fifth of it, at
-// most 1 s (ElasticOptions::from_env's and train_lm's rule; 1 s for the default 10 s).
 milliseconds interval_for(milliseconds heartbeat_timeout) {
-  return std::min<milliseconds>(milliseconds(1000), heartbeat_timeout / 5);
+  return diloco::ElasticOptions::interval_for(heartbeat_timeout);
 }
 
-// An optional integer variable >= 1 (DILOCO_MIN_ISLANDS, DILOCO_*_TIMEOUT_S), as
-// ElasticOptions::from_env reads them.
-long env_count(const char* name, long fallback, const char* unit) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  if (end == v || *end != '\0' || n < 1) {
-    throw diloco::OptionError(std::string("[elastic] environment variable ") + name + "='" + v +
-                              "' must be an integer >= 1 (" + unit + ")");
-  }
-  return n;
-}
-
-// ElasticOptions::from_env's variables, each optional: unset ones keep the C++ defaults (slot and
-// world_size stay -1); nothing validated as a whole (join() does). For front ends that take some
-// values from arguments (diloco.join_elastic), as GroupOptions::read_env is for the Group.
-diloco::ElasticOptions read_env() {
-  const diloco::GroupOptions g = diloco::GroupOptions::read_env();
-  diloco::ElasticOptions o;
-  o.store_addr = g.master_addr;
-  o.store_port = g.master_port;
-  o.slot = g.rank;
-  o.world_size = g.world_size;
-  o.hostname = g.hostname;
-  o.link = g.link;
-  o.min_islands = static_cast<int>(env_count("DILOCO_MIN_ISLANDS", o.min_islands, "islands"));
-  o.heartbeat_timeout = std::chrono::seconds(env_count(
-      "DILOCO_HEARTBEAT_TIMEOUT_S", static_cast<long>(o.heartbeat_timeout.count() / 1000),
-      "seconds"));
-  o.heartbeat_interval = interval_for(o.heartbeat_timeout);
-  o.timeout = std::chrono::seconds(
-      env_count("DILOCO_TIMEOUT_S", static_cast<long>(o.timeout.count() / 1000), "seconds"));
-  o.rendezvous_timeout = std::chrono::seconds(env_count(
-      "DILOCO_RENDEZVOUS_TIMEOUT_S", static_cast<long>(o.rendezvous_timeout.count() / 1000),
-      "seconds"));
-  return o;
-}
+diloco::ElasticOptions read_env() { return diloco::ElasticOptions::read_env(); }
 
 std::string repr(const diloco::ElasticOptions& o) {
   std::ostringstream out;

@@ -124,17 +124,20 @@ std::string first_difference(const std::string& run, const std::string& joiner,
   return "";
 }
 
-long env_seconds(const char* name, long fallback, long min) {
+// An optional integer variable >= 1 (DILOCO_MIN_ISLANDS, DILOCO_*_TIMEOUT_S); `unit` names it.
+long env_count(const char* name, long fallback, const char* unit) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
   char* end = nullptr;
-  const long s = std::strtol(v, &end, 10);
-  if (end == v || *end != '\0' || s < min) {
+  const long n = std::strtol(v, &end, 10);
+  if (end == v || *end != '\0' || n < 1) {
     throw OptionError(std::string("[elastic] environment variable ") + name + "='" + v +
-                      "' must be an integer >= " + std::to_string(min) + " (seconds)");
+                      "' must be an integer >= 1 (" + unit + ")");
   }
-  return s;
+  return n;
 }
+
+long whole_seconds(std::chrono::milliseconds d) { return static_cast<long>(d.count() / 1000); }
 
 }  // namespace
 
@@ -172,8 +175,27 @@ void ElasticOptions::validate() const {
   link.validate();
 }
 
-ElasticOptions ElasticOptions::from_env() {
+ElasticOptions ElasticOptions::read_env() {
   const GroupOptions g = GroupOptions::read_env();
+  ElasticOptions o;
+  o.store_addr = g.master_addr;
+  o.store_port = g.master_port;
+  o.slot = g.rank;
+  o.world_size = g.world_size;
+  o.hostname = g.hostname;
+  o.link = g.link;
+  o.min_islands = static_cast<int>(env_count("DILOCO_MIN_ISLANDS", o.min_islands, "islands"));
+  o.heartbeat_timeout = std::chrono::seconds(
+      env_count("DILOCO_HEARTBEAT_TIMEOUT_S", whole_seconds(o.heartbeat_timeout), "seconds"));
+  o.heartbeat_interval = interval_for(o.heartbeat_timeout);
+  o.timeout =
+      std::chrono::seconds(env_count("DILOCO_TIMEOUT_S", whole_seconds(o.timeout), "seconds"));
+  o.rendezvous_timeout = std::chrono::seconds(env_count(
+      "DILOCO_RENDEZVOUS_TIMEOUT_S", whole_seconds(o.rendezvous_timeout), "seconds"));
+  return o;
+}
+
+ElasticOptions ElasticOptions::from_env() {
   for (const char* name : {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"}) {
     const char* v = std::getenv(name);
     if (v == nullptr || *v == '\0') {
@@ -182,21 +204,13 @@ ElasticOptions ElasticOptions::from_env() {
                         "MASTER_ADDR/MASTER_PORT to the coordinator's store, RANK and WORLD_SIZE)");
     }
   }
-  ElasticOptions o;
-  o.store_addr = g.master_addr;
-  o.store_port = g.master_port;
-  o.slot = g.rank;
-  o.world_size = g.world_size;
-  o.hostname = g.hostname;
-  o.link = g.link;
-  o.min_islands = static_cast<int>(env_seconds("DILOCO_MIN_ISLANDS", 1, 1));
-  o.heartbeat_timeout = std::chrono::seconds(env_seconds("DILOCO_HEARTBEAT_TIMEOUT_S", 10, 1));
-  o.heartbeat_interval = std::min<std::chrono::milliseconds>(
-      std::chrono::milliseconds(1000), o.heartbeat_timeout / 5);
-  o.timeout = std::chrono::seconds(env_seconds("DILOCO_TIMEOUT_S", 60, 1));
-  o.rendezvous_timeout = std::chrono::seconds(env_seconds("DILOCO_RENDEZVOUS_TIMEOUT_S", 600, 1));
+  ElasticOptions o = read_env();
   o.validate();
   return o;
+}
+
+std::chrono::milliseconds ElasticOptions::interval_for(std::chrono::milliseconds heartbeat_timeout) {
+  return std::min<std::chrono::milliseconds>(std::chrono::milliseconds(1000), heartbeat_timeout / 5);
 }
 
 struct Membership::Impl {
@@ -230,6 +244,12 @@ struct Membership::Impl {
   std::thread upload_thread;
 
   std::string who() const { return "[elastic] island " + id; }
+
+  // The current epoch and its members, as the heartbeat thread sees them too.
+  std::pair<std::int64_t, std::vector<std::string>> current() const {
+    std::lock_guard<std::mutex> lock(mutex);
+    return {epoch, members};
+  }
 
   // A new connection to the coordinator's store, under the run's prefix.
   Store open_store() const {
@@ -717,13 +737,7 @@ bool Membership::failed() const { return impl_->interrupt->raised(); }
 
 void Membership::report_failure(const std::string& reason, int peer) {
   Impl& m = *impl_;
-  std::int64_t e;
-  std::vector<std::string> members;
-  {
-    std::lock_guard<std::mutex> lock(m.mutex);
-    e = m.epoch;
-    members = m.members;
-  }
+  const auto [e, members] = m.current();
   m.interrupt->raise(reason);
   if (e < 0) return;
   if (peer >= 0 && peer < static_cast<int>(members.size()) && members[peer] != m.id) {
@@ -737,13 +751,7 @@ void Membership::reform() { impl_->reform(); }
 void Membership::at_boundary(std::int64_t outer_step, const std::string& mine,
                              const std::function<std::string()>& state) {
   Impl& m = *impl_;
-  std::int64_t e;
-  std::vector<std::string> members;
-  {
-    std::lock_guard<std::mutex> lock(m.mutex);
-    e = m.epoch;
-    members = m.members;
-  }
+  const auto [e, members] = m.current();
   const std::string decision_key = epoch_key(e, "b/" + std::to_string(outer_step));
   std::string decision;
   if (members.front() == m.id) {

@@ -75,6 +75,12 @@ struct ElasticOptions {
   // DILOCO_HEARTBEAT_TIMEOUT_S, DILOCO_TIMEOUT_S, DILOCO_RENDEZVOUS_TIMEOUT_S, DILOCO_HOSTNAME,
   // DILOCO_LINK_MBPS, DILOCO_LINK_LATENCY_MS. Validated.
   static ElasticOptions from_env();
+  // The same variables, each optional: unset ones keep the defaults above (slot and world_size
+  // stay -1); malformed ones throw OptionError; nothing validated as a whole. For front ends that
+  // take some values from arguments.
+  static ElasticOptions read_env();
+  // The heartbeat interval that goes with a heartbeat timeout: a fifth of it, at most 1 s.
+  static std::chrono::milliseconds interval_for(std::chrono::milliseconds heartbeat_timeout);
 };
 
 class Membership {
