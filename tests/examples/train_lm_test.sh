@@ -31,9 +31,10 @@ assert last["val_loss"] < 0.6 * first["val_loss"], (first["val_loss"], last["val
 # Each outer sync is one ring all-reduce of the float32 parameters, 2(N-1)/N * 4 * P bytes, plus
 # the buffers' check: the model's only buffer is its causal mask (bool), so an all-gather of an
 # 8-byte digest, (N-1) * 8 bytes, and nothing else while the islands' masks agree; then the
-# islands compare their global state: an all-gather of a 16-byte hash, (N-1) * 16 bytes.
+# islands compare their global state: an all-gather of a 16-byte hash, (N-1) * 16 bytes; and
+# before it the contributions' screening: an all-gather of an 8-byte norm, (N-1) * 8 bytes.
 per_sync = (last["bytes_sent"] - first["bytes_sent"]) / last["outer_step"]
-expect = 2 * 3 * 4 * last["parameters"] // 4 + 3 * 8 + 3 * 16
+expect = 2 * 3 * 4 * last["parameters"] // 4 + 3 * 8 + 3 * 16 + 3 * 8
 assert abs(per_sync - expect) <= 8, (per_sync, expect)
 print("train_lm_test: all checks passed")
 PY

@@ -325,3 +325,55 @@ TEST_CASE("islands compare their global state after every outer step; one that d
   });
   for (const auto& e : quiet) CHECK(e.empty());
 }
+
+TEST_CASE("a pseudo-gradient far above the others' is refused, named on every rank, and the outer "
+          "step averages the rest", "[diloco][gloo]") {
+  // Rank 3 adds 1e6 to its weights before the outer step (a hostile or broken island): its
+  // pseudo-gradient's norm is ~1e7 x the others'. The reference is the outer step over ranks 0-2.
+  const int world = 4;
+  std::vector<at::Tensor> local(world), global(world);
+  at::Tensor start;
+  std::vector<std::int64_t> refused(world);
+  std::vector<std::string> named(world);
+  diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> group) {
+    torch::manual_seed(0);
+    TinyNet net;
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
+    diloco::DiLoCoOptions o;
+    o.inner_steps = 2;
+    diloco::DiLoCo sync(net, opt, group, o);
+    if (rank == 0) start = model_vector(net);
+    for (int s = 1; s <= 2; ++s) {
+      inner_step(net, opt, rank, s);
+      if (s == 2 && rank == 3) {
+        at::NoGradGuard no_grad;
+        for (auto& p : net.parameters()) p.add_(1e6);
+      }
+      if (s == 2) local[rank] = model_vector(net);
+      sync.step();
+    }
+    global[rank] = flat_copy(sync.global_weights());
+    refused[rank] = sync.refused_contributions();
+    named[rank] = sync.last_screening();
+  });
+  at::Tensor delta = at::zeros_like(start);
+  for (int r = 0; r < 3; ++r) delta += start - local[r];
+  delta /= 3;
+  const at::Tensor expected = start - 0.7 * (delta + 0.9 * delta);
+  for (int r = 0; r < world; ++r) {
+    INFO("rank " << r << ": " << named[r]);
+    CHECK(refused[r] == 1);
+    CHECK_THAT(named[r], Contains("refused the pseudo-gradient of rank(s) 3") &&
+                             Contains("the outer step averages the other 3 islands"));
+    CHECK(at::equal(global[r], global[0]));
+  }
+  CHECK((global[0] - expected).abs().max().item<double>() < 1e-5);
+}
+
+TEST_CASE("screen_factor is validated, naming it", "[diloco]") {
+  diloco::DiLoCoOptions o;
+  o.screen_factor = 0.5;
+  CHECK_THROWS_WITH(o.validate(), Contains("screen_factor must be 0 (off) or in [1, 1e12], got 0.5"));
+  o.screen_factor = 0.0;
+  CHECK_NOTHROW(o.validate());
+}

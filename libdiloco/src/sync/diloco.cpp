@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -121,6 +122,10 @@ void DiLoCoOptions::validate() const {
   outer.validate();
   Exchange::from_spec(compression);  // throws OptionError listing the valid codecs
   StreamingSchedule(inner_steps, fragments, overlap_steps);  // names P or tau and their range
+  if (!(screen_factor == 0.0 || (screen_factor >= 1.0 && screen_factor <= 1e12))) {
+    throw OptionError("[DiLoCo] screen_factor must be 0 (off) or in [1, 1e12], got " +
+                      exact_decimal(screen_factor));
+  }
   if (!(mixing >= 0.0 && mixing <= 1.0)) {  // also rejects nan
     throw OptionError("[DiLoCo] mixing (alpha) must be in [0, 1], got " + exact_decimal(mixing));
   }
@@ -252,6 +257,7 @@ Fingerprint DiLoCo::fingerprint() const {
   f.add("overlap_steps (tau)", std::to_string(options_.overlap_steps));
   f.add("mixing (alpha)", exact_decimal(options_.mixing));
   f.add("compare_states", options_.compare_states ? "true" : "false");
+  f.add("screen_factor", exact_decimal(options_.screen_factor));
   std::string fragment_of;
   for (const auto& b : params_.buckets()) {
     for (auto m : b.members) {
@@ -396,17 +402,23 @@ void DiLoCo::start_sync(std::int64_t fragment) {
   pending_.clear();
   local_finite_.assign(buckets.size(), true);
   in_flight_ = fragment;
+  contributors_ = group_->world_size();
+  const bool screen = options_.screen_factor > 0.0 && group_->world_size() >= 3;
   try {
-    if (compressed_) {
-      // A codec may not survive a NaN (its scales would be NaN): every bucket's pseudo-gradient
-      // is produced first, and the islands agree it is finite ahead of the exchanges.
+    if (compressed_ || screen) {
+      // A codec may not survive a NaN (its scales would be NaN), and screening needs the norm:
+      // every bucket's pseudo-gradient is produced first.
       bool finite = true;
       for (std::size_t i = 0; i < buckets.size(); ++i) {
         if (buckets[i].fragment != fragment) continue;
         produce(i, 0, buckets[i].flat.numel());
         finite = finite && local_finite_[i];
       }
-      finite_check_ = comm_->submit([this, fragment, finite] { check_finite(fragment, finite); });
+      if (screen) screen_contributions(fragment, finite);
+      // The islands agree it is finite ahead of the exchanges.
+      if (compressed_) {
+        finite_check_ = comm_->submit([this, fragment, finite] { check_finite(fragment, finite); });
+      }
     }
     for (std::size_t i = 0; i < buckets.size(); ++i) {
       if (buckets[i].fragment != fragment) continue;
@@ -414,7 +426,7 @@ void DiLoCo::start_sync(std::int64_t fragment) {
       request.flat = delta(i);
       request.views = views_[i];
       request.label = "outer_sync";
-      if (!compressed_) {
+      if (!compressed_ && !screen) {
         request.produce = [this, i](std::int64_t offset, std::int64_t length) {
           produce(i, offset, length);
         };
@@ -442,7 +454,7 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
   // The sums are bit-identical on every rank, so every rank applies exactly the same update,
   // and skips exactly the same non-finite blocks, without another collective.
   auto& buckets = params_.buckets();
-  const double scale = 1.0 / group_->world_size();
+  const double scale = 1.0 / contributors_;
   const double alpha = options_.mixing;
   std::int64_t bad_bucket = -1, bad_index = -1;
   for (auto& p : pending_) {
@@ -481,6 +493,53 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
          "unchanged, identically on every rank, and the model holds the global weights";
     if (staged()) reset_model_to_global();
     throw Error(m.str());
+  }
+}
+
+void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite) {
+  auto& buckets = params_.buckets();
+  double squares = 0.0;
+  for (std::size_t i = 0; i < buckets.size(); ++i) {
+    if (buckets[i].fragment != fragment) continue;
+    const double n = delta(i).norm().item<double>();
+    squares += n * n;
+  }
+  const double mine = mine_finite ? std::sqrt(squares) : std::nan("");
+  const auto all = group_->allgather(at::full({1}, mine, at::kDouble), "outer_sync_screen");
+  std::vector<double> norms, finite_norms;
+  for (const auto& t : all) {
+    norms.push_back(t.item<double>());
+    if (std::isfinite(norms.back())) finite_norms.push_back(norms.back());
+  }
+  // Non-finite contributions are the finiteness check's (never averaged, named there).
+  if (finite_norms.empty()) return;
+  std::sort(finite_norms.begin(), finite_norms.end());
+  const std::size_t k = finite_norms.size();
+  const double median = k % 2 == 1 ? finite_norms[k / 2]
+                                   : 0.5 * (finite_norms[k / 2 - 1] + finite_norms[k / 2]);
+  std::vector<int> refused;
+  for (int r = 0; r < static_cast<int>(norms.size()); ++r) {
+    if (std::isfinite(norms[r]) && norms[r] > options_.screen_factor * median) refused.push_back(r);
+  }
+  if (refused.empty()) return;
+  contributors_ = group_->world_size() - static_cast<int>(refused.size());
+  refused_ += static_cast<std::int64_t>(refused.size());
+  std::ostringstream m;
+  m << "[DiLoCo outer step " << state_.outer_step + 1 << ", fragment " << fragment << "] rank "
+    << group_->rank() << ": refused the pseudo-gradient of rank(s) ";
+  for (std::size_t j = 0; j < refused.size(); ++j) {
+    m << (j ? ", " : "") << refused[j] << " (norm " << norms[static_cast<std::size_t>(refused[j])]
+      << ")";
+  }
+  m << ": above screen_factor " << options_.screen_factor << " x the median norm " << median
+    << "; the outer step averages the other " << contributors_ << " islands";
+  last_screening_ = m.str();
+  std::fprintf(stderr, "%s\n", last_screening_.c_str());
+  if (std::find(refused.begin(), refused.end(), group_->rank()) != refused.end()) {
+    at::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < buckets.size(); ++i) {
+      if (buckets[i].fragment == fragment) delta(i).zero_();
+    }
   }
 }
 

@@ -120,6 +120,13 @@ struct DiLoCoOptions {
   // Error on every rank naming the ranks that disagree with the majority; in elastic runs those
   // get RemovedError (started again, they rejoin with the run's state) and the others go on.
   bool compare_states = true;
+  // Contributions are screened before each exchange (with 3 or more islands): the islands
+  // all-gather their pseudo-gradients' norms (8 bytes each), and one more than screen_factor x
+  // the median norm is refused: its island sends zeros, the outer step averages the others, and
+  // every rank names it on stderr (refused_contributions() counts them). 0 = off; else in
+  // [1, 1e12].
+  // The pseudo-gradient is then produced whole before its exchange starts (no segment overlap).
+  double screen_factor = 100.0;
 
   // Each parameter's fragment, in the model's parameter order, values in [0, P); empty: the
   // default_fragments of sync/schedule.h (strided over the blocks, or size-balanced when the
@@ -175,6 +182,9 @@ class DiLoCo {
   // Everything that lives across outer steps (global weights, outer momentum, exchange state,
   // step counters).
   const OuterState& state() const { return state_; }
+  // Contributions the screening refused so far (screen_factor), and the last refusal's message.
+  std::int64_t refused_contributions() const { return refused_; }
+  const std::string& last_screening() const { return last_screening_; }
   // Writes the outer state to `path` (sync/outer_state.h), or reads it and sets the model to
   // the global weights it holds. Only between exchanges: after step() returned true, or before
   // the first step; throws Error while a fragment's exchange is in flight, OptionError when the
@@ -221,6 +231,8 @@ class DiLoCo {
   void finish_sync(std::int64_t fragment);
   // options_.compare_states: the islands compare the fragment's global state (see the option).
   void compare_states(std::int64_t fragment);
+  // options_.screen_factor: the islands share their norms and refuse outliers (see the option).
+  void screen_contributions(std::int64_t fragment, bool mine_finite);
   void end_round();
   void reset_model_to_global();
   void drain_and_reset();
@@ -254,6 +266,9 @@ class DiLoCo {
   double sync_seconds_ = 0.0;
   std::string fingerprint_text_;   // elastic: what a joiner's configuration must equal
   std::string exchange_snapshot_;  // elastic: exchange state at the start of the outer step
+  int contributors_ = 1;            // islands averaged in the fragment's outer step
+  std::int64_t refused_ = 0;        // contributions refused by the screening, in all
+  std::string last_screening_;      // the last refusal, as named on stderr
 };
 
 }  // namespace diloco
