@@ -112,8 +112,9 @@ def now():
 # processes
 
 
-def proc_children(ppid):
-    """PIDs of ppid's children, from /proc."""
+def _pids_where(field, value):
+    """PIDs whose /proc/PID/stat field (0 = state, 1 = ppid, 3 = session id; counted after the
+    command name) equals value."""
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -121,26 +122,21 @@ def proc_children(ppid):
         try:
             with open(f"/proc/{d}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) == ppid:
+            if int(fields[field]) == value:
                 out.append(int(d))
         except (OSError, IndexError, ValueError):
             pass
     return out
+
+
+def proc_children(ppid):
+    """PIDs of ppid's children, from /proc."""
+    return _pids_where(1, ppid)
 
 
 def proc_session_members(sid):
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:
-                out.append(int(d))
-        except (OSError, IndexError, ValueError):
-            pass
-    return out
+    """PIDs of the processes in session sid, from /proc."""
+    return _pids_where(3, sid)
 
 
 def proc_cmdline(pid):

@@ -86,3 +86,22 @@ def solo_group():
     """A one-rank group over loopback (a real TCPStore and Gloo context)."""
     import diloco
     return diloco.init_process_group("127.0.0.1", free_port(), rank=0, world_size=1, timeout=30)
+
+
+@pytest.fixture
+def train_lm_flags(capsys):
+    """examples/python/train_lm.py as a module, and error(*flags): the message its flag parser
+    prints when it refuses `flags` (it exits with code 2)."""
+    sys.path.insert(0, str(REPO / "examples" / "python"))
+    try:
+        import train_lm
+    finally:
+        sys.path.pop(0)
+
+    def error(*flags):
+        with pytest.raises(SystemExit) as exit:
+            train_lm.parse_flags(list(flags))
+        assert exit.value.code == 2
+        return capsys.readouterr().err
+
+    return train_lm, error

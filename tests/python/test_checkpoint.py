@@ -175,19 +175,8 @@ def test_train_lm_resumes_bit_exactly_after_kill_and_corruption(corpus, tmp_path
     print("kill -9 + corrupted checkpoint + resume: %.1f s" % (time.monotonic() - start))
 
 
-def test_train_lm_checkpoint_flags_are_validated(capsys):
-    sys.path.insert(0, os.path.dirname(EXAMPLE))
-    try:
-        import train_lm
-    finally:
-        sys.path.pop(0)
-
-    def error(*flags):
-        with pytest.raises(SystemExit) as exit:
-            train_lm.parse_flags(list(flags))
-        assert exit.value.code == 2
-        return capsys.readouterr().err
-
+def test_train_lm_checkpoint_flags_are_validated(train_lm_flags):
+    train_lm, error = train_lm_flags
     assert "--checkpoint-dir: checkpoints are of DiLoCo runs" in error(
         "--mode", "single", "--checkpoint-dir", "x")
     assert "--resume needs --checkpoint-dir" in error("--resume")

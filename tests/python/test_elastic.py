@@ -219,19 +219,8 @@ def test_in_process_run_an_island_joins_mid_run_and_ends_identical(no_launcher):
     assert outer.stats().outer_steps == total // H
 
 
-def test_train_lm_elastic_flags_are_validated(capsys, no_launcher):
-    sys.path.insert(0, os.path.dirname(EXAMPLE))
-    try:
-        import train_lm
-    finally:
-        sys.path.pop(0)
-
-    def error(*flags):
-        with pytest.raises(SystemExit) as exit:
-            train_lm.parse_flags(list(flags))
-        assert exit.value.code == 2
-        return capsys.readouterr().err
-
+def test_train_lm_elastic_flags_are_validated(train_lm_flags, no_launcher):
+    train_lm, error = train_lm_flags
     assert "--elastic is for --mode diloco" in error("--mode", "dp", "--min-islands", "2")
     assert "--elastic runs plain DiLoCo: no --warm-start-steps, --fragments" in error(
         "--elastic", "--fragments", "2")
