@@ -2,6 +2,8 @@
 // apart by type and the lost peer named by the socket ports every rank published.
 #include "comm/gloo_backend.h"
 
+#include <csignal>
+
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include <algorithm>
@@ -27,6 +29,22 @@ bool looks_like_lost_peer(const std::string& what) {
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
+// Gloo writes to its sockets without MSG_NOSIGNAL: a write to a peer that died raises SIGPIPE,
+// whose default action kills this process instead of failing the collective. A process that
+// left SIGPIPE at its default gets it ignored (the write then fails with EPIPE, which becomes a
+// PeerLostError); a handler the program installed itself is left alone. Python ignores it
+// already.
+void ignore_sigpipe_once() {
+  static const bool done = [] {
+    struct sigaction current {};
+    if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+      std::signal(SIGPIPE, SIG_IGN);
+    }
+    return true;
+  }();
+  (void)done;
+}
+
 }  // namespace
 
 std::unique_ptr<Backend> make_gloo_backend(c10::intrusive_ptr<c10d::Store> store, int rank,
@@ -46,6 +64,7 @@ GlooBackend::GlooBackend(c10::intrusive_ptr<c10d::Store> store, int rank, int wo
     throw OptionError("[gloo] timeout must be > 0 ms, got " + std::to_string(timeout.count()));
   }
   if (!store_) throw OptionError("[gloo] the store must not be null");
+  ignore_sigpipe_once();
   try {
     gloo_ = compat::make_gloo_group(store_, rank, world_size, timeout, hostname);
     exchange_socket_ports();

@@ -71,6 +71,8 @@ class Backend {
 // "epoch/N" for a new group over a store that outlives it); `hostname` is the address this rank's
 // Gloo device binds. Blocks until every rank has connected. Throws OptionError for a bad rank,
 // world size or timeout, PeerLostError when the peers do not all connect within `timeout`.
+// The first call sets SIGPIPE to ignored if the process left it at its default (Gloo's writes to
+// a dead peer would otherwise kill the process rather than fail the collective).
 std::unique_ptr<Backend> make_gloo_backend(c10::intrusive_ptr<c10d::Store> store, int rank,
                                            int world_size, std::chrono::milliseconds timeout,
                                            const std::string& hostname = "127.0.0.1");
