@@ -102,6 +102,13 @@ def parse_flags(argv):
     p.add_argument("--compress", default="none",
                    help="pseudo-gradient compression spec, e.g. none, fp16, int8, fp4, "
                         "topk(k=64,values=2bit)+ef, dct (diloco.codec_help() lists them)")
+    p.add_argument("--aggregator", default="mean",
+                   help="how the islands' pseudo-gradients are combined: mean, "
+                        "trimmed_mean(trim=K), median, norm_clip(k=C) (the robust ones gather "
+                        "every island's payload)")
+    p.add_argument("--screen-factor", type=float, default=100.0,
+                   help="refuse a pseudo-gradient whose norm is above this many times the "
+                        "median (3+ islands); 0 = off, else in [1, 1e12]")
     p.add_argument("--d-model", type=int, default=96, help="transformer width")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks")
     p.add_argument("--heads", type=int, default=4, help="attention heads (must divide --d-model)")
@@ -455,7 +462,7 @@ def train(f):
             inner_steps=f.inner_steps, outer_lr=f.outer_lr,
             outer_momentum=f.outer_momentum, nesterov=not f.no_nesterov, compression=f.compress,
             agree_on=run_fields(f), fragments=f.fragments, overlap_steps=f.overlap_steps,
-            mixing=f.mixing)
+            mixing=f.mixing, aggregator=f.aggregator, screen_factor=f.screen_factor)
 
     # DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
     # weights they reached, as the C++ example does.

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "data.h"
+#include "hostile.h"
 #include "model.h"
 
 namespace {
@@ -105,6 +106,12 @@ struct Flags {
   bool elastic = false;
   int min_islands = 0;  // 0 = not given: 1
   int heartbeat_timeout_s = 10;
+  // Trust (diloco/exchange/aggregator.h): how contributions are combined and screened.
+  std::string aggregator = "mean";
+  double screen_factor = 100.0;
+  // Tests only (hostile.h): one island sends a hostile pseudo-gradient.
+  std::string hostile;
+  int hostile_rank = 1;
 };
 
 void add_flags(CLI::App& app, Flags& f) {
@@ -179,6 +186,23 @@ void add_flags(CLI::App& app, Flags& f) {
   app.add_option("--compress", f.compress,
                  "DiLoCo pseudo-gradient compression spec, e.g. none, fp16, int8, fp4, "
                  "topk(k=64,values=2bit)+ef, dct (an unknown spec lists them all)");
+  app.add_option("--aggregator", f.aggregator,
+                 "DiLoCo: how the islands' pseudo-gradients are combined: mean, "
+                 "trimmed_mean(trim=K), median, norm_clip(k=C) (the robust ones gather every "
+                 "island's payload)")
+      ->capture_default_str();
+  app.add_option("--screen-factor", f.screen_factor,
+                 "DiLoCo: refuse a pseudo-gradient whose norm is above this many times the "
+                 "median (3+ islands); 0 = off, else in [1, 1e12]")
+      ->capture_default_str();
+  app.add_option("--hostile", f.hostile,
+                 "tests only: the island of --hostile-rank sends a hostile pseudo-gradient: huge "
+                 "(weights + 1e30), flip (negated), scale (x10), stale (the previous one), random "
+                 "(random payload bytes; needs --compress with a codec)")
+      ->check(CLI::IsMember(train_lm::HostileIsland::kinds()));
+  app.add_option("--hostile-rank", f.hostile_rank, "tests only: the rank --hostile applies to")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
   app.add_option("--d-model", f.model.d_model, "transformer width")
       ->check(CLI::Range(std::int64_t{8}, std::int64_t{4096}))
       ->capture_default_str();
@@ -300,6 +324,16 @@ void add_flags(CLI::App& app, Flags& f) {
       if (f.heartbeat_timeout_s >= f.timeout_s) {
         throw CLI::ValidationError("--heartbeat-timeout-s", "must be below --timeout-s (" +
                                                                 std::to_string(f.timeout_s) + ")");
+      }
+    }
+    if (!f.hostile.empty()) {
+      if (f.mode != "diloco" || f.elastic || f.fragments != 1 || f.warm_start_steps > 0) {
+        throw CLI::ValidationError("--hostile", "is for plain DiLoCo runs (--mode diloco, no "
+                                                "--elastic, --fragments or --warm-start-steps)");
+      }
+      if (f.hostile == "random" && f.compress == "none") {
+        throw CLI::ValidationError("--hostile", "random replaces a codec's payload: give "
+                                                "--compress a codec (fp32 sends what none does)");
       }
     }
     if (app.count("--eval-every") == 0) f.eval_every = f.inner_steps;
@@ -527,6 +561,12 @@ int train(const Flags& f, bool timeout_given) {
 
   std::unique_ptr<diloco::DiLoCo> sync;
   std::unique_ptr<diloco::DataParallel> data_parallel;
+  std::unique_ptr<train_lm::HostileIsland> hostile;
+  if (!f.hostile.empty() && rank == f.hostile_rank) {
+    hostile = std::make_unique<train_lm::HostileIsland>(f.hostile,
+                                                        static_cast<std::uint64_t>(f.seed));
+    std::fprintf(stderr, "rank %d: hostile island (--hostile %s)\n", rank, f.hostile.c_str());
+  }
   auto start_diloco = [&] {
     diloco::DiLoCoOptions options;
     options.inner_steps = f.inner_steps;
@@ -537,7 +577,10 @@ int train(const Flags& f, bool timeout_given) {
     options.fragments = f.fragments;
     options.overlap_steps = f.overlap_steps;
     options.mixing = f.mixing;
+    options.aggregator = f.aggregator;
+    options.screen_factor = f.screen_factor;
     options.agree_on = run_fields(f);
+    if (hostile) options.compression = train_lm::HostileIsland::compression_for(f.hostile, f.compress);
     auto tensors = diloco::ModelTensors::of(*model);
     tensors.optimized = optimizer.parameters();
     sync = membership
@@ -726,6 +769,7 @@ int train(const Flags& f, bool timeout_given) {
     if (f.clip > 0.0) torch::nn::utils::clip_grad_norm_(model->parameters(), f.clip);
     optimizer.step();
     compute_seconds += seconds_since(compute_start);
+    if (hostile && step % f.inner_steps == 0) hostile->before_outer_step(*sync);
     const bool outer_step = sync && sync->step();
     if (diloco_mode && data_parallel && step == f.warm_start_steps) {
       data_parallel.reset();
@@ -750,6 +794,7 @@ int train(const Flags& f, bool timeout_given) {
     if (step == f.steps && !evaluate_now) {
       // Fold the inner steps since the last outer step into the global model, so every island
       // ends with the same weights and the reported loss is the global model's.
+      if (hostile) hostile->before_outer_step(*sync);
       if (sync) sync->sync();
       evaluate_now = true;
     }
@@ -793,6 +838,11 @@ int train(const Flags& f, bool timeout_given) {
       std::printf("  this island      sent %s, received %s\n",
                   format_bytes(stats.bytes_sent()).c_str(),
                   format_bytes(stats.bytes_received()).c_str());
+    }
+    if (sync && sync->refused_contributions() > 0) {
+      std::printf("  screening        refused %lld contribution%s (last: %s)\n",
+                  static_cast<long long>(sync->refused_contributions()),
+                  sync->refused_contributions() == 1 ? "" : "s", sync->last_screening().c_str());
     }
     if (sync) {
       // What one ring all-reduce of the float32 gradients per step would cost this rank.

@@ -345,6 +345,19 @@ class DiLoCo(_C.DiLoCo):
             the new global one (0 replaces it; the paper uses 0.5).
         fragment_of: each parameter's fragment (model order), or None for the default (strided
             over the blocks, or size-balanced for models with fewer blocks than fragments).
+        aggregator: how the islands' pseudo-gradients are combined: "mean" (default),
+            "trimmed_mean(trim=K)" (per coordinate, the K largest and smallest dropped; needs
+            more than 2K islands), "median" (per coordinate) or "norm_clip(k=C)" (each clipped
+            to C x the median norm, then averaged). The robust ones gather every island's
+            payload: (N-1) x its bytes per rank instead of about 2(N-1)/N x; not with powersgd.
+        screen_factor: with 3 or more islands, a pseudo-gradient whose norm is above this many
+            times the median is refused, its island named on every rank and the others
+            averaged (refused_contributions, last_screening); 0 = off, else in [1, 1e12].
+            Exchanges that decode each island's payload (gathered codecs, robust aggregators)
+            also refuse one that does not decode or decodes to a NaN or an infinity.
+        compare_states: after every outer step the islands compare a 128-bit hash of the global
+            state (16 bytes each); a difference raises diloco.Error naming the ranks that
+            disagree with the majority.
 
     Raises:
         diloco.OptionError: an option out of range or a bad compression spec (listing them all).
@@ -389,14 +402,15 @@ class DiLoCo(_C.DiLoCo):
     buffer_names(), flat_parameters(), global_weights(), save_state(path), load_state(path)
     (the outer state as a LibTorch file, which state_dict() wraps); properties group, inner_steps,
     outer_lr, outer_momentum, nesterov, compression, buffers, outer_device, fragments,
-    overlap_steps, mixing, elastic (built over a Membership); attribute membership (the
+    overlap_steps, mixing, aggregator, screen_factor, compare_states, refused_contributions,
+    last_screening, elastic (built over a Membership); attribute membership (the
     Membership, or None).
     """
 
     def __init__(self, model, inner, group, *, inner_steps=500, outer_lr=0.7,
                  outer_momentum=0.9, nesterov=True, outer_device=None, compression="none",
                  buffers="average", agree_on=None, fragments=1, overlap_steps=0, mixing=0.0,
-                 fragment_of=None):
+                 fragment_of=None, aggregator="mean", screen_factor=100.0, compare_states=True):
         parameters = named_tensors(model, "DiLoCo")
         optimized = None if inner is None else _optimizer_tensors(inner)
         _check_group(group, "DiLoCo", membership_too=True)
@@ -413,7 +427,9 @@ class DiLoCo(_C.DiLoCo):
                          buffer_sync=buffers, agree_on=_agree_on(agree_on, "DiLoCo"),
                          fragments=int(fragments), overlap_steps=int(overlap_steps),
                          mixing=float(mixing),
-                         fragment_of=[int(f) for f in (fragment_of or [])])
+                         fragment_of=[int(f) for f in (fragment_of or [])],
+                         aggregator=str(aggregator), screen_factor=float(screen_factor),
+                         compare_states=bool(compare_states))
         self.model = model
         self.inner = inner
         # Elastic runs: keeps the membership (and so the one Python object of its group) alive.

@@ -186,7 +186,8 @@ void bind_sync(py::module_& m) {
                        std::optional<std::string> outer_device, std::string compression,
                        std::string buffer_sync, Fields agree_on, std::int64_t fragments,
                        std::int64_t overlap_steps, double mixing,
-                       std::vector<std::int64_t> fragment_of) {
+                       std::vector<std::int64_t> fragment_of, std::string aggregator,
+                       double screen_factor, bool compare_states) {
              auto model =
                  model_tensors(std::move(parameters), std::move(buffers), std::move(optimized));
              auto options = make_options(inner_steps, outer_lr, outer_momentum, nesterov,
@@ -196,6 +197,9 @@ void bind_sync(py::module_& m) {
              options.overlap_steps = overlap_steps;
              options.mixing = mixing;
              options.fragment_of = std::move(fragment_of);
+             options.aggregator = std::move(aggregator);
+             options.screen_factor = screen_factor;
+             options.compare_states = compare_states;
              if (auto* group = std::get_if<std::shared_ptr<diloco::Group>>(&group_or_membership)) {
                return std::make_unique<PyDiLoCo>(std::move(model), std::move(*group),
                                                  std::move(options));
@@ -211,7 +215,8 @@ void bind_sync(py::module_& m) {
            py::arg("compression") = "none", py::arg("buffer_sync") = "average",
            py::arg("agree_on") = Fields{}, py::arg("fragments") = 1,
            py::arg("overlap_steps") = 0, py::arg("mixing") = 0.0,
-           py::arg("fragment_of") = std::vector<std::int64_t>{}, Release(),
+           py::arg("fragment_of") = std::vector<std::int64_t>{}, py::arg("aggregator") = "mean",
+           py::arg("screen_factor") = 100.0, py::arg("compare_states") = true, Release(),
            "A collective: checks that every rank has the same configuration and parameters "
            "(names, shapes, dtypes) and that each parameter is in `optimized` (unless None), "
            "then copies rank 0's parameters and buffers to every rank. `group` may be a "
@@ -309,6 +314,23 @@ void bind_sync(py::module_& m) {
       .def_property_readonly(
           "compression", [](const PyDiLoCo& d) { return d.impl().options().compression; },
           "the compressor spec pseudo-gradients are sent with")
+      .def_property_readonly(
+          "aggregator", [](const PyDiLoCo& d) { return d.impl().options().aggregator; },
+          "how the islands' pseudo-gradients are combined: mean, trimmed_mean(trim=K), median, "
+          "norm_clip(k=C)")
+      .def_property_readonly(
+          "screen_factor", [](const PyDiLoCo& d) { return d.impl().options().screen_factor; },
+          "a pseudo-gradient above this many times the median norm is refused (0 = off)")
+      .def_property_readonly(
+          "compare_states", [](const PyDiLoCo& d) { return d.impl().options().compare_states; },
+          "whether the islands compare a hash of the global state after every outer step")
+      .def_property_readonly(
+          "refused_contributions",
+          [](const PyDiLoCo& d) { return d.impl().refused_contributions(); },
+          "contributions the screening refused so far")
+      .def_property_readonly(
+          "last_screening", [](const PyDiLoCo& d) { return d.impl().last_screening(); },
+          "the last refusal, as named on stderr ('' if none)")
       .def_property_readonly(
           "buffers",
           [](const PyDiLoCo& d) {

@@ -69,4 +69,40 @@ at::Tensor decode_floats(const diloco::Codec& codec, const std::vector<float>& p
   return y;
 }
 
+namespace {
+
+class TamperingCodec final : public diloco::Codec {
+ public:
+  using Tamper = std::function<void(std::uint8_t*, std::int64_t)>;
+  TamperingCodec(std::unique_ptr<diloco::Codec> inner, Tamper tamper)
+      : inner_(std::move(inner)), tamper_(std::move(tamper)) {}
+  std::string spec() const override { return inner_->spec(); }
+  diloco::Aggregation aggregation() const override { return inner_->aggregation(); }
+  at::ScalarType payload_dtype() const override { return inner_->payload_dtype(); }
+  std::int64_t payload_bytes(c10::IntArrayRef s) const override { return inner_->payload_bytes(s); }
+  void encode(const at::Tensor& x, std::uint8_t* out) override {
+    inner_->encode(x, out);
+    tamper_(out, inner_->payload_bytes(x.sizes()));
+  }
+  void decode(const std::uint8_t* p, std::int64_t b, at::Tensor& out) const override {
+    inner_->decode(p, b, out);
+  }
+  double error_bound(const at::Tensor& x) const override { return inner_->error_bound(x); }
+
+ private:
+  std::unique_ptr<diloco::Codec> inner_;
+  Tamper tamper_;
+};
+
+}  // namespace
+
+void register_tampering_codec(const std::string& name, const std::string& inner,
+                              std::function<void(std::uint8_t*, std::int64_t)> tamper) {
+  diloco::register_codec(name, name + ": test codec, " + inner + " with tampered payloads",
+                         [inner, tamper](diloco::CodecParams&) {
+                           return std::make_unique<TamperingCodec>(diloco::make_codec(inner),
+                                                                   tamper);
+                         });
+}
+
 }  // namespace diloco_test

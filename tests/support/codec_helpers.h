@@ -7,6 +7,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -37,5 +38,11 @@ at::Tensor decode_payload(const diloco::Codec& codec, const std::vector<std::uin
 std::vector<float> encode_floats(diloco::Codec& codec, const at::Tensor& x);
 at::Tensor decode_floats(const diloco::Codec& codec, const std::vector<float>& payload,
                          c10::IntArrayRef shape);
+
+// Registers `name`: the codec `inner` (a spec) whose every payload `tamper` changes after it is
+// encoded; it spells its spec as `inner` does, so an island running it passes for one running
+// `inner` (a hostile island, to the others and to the configuration check).
+void register_tampering_codec(const std::string& name, const std::string& inner,
+                              std::function<void(std::uint8_t*, std::int64_t)> tamper);
 
 }  // namespace diloco_test

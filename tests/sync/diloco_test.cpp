@@ -5,8 +5,10 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "diloco/diloco.h"
+#include "support/codec_helpers.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;
@@ -376,4 +378,127 @@ TEST_CASE("screen_factor is validated, naming it", "[diloco]") {
   CHECK_THROWS_WITH(o.validate(), Contains("screen_factor must be 0 (off) or in [1, 1e12], got 0.5"));
   o.screen_factor = 0.0;
   CHECK_NOTHROW(o.validate());
+}
+
+TEST_CASE("a robust aggregator bounds a hostile island's pull: the outer step applies the "
+          "coordinate-wise median of the pseudo-gradients", "[diloco][gloo]") {
+  // Rank 3 sends its pseudo-gradient times -20 (flipped and scaled: not refused by the screening,
+  // 20 < 100). The reference: the outer step over the median of the 4 pseudo-gradients, the
+  // mean of the two middle values per coordinate.
+  const int world = 4;
+  std::vector<at::Tensor> local(world), global(world);
+  at::Tensor start;
+  std::vector<std::int64_t> refused(world);
+  diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> group) {
+    torch::manual_seed(0);
+    TinyNet net;
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
+    diloco::DiLoCoOptions o;
+    o.inner_steps = 2;
+    o.aggregator = "median";
+    diloco::DiLoCo sync(net, opt, group, o);
+    if (rank == 0) start = model_vector(net);
+    for (int s = 1; s <= 2; ++s) {
+      inner_step(net, opt, rank, s);
+      if (s == 2 && rank == 3) {
+        at::NoGradGuard no_grad;
+        const at::Tensor g = flat_copy(sync.global_weights());
+        std::int64_t at_element = 0;
+        for (auto& p : net.parameters()) {
+          const at::Tensor gp = g.narrow(0, at_element, p.numel()).view(p.sizes());
+          p.copy_(gp + 20.0 * (gp - p));  // pseudo-gradient g - p becomes -20 (g - p)
+          at_element += p.numel();
+        }
+      }
+      if (s == 2) local[rank] = model_vector(net);
+      sync.step();
+    }
+    global[rank] = flat_copy(sync.global_weights());
+    refused[rank] = sync.refused_contributions();
+  });
+  std::vector<at::Tensor> deltas;
+  for (int r = 0; r < world; ++r) deltas.push_back(start - local[r]);
+  const at::Tensor sorted = std::get<0>(at::stack(deltas).sort(0));
+  const at::Tensor median = (sorted[1] + sorted[2]) / 2;
+  const at::Tensor expected = start - 0.7 * (median + 0.9 * median);
+  for (int r = 0; r < world; ++r) {
+    CHECK(refused[r] == 0);
+    CHECK(at::equal(global[r], global[0]));
+  }
+  CHECK((global[0] - expected).abs().max().item<double>() < 1e-5);
+  // The mean would have moved the weights by (3 honest - 20 x one) / 4: far from the median's.
+  at::Tensor mean = at::zeros_like(start);
+  for (const auto& d : deltas) mean += d / 4;
+  CHECK((mean - median).norm().item<double>() > 2 * median.norm().item<double>());
+}
+
+TEST_CASE("the aggregator is validated, naming it, the islands and the codec", "[diloco][gloo]") {
+  diloco::DiLoCoOptions o;
+  o.aggregator = "avg";
+  CHECK_THROWS_WITH(o.validate(), Contains("aggregator must be one of mean"));
+  o.aggregator = "median";
+  o.compression = "powersgd(rank=2)";
+  CHECK_THROWS_WITH(o.validate(), Contains("aggregator median needs each island's contribution"));
+  const auto errors = diloco_test::run_ranks_collect(3, [](int, std::shared_ptr<diloco::Group> g) {
+    TinyNet net;
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
+    diloco::DiLoCoOptions options;
+    options.aggregator = "trimmed_mean(trim=2)";
+    diloco::DiLoCo outer(net, opt, g, options);
+  });
+  for (const auto& e : errors) {
+    CHECK_THAT(e, Contains("trimmed_mean(trim=2) drops 4 values per coordinate: it needs more "
+                           "than 4 islands, the group has 3 (trim must be in [1, 1])"));
+  }
+}
+
+TEST_CASE("an fp32 sum longer than the declared norms allow is refused on every rank, nothing "
+          "applied", "[diloco][gloo]") {
+  // Rank 3 declares its honest norm but sends its payload times 1000 (a codec that passes for
+  // fp32): the all-reduce sums in flight, so no rank can tell who; the sum's norm exceeds the sum
+  // of the declared norms, which no honest islands' sum can (triangle inequality).
+  diloco_test::register_tampering_codec("fp32_times_1000", "fp32", [](std::uint8_t* p,
+                                                                      std::int64_t n) {
+    for (std::int64_t i = 0; i + 4 <= n; i += 4) {
+      float v;
+      std::memcpy(&v, p + i, 4);
+      v *= 1000.0f;
+      std::memcpy(p + i, &v, 4);
+    }
+  });
+  const int world = 4;
+  std::vector<at::Tensor> global(world), model(world);
+  at::Tensor start;
+  const auto errors = diloco_test::run_ranks_collect(world, [&](int rank,
+                                                                std::shared_ptr<diloco::Group> g) {
+    torch::manual_seed(0);
+    TinyNet net;
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
+    diloco::DiLoCoOptions o;
+    o.inner_steps = 2;
+    o.compression = rank == 3 ? "fp32_times_1000" : "fp32";
+    diloco::DiLoCo sync(net, opt, g, o);
+    if (rank == 0) start = model_vector(net);
+    try {
+      for (int s = 1; s <= 2; ++s) {
+        inner_step(net, opt, rank, s);
+        sync.step();
+      }
+    } catch (...) {
+      global[rank] = flat_copy(sync.global_weights());
+      model[rank] = model_vector(net);
+      throw;
+    }
+  });
+  for (int r = 0; r < world; ++r) {
+    INFO("rank " << r << ": " << errors[r]);
+    CHECK_THAT(errors[r], Contains("rank " + std::to_string(r) +
+                                   ": the summed pseudo-gradient's norm") &&
+                              Contains("exceeds the sum of the norms the contributing islands "
+                                       "declared") &&
+                              Contains("nothing was applied"));
+    REQUIRE(global[r].defined());
+    CHECK(at::equal(global[r], start));
+    CHECK(at::equal(model[r], start));
+  }
 }

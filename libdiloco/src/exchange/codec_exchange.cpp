@@ -11,18 +11,21 @@
 namespace diloco {
 
 std::unique_ptr<Exchange> make_summable_exchange(std::unique_ptr<Codec> codec);
-std::unique_ptr<Exchange> make_gathered_exchange(std::unique_ptr<Codec> codec);
+std::unique_ptr<Exchange> make_gathered_exchange(std::unique_ptr<Codec> codec,
+                                                 const Aggregator& aggregator);
 std::unique_ptr<Exchange> make_ring_requantized_exchange(std::unique_ptr<Codec> codec);
 
 CodecExchange::CodecExchange(std::unique_ptr<Codec> codec) : codec_(std::move(codec)) {
   if (!codec_) throw OptionError("[compression] codec must not be null");
 }
 
-std::unique_ptr<Exchange> CodecExchange::make(std::unique_ptr<Codec> codec) {
+std::unique_ptr<Exchange> CodecExchange::make(std::unique_ptr<Codec> codec,
+                                              const Aggregator& aggregator) {
   if (!codec) throw OptionError("[compression] codec must not be null");
+  if (aggregator.robust()) return make_gathered_exchange(std::move(codec), aggregator);
   switch (codec->aggregation()) {
     case Aggregation::kSummable: return make_summable_exchange(std::move(codec));
-    case Aggregation::kGathered: return make_gathered_exchange(std::move(codec));
+    case Aggregation::kGathered: return make_gathered_exchange(std::move(codec), aggregator);
     case Aggregation::kRingRequantized: return make_ring_requantized_exchange(std::move(codec));
   }
   throw Error("[compression] unknown aggregation kind");

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "diloco/exchange/aggregator.h"
 #include "diloco/exchange/exchange.h"
 
 namespace diloco {
@@ -19,8 +20,9 @@ std::unique_ptr<Exchange> make_all_reduce_exchange();
 class CodecExchange : public Exchange {
  public:
   explicit CodecExchange(std::unique_ptr<Codec> codec);
-  // The exchange for the codec's aggregation kind.
-  static std::unique_ptr<Exchange> make(std::unique_ptr<Codec> codec);
+  // The exchange for the codec's aggregation kind; the gathered one for a robust aggregator.
+  static std::unique_ptr<Exchange> make(std::unique_ptr<Codec> codec,
+                                        const Aggregator& aggregator = Aggregator());
 
   std::string spec() const override { return codec_->spec(); }
   PendingExchange start(Group& group, ExchangeRequest request, CommThread& comm) override;

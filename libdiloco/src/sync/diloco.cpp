@@ -22,6 +22,7 @@
 #include "diloco/compress/codec_params.h"
 #include "diloco/elastic/membership.h"
 #include "diloco/errors.h"
+#include "diloco/exchange/aggregator.h"
 #include "diloco/sync/fingerprint.h"
 #include "kernels/cpu_kernels.h"
 
@@ -120,7 +121,7 @@ void DiLoCoOptions::validate() const {
     throw OptionError("[DiLoCo] inner_steps (H) must be >= 1, got " + std::to_string(inner_steps));
   }
   outer.validate();
-  Exchange::from_spec(compression);  // throws OptionError listing the valid codecs
+  Exchange::from_spec(compression, aggregator);  // OptionError: the valid codecs, aggregators
   StreamingSchedule(inner_steps, fragments, overlap_steps);  // names P or tau and their range
   if (!(screen_factor == 0.0 || (screen_factor >= 1.0 && screen_factor <= 1e12))) {
     throw OptionError("[DiLoCo] screen_factor must be 0 (off) or in [1, 1e12], got " +
@@ -157,10 +158,14 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
       buffers_(std::move(model.buffers)),
       outer_(options_.outer),
       schedule_(options_.inner_steps, options_.fragments, options_.overlap_steps),
-      compressed_(options_.compression != "none"),
+      compressed_(options_.compression != "none" ||
+                  Aggregator::parse(options_.aggregator).robust()),
       comm_(std::make_unique<CommThread>(/*background=*/options_.overlap_steps > 0)),
       started_at_(static_cast<std::size_t>(options_.fragments), -1) {
   if (!group_) throw OptionError("[DiLoCo] group must not be null");
+  Aggregator::parse(options_.aggregator).check_islands(group_->world_size());
+  exact_sum_ = options_.compression == "none" ||
+               Exchange::from_spec(options_.compression)->spec() == "fp32";
   if (membership_ && (options_.fragments != 1 || options_.overlap_steps != 0 ||
                       options_.mixing != 0.0)) {
     throw OptionError("[DiLoCo] elastic runs are plain DiLoCo: fragments (P) must be 1, "
@@ -183,8 +188,9 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
   const at::Device outer_device = options_.outer_device.value_or(
       compressed_ ? at::Device(at::kCPU) : params_.buckets().front().flat.device());
   if (compressed_ && !outer_device.is_cpu()) {
-    throw OptionError("[DiLoCo] compression '" + options_.compression +
-                      "' runs on the CPU: outer_device must be the CPU or unset (got " +
+    throw OptionError("[DiLoCo] compression '" + options_.compression + "' (aggregator " +
+                      options_.aggregator +
+                      ") runs on the CPU: outer_device must be the CPU or unset (got " +
                       outer_device.str() + ")");
   }
   for (const auto& b : params_.buckets()) {
@@ -193,7 +199,7 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
     staging_.push_back(in_place_ok(b.flat, outer_device) && !staged() ? at::Tensor()
                                                                        : at::empty_like(g));
     views_.push_back(views_over(staging_.size() - 1));
-    state_.exchanges.push_back(Exchange::from_spec(options_.compression));
+    state_.exchanges.push_back(Exchange::from_spec(options_.compression, options_.aggregator));
     state_.global.push_back(std::move(g));
   }
   if (membership_) {
@@ -258,6 +264,7 @@ Fingerprint DiLoCo::fingerprint() const {
   f.add("mixing (alpha)", exact_decimal(options_.mixing));
   f.add("compare_states", options_.compare_states ? "true" : "false");
   f.add("screen_factor", exact_decimal(options_.screen_factor));
+  f.add("aggregator", Aggregator::parse(options_.aggregator).spec());
   std::string fragment_of;
   for (const auto& b : params_.buckets()) {
     for (auto m : b.members) {
@@ -403,7 +410,11 @@ void DiLoCo::start_sync(std::int64_t fragment) {
   local_finite_.assign(buckets.size(), true);
   in_flight_ = fragment;
   contributors_ = group_->world_size();
-  const bool screen = options_.screen_factor > 0.0 && group_->world_size() >= 3;
+  declared_norms_ = -1.0;
+  // Exchanges that see each contribution screen what they decode (ContributionScreen); the
+  // others screen the norms the islands declare, before anything is sent.
+  const bool sees = state_.exchanges.front()->sees_contributions();
+  const bool screen = options_.screen_factor > 0.0 && group_->world_size() >= 3 && !sees;
   try {
     if (compressed_ || screen) {
       // A codec may not survive a NaN (its scales would be NaN), and screening needs the norm:
@@ -431,7 +442,11 @@ void DiLoCo::start_sync(std::int64_t fragment) {
           produce(i, offset, length);
         };
       }
-      pending_.push_back({i, state_.exchanges[i]->start(*group_, std::move(request), *comm_)});
+      auto verdict = std::make_shared<ContributionScreen>();
+      verdict->factor = options_.screen_factor;
+      request.screen = verdict;
+      PendingExchange exchange = state_.exchanges[i]->start(*group_, std::move(request), *comm_);
+      pending_.push_back({i, std::move(exchange), std::move(verdict)});
     }
   } catch (...) {
     drain_and_reset();
@@ -451,15 +466,20 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
   }
   finite_check_ = CommThread::Job();
   in_flight_ = -1;
+  check_declared_norms(fragment);
   // The sums are bit-identical on every rank, so every rank applies exactly the same update,
   // and skips exactly the same non-finite blocks, without another collective.
   auto& buckets = params_.buckets();
-  const double scale = 1.0 / contributors_;
   const double alpha = options_.mixing;
   std::int64_t bad_bucket = -1, bad_index = -1;
   for (auto& p : pending_) {
     at::NoGradGuard no_grad;
     const std::size_t i = p.bucket;
+    const bool sees = state_.exchanges[i]->sees_contributions();
+    if (sees) report_refusals(fragment, i, *p.screen);
+    const double scale = p.screen->averaged ? 1.0
+                         : sees             ? 1.0 / p.screen->contributors
+                                            : 1.0 / contributors_;
     at::Tensor& summed = delta(i);
     at::Tensor& model = buckets[i].flat;
     // Streaming: the model trained on while the exchange travelled, so the new global weights go
@@ -501,7 +521,7 @@ void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite) {
   double squares = 0.0;
   for (std::size_t i = 0; i < buckets.size(); ++i) {
     if (buckets[i].fragment != fragment) continue;
-    const double n = delta(i).norm().item<double>();
+    const double n = l2_norm(delta(i));
     squares += n * n;
   }
   const double mine = mine_finite ? std::sqrt(squares) : std::nan("");
@@ -518,9 +538,15 @@ void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite) {
   const double median = k % 2 == 1 ? finite_norms[k / 2]
                                    : 0.5 * (finite_norms[k / 2 - 1] + finite_norms[k / 2]);
   std::vector<int> refused;
+  double declared = 0.0;
   for (int r = 0; r < static_cast<int>(norms.size()); ++r) {
-    if (std::isfinite(norms[r]) && norms[r] > options_.screen_factor * median) refused.push_back(r);
+    if (std::isfinite(norms[r]) && norms[r] > options_.screen_factor * median) {
+      refused.push_back(r);
+    } else {
+      declared += norms[r];
+    }
   }
+  declared_norms_ = declared;
   if (refused.empty()) return;
   contributors_ = group_->world_size() - static_cast<int>(refused.size());
   refused_ += static_cast<std::int64_t>(refused.size());
@@ -541,6 +567,44 @@ void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite) {
       if (buckets[i].fragment == fragment) delta(i).zero_();
     }
   }
+}
+
+void DiLoCo::check_declared_norms(std::int64_t fragment) {
+  // An uncompressed sum of honest contributions is no longer than the sum of their norms
+  // (triangle inequality; float32 rounding adds far less than the margin). Compressed sums carry
+  // quantization error and error feedback's residuals, so only none and fp32 are bound this way.
+  if (declared_norms_ < 0.0 || !exact_sum_) return;
+  double squares = 0.0;
+  for (auto& p : pending_) {
+    const double n = l2_norm(delta(p.bucket));
+    squares += n * n;
+  }
+  const double summed = std::sqrt(squares);
+  if (!std::isfinite(summed) || summed <= declared_norms_ * (1.0 + 1e-4) + 1e-30) return;
+  std::ostringstream m;
+  m << "[DiLoCo outer step " << state_.outer_step + 1 << ", fragment " << fragment << "] rank "
+    << group_->rank() << ": the summed pseudo-gradient's norm " << summed
+    << " exceeds the sum of the norms the contributing islands declared, " << declared_norms_
+    << ": an island sent other than what it declared (the all-reduce sums in flight, so which "
+       "one cannot be told: a robust aggregator gathers and names it); nothing was applied, "
+       "identically on every rank, and the model holds the global weights";
+  pending_.clear();
+  reset_model_to_global();
+  throw Error(m.str());
+}
+
+void DiLoCo::report_refusals(std::int64_t fragment, std::size_t bucket,
+                             const ContributionScreen& screen) {
+  if (screen.refused.empty()) return;
+  refused_ += static_cast<std::int64_t>(screen.refused.size());
+  std::ostringstream m;
+  m << "[DiLoCo outer step " << state_.outer_step + 1 << ", fragment " << fragment << "] rank "
+    << group_->rank() << ": refused the contribution of " << screen.reasons;
+  if (params_.buckets().size() > 1) m << " in parameter bucket " << bucket;
+  m << "; the outer step combines the other " << screen.contributors << " islands' ("
+    << Aggregator::parse(options_.aggregator).spec() << ")";
+  last_screening_ = m.str();
+  std::fprintf(stderr, "%s\n", last_screening_.c_str());
 }
 
 void DiLoCo::compare_states(std::int64_t fragment) {

@@ -31,6 +31,7 @@ class ErrorFeedback final : public Exchange {
     inner_->clear_residuals();
   }
   const Codec* codec() const override { return inner_->codec(); }
+  bool sees_contributions() const override { return inner_->sees_contributions(); }
   const Exchange& inner() const { return *inner_; }
   double beta() const { return beta_; }
   void save(torch::serialize::OutputArchive& archive) const override;

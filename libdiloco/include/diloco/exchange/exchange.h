@@ -52,6 +52,23 @@ class InputArchive;
 
 namespace diloco {
 
+// Screening inside an exchange that sees each island's contribution (the gathered exchange, which
+// every robust aggregator uses; see aggregator.h). The caller sets `factor`; the exchange fills
+// the rest before it finishes, identically on every rank.
+struct ContributionScreen {
+  // With 3 or more islands and factor > 0, a contribution is refused when its payload does not
+  // decode, when it decodes to a NaN or an infinity, or when its norm is above factor x the
+  // median norm of the finite ones. 0: nothing is refused (a malformed payload is an Error).
+  double factor = 0.0;
+  // Filled by the exchange: the ranks refused, in order, with why ("rank 2 (norm 1e+30)").
+  std::vector<int> refused;
+  std::string reasons;
+  // The contributions combined, and whether the buffer holds their combination (a robust
+  // aggregator's average) rather than their sum.
+  int contributors = 0;
+  bool averaged = false;
+};
+
 // What one exchange sums: the island's pseudo-gradient for some tensors.
 struct ExchangeRequest {
   // Contiguous float32 (on the CPU for compressed exchanges): the island's pseudo-gradient once
@@ -69,6 +86,8 @@ struct ExchangeRequest {
   // Error feedback's hook (one tensor per view, or empty): the exchange subtracts from each what
   // this island's own contribution decodes to, i.e. what of it crossed the link.
   std::vector<at::Tensor> subtract_sent;
+  // Exchanges that see each contribution (sees_contributions()) screen them and report here.
+  std::shared_ptr<ContributionScreen> screen;
 };
 
 // An exchange in flight; finish it with the Exchange that started it. Move-only.
@@ -92,8 +111,11 @@ class PendingExchange {
 class Exchange {
  public:
   // "none", a codec spec, or "powersgd(...)", each optionally "+ef[(beta=B)]". Throws OptionError
-  // for a bad spec, listing the valid codecs.
-  static std::unique_ptr<Exchange> from_spec(const std::string& spec);
+  // for a bad spec, listing the valid codecs. A robust `aggregator` (aggregator.h) makes every
+  // codec's exchange, and none's ("fp32"), a gathered one that combines the decoded
+  // contributions; PowerSGD cannot (its factors are summed), an OptionError.
+  static std::unique_ptr<Exchange> from_spec(const std::string& spec,
+                                             const std::string& aggregator = "mean");
   virtual ~Exchange() = default;
 
   // The spec that builds this exchange again, parameters spelled out.
@@ -121,6 +143,9 @@ class Exchange {
   virtual void clear_residuals() {}
   // The codec of a single-payload exchange; null for none and multi-round ones (PowerSGD).
   virtual const Codec* codec() const { return nullptr; }
+  // Whether it decodes each island's contribution (gathered): it then screens them through
+  // ExchangeRequest::screen. The others sum in flight: what an island sent cannot be seen.
+  virtual bool sees_contributions() const { return false; }
 
   // The state that lives across outer steps, under keys of this exchange's own (a stateless
   // exchange writes nothing). load() restores it bit for bit; it throws Error naming what does

@@ -126,7 +126,16 @@ struct DiLoCoOptions {
   // every rank names it on stderr (refused_contributions() counts them). 0 = off; else in
   // [1, 1e12].
   // The pseudo-gradient is then produced whole before its exchange starts (no segment overlap).
+  // Exchanges that see each contribution (gathered codecs such as topk and sign, and every
+  // robust aggregator) screen the decoded contributions instead, with the same factor, and also
+  // refuse one that does not decode or decodes to a NaN or an infinity, naming its sender: what
+  // an island declares cannot hide what it sent.
   double screen_factor = 100.0;
+  // How the contributions are combined (diloco/exchange/aggregator.h): "mean" (default),
+  // "trimmed_mean(trim=K)", "median", "norm_clip(k=C)". The robust ones gather every island's
+  // payload ((N-1) x its bytes per rank instead of about 2(N-1)/N x) and do not work with
+  // powersgd; trimmed_mean needs more than 2K islands.
+  std::string aggregator = "mean";
 
   // Each parameter's fragment, in the model's parameter order, values in [0, P); empty: the
   // default_fragments of sync/schedule.h (strided over the blocks, or size-balanced when the
@@ -233,6 +242,10 @@ class DiLoCo {
   void compare_states(std::int64_t fragment);
   // options_.screen_factor: the islands share their norms and refuse outliers (see the option).
   void screen_contributions(std::int64_t fragment, bool mine_finite);
+  // The uncompressed sum against the norms the islands declared (an Error when it is longer).
+  void check_declared_norms(std::int64_t fragment);
+  // What an exchange that sees each contribution refused: counted and named on stderr.
+  void report_refusals(std::int64_t fragment, std::size_t bucket, const ContributionScreen& screen);
   void end_round();
   void reset_model_to_global();
   void drain_and_reset();
@@ -258,6 +271,7 @@ class DiLoCo {
   struct InFlight {
     std::size_t bucket;
     PendingExchange exchange;
+    std::shared_ptr<ContributionScreen> screen;  // what the exchange refused and combined
   };
   std::vector<InFlight> pending_;  // the exchanges of the fragment in flight
   CommThread::Job finite_check_;   // its finiteness check (compressed exchanges)
@@ -267,6 +281,10 @@ class DiLoCo {
   std::string fingerprint_text_;   // elastic: what a joiner's configuration must equal
   std::string exchange_snapshot_;  // elastic: exchange state at the start of the outer step
   int contributors_ = 1;            // islands averaged in the fragment's outer step
+  // The sum of the norms the contributors declared (screening), or -1: what bounds the norm of
+  // an uncompressed sum that only honest islands sent.
+  double declared_norms_ = -1.0;
+  bool exact_sum_ = false;  // the exchange sums float32 exactly (none, fp32): the bound holds
   std::int64_t refused_ = 0;        // contributions refused by the screening, in all
   std::string last_screening_;      // the last refusal, as named on stderr
 };
