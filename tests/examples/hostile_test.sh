@@ -58,8 +58,8 @@ case $scenario in
     islands honest
     honest=$loss
     echo "all honest, mean: final validation loss $honest"
-    for c in "median huge none" "trimmed_mean(trim=1) flip none" "norm_clip(k=2) scale none" \
-             "median random fp32" "trimmed_mean(trim=1) stale none" "norm_clip(k=2) random fp32"; do
+    for c in "median huge none" "trimmed_mean(trim=1) flip none" "norm_clip scale none" \
+             "median random fp32" "trimmed_mean(trim=1) stale none" "norm_clip random fp32"; do
       read -r aggregator kind codec <<< "$c"
       islands "$kind-$aggregator" --aggregator "$aggregator" --hostile "$kind" --hostile-rank 1 \
         --compress "$codec"

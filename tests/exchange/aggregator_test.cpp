@@ -45,7 +45,7 @@ TEST_CASE("aggregator specs parse, spell back, and name what is wrong", "[aggreg
   CHECK(diloco::Aggregator::parse("median").spec() == "median");
   CHECK(diloco::Aggregator::parse("trimmed_mean").spec() == "trimmed_mean(trim=1)");
   CHECK(diloco::Aggregator::parse(" trimmed_mean( trim = 2 ) ").spec() == "trimmed_mean(trim=2)");
-  CHECK(diloco::Aggregator::parse("norm_clip").spec() == "norm_clip(k=2)");
+  CHECK(diloco::Aggregator::parse("norm_clip").spec() == "norm_clip(k=1)");
   CHECK(diloco::Aggregator::parse("norm_clip(k=1.5)").spec() == "norm_clip(k=1.5)");
   CHECK_THROWS_WITH(diloco::Aggregator::parse("avg"),
                     Contains("aggregator must be one of mean, trimmed_mean(trim=K), median, "

@@ -144,6 +144,22 @@ def test_bad_options_raise_option_error(solo_group):
         diloco.DiLoCo(model, inner, solo_group, outer_momentum=1.5)
     with pytest.raises(diloco.OptionError, match="outer_device"):
         diloco.DiLoCo(model, inner, solo_group, outer_device="banana")
+    with pytest.raises(diloco.OptionError, match="aggregator must be one of mean"):
+        diloco.DiLoCo(model, inner, solo_group, aggregator="avg")
+    with pytest.raises(diloco.OptionError, match="trim must be an integer"):
+        diloco.DiLoCo(model, inner, solo_group, aggregator="trimmed_mean(trim=0)")
+    with pytest.raises(diloco.OptionError, match="screen_factor"):
+        diloco.DiLoCo(model, inner, solo_group, screen_factor=0.5)
+
+
+def test_trust_options_are_kept(solo_group):
+    model = tiny_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    outer = diloco.DiLoCo(model, inner, solo_group, aggregator="norm_clip(k=3)", screen_factor=50,
+                          compare_states=False)
+    assert (outer.aggregator, outer.screen_factor, outer.compare_states) == \
+        ("norm_clip(k=3)", 50.0, False)
+    assert outer.refused_contributions == 0 and outer.last_screening == ""
 
 
 def test_non_tensor_parameters_raise_type_error(solo_group):

@@ -2,7 +2,7 @@
 (cpp_peer) started with torchrun's variables, alone and mixed.
 
 - the outer step equals torch.optim.SGD(lr, momentum, nesterov=True) fed the averaged
-  pseudo-gradient, over several outer steps;
+  pseudo-gradient, over several outer steps; with aggregator="median", fed torch.median's;
 - 2 and 4 Python islands train and end bit-identical;
 - a Python island and a C++ island train together, bit-identical, and the same as two Python
   islands (the same LibTorch kernels run both);
@@ -78,6 +78,31 @@ def test_outer_step_equals_torch_sgd_on_the_mean_pseudo_gradient(two_python_isla
     assert worst < 1e-6
     # The reference is sensitive: momentum moves the weights far more than the tolerance.
     assert no_momentum_gap > 1e-4
+
+
+def test_median_outer_step_equals_torch_sgd_on_the_median_pseudo_gradient(tmp_path):
+    config = dict(TRAIN, trace=True, aggregator="median")
+    run_islands([python_island()] * 3, config, tmp_path, timeout=300)
+    traces = [torch.load(tmp_path / "out" / ("rank%d.trace.pt" % r)) for r in range(3)]
+    theta = torch.nn.Parameter(traces[0]["initial"].clone())
+    reference = torch.optim.SGD([theta], lr=TRAIN["outer_lr"], momentum=TRAIN["outer_momentum"],
+                                nesterov=True)
+    worst = 0.0
+    median_vs_mean = 0.0
+    for k in range(len(traces[0]["steps"])):
+        deltas = torch.stack([theta.detach() - t["steps"][k][0] for t in traces])
+        delta = deltas.median(0).values  # 3 islands: the middle value, per coordinate
+        median_vs_mean = max(median_vs_mean, (delta - deltas.mean(0)).abs().max().item())
+        theta.grad = delta
+        reference.step()
+        for t in traces:
+            assert torch.equal(t["steps"][k][1], traces[0]["steps"][k][1])
+            worst = max(worst, (t["steps"][k][1] - theta.detach()).abs().max().item())
+        with torch.no_grad():
+            theta.copy_(traces[0]["steps"][k][1])
+    print("max |library median - torch.optim.SGD on torch.median| : %.3g" % worst)
+    assert worst < 1e-6
+    assert median_vs_mean > 1e-4  # the median is not the mean here: the check can fail
 
 
 @pytest.mark.parametrize("world", [2, 4])

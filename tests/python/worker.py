@@ -46,7 +46,8 @@ def train(config, group, out):
     inner = torch.optim.SGD(model.parameters(), lr=config["lr"])
     outer = diloco.DiLoCo(model, inner, group, inner_steps=config["inner_steps"],
                           outer_lr=config["outer_lr"], outer_momentum=config["outer_momentum"],
-                          nesterov=True, compression=config.get("compression", "none"))
+                          nesterov=True, compression=config.get("compression", "none"),
+                          aggregator=config.get("aggregator", "mean"))
     initial = flat_copy(outer)
     torch.manual_seed(config["seed"] * 1000 + 1 + rank)
     trace = []

@@ -80,7 +80,7 @@ void Aggregator::read(const std::string& name, CodecParams& params, const std::s
     a.kind_ = Kind::kMedian;
   } else if (name == "norm_clip") {
     a.kind_ = Kind::kNormClip;
-    a.clip_ = params.get_double("k", 2.0, 1.0, 1e6);
+    a.clip_ = params.get_double("k", 1.0, 1.0, 1e6);
   } else {
     throw OptionError("[DiLoCo] aggregator must be one of " + std::string(kValid) + ", got '" +
                       text + "'");

@@ -9,7 +9,8 @@
 //   median               per coordinate, the median (of an even count, the mean of the two
 //                        middle values).
 //   norm_clip(k=c)       each contribution is scaled down to at most c x the median of the
-//                        contributions' norms, then averaged (c in [1, 1e6], default 2).
+//                        contributions' norms, then averaged (c in [1, 1e6], default 1: no island
+//                        pulls harder than the median one).
 // The robust three need each island's contribution, so they always use the gathered exchange:
 // every island's payload is all-gathered, (N-1) x its bytes per rank, instead of a ring's
 // 2(N-1)/N x (for 4 islands and no compression, 2x the bytes of mean's all-reduce; with a codec,
@@ -47,7 +48,7 @@ class Aggregator {
   bool robust() const { return kind_ != Kind::kMean; }
   int trim() const { return trim_; }
   double clip() const { return clip_; }
-  // Spelled out, parameters included: "trimmed_mean(trim=1)", "norm_clip(k=2)".
+  // Spelled out, parameters included: "trimmed_mean(trim=1)", "norm_clip(k=1)".
   std::string spec() const;
 
   // Throws OptionError when this aggregator cannot combine `islands` contributions
@@ -63,7 +64,7 @@ class Aggregator {
 
   Kind kind_ = Kind::kMean;
   int trim_ = 1;
-  double clip_ = 2.0;
+  double clip_ = 1.0;
 };
 
 }  // namespace diloco
