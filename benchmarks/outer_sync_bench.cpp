@@ -7,6 +7,9 @@
 //      same loop with DiLoCo::step() after each optimizer step (H larger than the loop, so the
 //      measured steps hold no sync). Alternating blocks of steps, on rank 0 after a barrier.
 //   3. Memory held by DiLoCo beyond the model: global weights + outer momentum, in parameters.
+//   4. What the trust checks cost (the state comparison after the outer step, the screening of
+//      norms before it): DiLoCo::sync() with both on (the default) against DiLoCo over the same
+//      ranks with compare_states off, and with screen_factor 0 too, rounds interleaved.
 //
 // Usage (4 local ranks):
 //   build/libdiloco/diloco-run -n 4 -- build/benchmarks/outer_sync_bench --out results/outer_sync
@@ -94,8 +97,20 @@ int main(int argc, char** argv) {
   diloco::DiLoCoOptions dopts;
   dopts.inner_steps = 1'000'000;
   diloco::DiLoCo sync(diloco::ModelTensors{model, {}, {}}, group, dopts);
+  const auto copy_of = [](const std::vector<diloco::NamedParameter>& m) {
+    std::vector<diloco::NamedParameter> out;
+    for (const auto& p : m) out.push_back({p.name, p.tensor.detach().clone().set_requires_grad(true)});
+    return out;
+  };
+  auto model2 = copy_of(model), model3 = copy_of(model);
+  diloco::DiLoCoOptions no_compare_opts = dopts;
+  no_compare_opts.compare_states = false;
+  diloco::DiLoCo no_compare(diloco::ModelTensors{model2, {}, {}}, group, no_compare_opts);
+  diloco::DiLoCoOptions unchecked_opts = no_compare_opts;
+  unchecked_opts.screen_factor = 0.0;
+  diloco::DiLoCo unchecked(diloco::ModelTensors{model3, {}, {}}, group, unchecked_opts);
   at::Tensor buffer = at::randn({params});
-  std::vector<double> bare_s, bare_seg_s, sync_s;
+  std::vector<double> bare_s, bare_seg_s, sync_s, no_compare_s, unchecked_s;
   for (int r = 0; r < rounds + 1; ++r) {  // round 0 warms up both
     group->barrier("bench");
     auto t = Clock::now();
@@ -121,10 +136,24 @@ int main(int argc, char** argv) {
     t = Clock::now();
     sync.sync();
     const double s = seconds_since(t);
+    const auto timed_sync = [&](std::vector<diloco::NamedParameter>& m, diloco::DiLoCo& d) {
+      {
+        at::NoGradGuard g;
+        for (auto& p : m) p.tensor.add_(0.001);
+      }
+      group->barrier("bench");
+      const auto start = Clock::now();
+      d.sync();
+      return seconds_since(start);
+    };
+    const double nc = timed_sync(model2, no_compare);
+    const double u = timed_sync(model3, unchecked);
     if (r > 0) {
       bare_s.push_back(b);
       bare_seg_s.push_back(bs);
       sync_s.push_back(s);
+      no_compare_s.push_back(nc);
+      unchecked_s.push_back(u);
     }
   }
 
@@ -189,6 +218,8 @@ int main(int argc, char** argv) {
     std::int64_t global_numel = 0;
     for (const auto& g : sync.global_weights()) global_numel += g.numel();
     const double state_ratio = 2.0 * static_cast<double>(global_numel) / static_cast<double>(params);
+    const double compare_pct = 100.0 * (sync_med - median(no_compare_s)) / sync_med;
+    const double screen_pct = 100.0 * (median(no_compare_s) - median(unchecked_s)) / sync_med;
     nlohmann::json j = {
         {"world_size", world},
         {"params", params},
@@ -211,6 +242,13 @@ int main(int argc, char** argv) {
         {"step_call_overhead_pct", call_pct},
         {"inner_step_overhead_target_pct", 1.0},
         {"outer_state_params_ratio", state_ratio},
+        {"sync_without_state_comparison_s", no_compare_s},
+        {"sync_without_state_comparison_median_s", median(no_compare_s)},
+        {"sync_without_comparison_and_screening_s", unchecked_s},
+        {"sync_without_comparison_and_screening_median_s", median(unchecked_s)},
+        {"state_comparison_pct_of_sync", compare_pct},
+        {"state_comparison_pct_target", 1.0},
+        {"screening_pct_of_sync", screen_pct},
     };
     std::ofstream(out + ".json") << j.dump(2) << "\n";
     std::ofstream csv(out + ".csv");
@@ -227,11 +265,15 @@ int main(int argc, char** argv) {
                   "| outer step compute alone (one rank, nothing sent, median) | %.1f ms | |\n"
                   "| inner step overhead of DiLoCo::step(), loops timed side by side | %.3f %% | < 1 %% |\n"
                   "| DiLoCo::step() between syncs: %.1f ns per call / %.2f ms per inner step | %.5f %% | < 1 %% |\n"
-                  "| DiLoCo state beyond the model (global + momentum) | %.2fx parameters | 2x |\n",
+                  "| DiLoCo state beyond the model (global + momentum) | %.2fx parameters | 2x |\n"
+                  "| DiLoCo outer sync without the state comparison / without it and the screening (median) | %.1f / %.1f ms | |\n"
+                  "| state comparison (hash, asynchronous all-reduce), share of the sync | %.2f %% | <= 1 %% |\n"
+                  "| screening (norms all-gathered before the exchange), share of the sync | %.2f %% | |\n",
                   static_cast<long long>(params), world, rounds, bare_med * 1e3,
                   static_cast<long long>(segment), median(bare_seg_s) * 1e3, sync_med * 1e3,
                   sync_med / bare_med, compute_only_s * 1e3, overhead_pct, step_call_s * 1e9, inner_step_s * 1e3, call_pct,
-                  state_ratio);
+                  state_ratio, median(no_compare_s) * 1e3, median(unchecked_s) * 1e3, compare_pct,
+                  screen_pct);
     md << line;
     std::printf("%s", line);
     std::printf("wrote %s.json, %s.csv, %s.md\n", out.c_str(), out.c_str(), out.c_str());

@@ -287,7 +287,9 @@ TEST_CASE("global weights and momentum offloaded to the CPU for a CUDA model", "
 TEST_CASE("islands compare their global state after every outer step; one that differs is named",
           "[diloco][gloo]") {
   // Rank 2's global weights are corrupted between two outer steps (a bit flip in memory, a
-  // hostile island): every rank fails the next outer step naming rank 2 against the majority.
+  // hostile island): the states compared after the next outer step differ, and every rank fails
+  // when that comparison is settled, at the start of the exchange after it, naming rank 2
+  // against the majority.
   const auto errors = diloco_test::run_ranks_collect(3, [](int rank, std::shared_ptr<diloco::Group> g) {
     torch::manual_seed(0);
     TinyNet net;
@@ -295,7 +297,7 @@ TEST_CASE("islands compare their global state after every outer step; one that d
     diloco::DiLoCoOptions options;
     options.inner_steps = 2;
     diloco::DiLoCo outer(net, opt, g, options);
-    for (int step = 0; step < 4; ++step) {
+    for (int step = 0; step < 6; ++step) {
       inner_step(net, opt, rank, step);
       outer.step();
       if (step == 1 && rank == 2) {
@@ -323,7 +325,7 @@ TEST_CASE("islands compare their global state after every outer step; one that d
       inner_step(net, opt, rank, step);
       outer.step();
     }
-    if (g->stats().ops.count("allgather:state_check") != 0) throw std::runtime_error("state_check sent");
+    if (g->stats().ops.count("allreduce:state_check") != 0) throw std::runtime_error("state_check sent");
   });
   for (const auto& e : quiet) CHECK(e.empty());
 }

@@ -226,7 +226,14 @@ std::vector<at::Tensor> DiLoCo::views_over(std::size_t i) const {
 
 // An exchange still in flight writes into buffers this object owns: wait it out (the collective
 // timeout bounds the wait) before they go.
-DiLoCo::~DiLoCo() { wait_in_flight(); }
+DiLoCo::~DiLoCo() {
+  wait_in_flight();
+  try {
+    settle_state_check();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+  }
+}
 
 void DiLoCo::wait_in_flight() noexcept {
   // What has not started is dropped (this rank sends nothing more); what runs is waited for.
@@ -389,21 +396,26 @@ void DiLoCo::check_finite(std::int64_t fragment, bool mine_finite) {
   at::Tensor flags = at::zeros({group_->world_size()}, at::kFloat);
   if (!mine_finite) flags[group_->rank()] = 1.0f;
   group_->allreduce_sum(flags, "outer_sync_check");
-  std::string bad;
+  std::vector<int> bad;
   for (int r = 0; r < group_->world_size(); ++r) {
-    if (flags[r].item<float>() != 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
+    if (flags[r].item<float>() != 0.0f) bad.push_back(r);
   }
-  if (!bad.empty()) {
-    throw NonFiniteError("[DiLoCo outer step " + std::to_string(state_.outer_step + 1) +
-                         ", fragment " + std::to_string(fragment) + "] rank " +
-                         std::to_string(group_->rank()) + ": the pseudo-gradient of rank(s) " +
-                         bad +
-                         " holds a NaN or an infinity; nothing was sent, the global weights are "
-                         "unchanged and the model was reset to them");
-  }
+  throw_if_not_finite(fragment, bad);
+}
+
+void DiLoCo::throw_if_not_finite(std::int64_t fragment, const std::vector<int>& ranks) const {
+  if (ranks.empty()) return;
+  std::string bad;
+  for (int r : ranks) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
+  throw NonFiniteError("[DiLoCo outer step " + std::to_string(state_.outer_step + 1) +
+                       ", fragment " + std::to_string(fragment) + "] rank " +
+                       std::to_string(group_->rank()) + ": the pseudo-gradient of rank(s) " + bad +
+                       " holds a NaN or an infinity; nothing was sent, the global weights are "
+                       "unchanged and the model was reset to them");
 }
 
 void DiLoCo::start_sync(std::int64_t fragment) {
+  settle_state_check();
   auto& buckets = params_.buckets();
   started_at_[static_cast<std::size_t>(fragment)] = state_.inner_step;
   pending_.clear();
@@ -425,9 +437,10 @@ void DiLoCo::start_sync(std::int64_t fragment) {
         produce(i, 0, buckets[i].flat.numel());
         finite = finite && local_finite_[i];
       }
+      // The islands agree it is finite ahead of the exchanges: the screening's norms say it (a
+      // NaN norm), or else a small all-reduce of flags.
       if (screen) screen_contributions(fragment, finite);
-      // The islands agree it is finite ahead of the exchanges.
-      if (compressed_) {
+      if (compressed_ && !screen) {
         finite_check_ = comm_->submit([this, fragment, finite] { check_finite(fragment, finite); });
       }
     }
@@ -501,7 +514,7 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
   }
   pending_.clear();
   // Elastic runs compare once the outer step is committed (elastic_outer_step).
-  if (options_.compare_states && !membership_ && bad_bucket < 0) compare_states(fragment);
+  if (options_.compare_states && !membership_ && bad_bucket < 0) start_state_check(fragment);
   if (bad_bucket >= 0) {
     const auto i = static_cast<std::size_t>(bad_bucket);
     std::ostringstream m;
@@ -527,11 +540,19 @@ void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite) {
   const double mine = mine_finite ? std::sqrt(squares) : std::nan("");
   const auto all = group_->allgather(at::full({1}, mine, at::kDouble), "outer_sync_screen");
   std::vector<double> norms, finite_norms;
+  std::vector<int> not_finite;
   for (const auto& t : all) {
     norms.push_back(t.item<double>());
-    if (std::isfinite(norms.back())) finite_norms.push_back(norms.back());
+    if (std::isfinite(norms.back())) {
+      finite_norms.push_back(norms.back());
+    } else {
+      not_finite.push_back(static_cast<int>(norms.size()) - 1);
+    }
   }
-  // Non-finite contributions are the finiteness check's (never averaged, named there).
+  // A pseudo-gradient holding a NaN or an infinity (its island declares a NaN norm): compressed
+  // exchanges stop here, as the finiteness check does without screening; the uncompressed sum
+  // carries it to the outer step, which leaves its blocks unchanged and names the parameter.
+  if (compressed_) throw_if_not_finite(fragment, not_finite);
   if (finite_norms.empty()) return;
   std::sort(finite_norms.begin(), finite_norms.end());
   const std::size_t k = finite_norms.size();
@@ -607,7 +628,8 @@ void DiLoCo::report_refusals(std::int64_t fragment, std::size_t bucket,
   std::fprintf(stderr, "%s\n", last_screening_.c_str());
 }
 
-void DiLoCo::compare_states(std::int64_t fragment) {
+void DiLoCo::start_state_check(std::int64_t fragment) {
+  settle_state_check();  // one in flight at a time
   XXH3_state_t* hasher = XXH3_createState();
   if (hasher == nullptr) throw Error("[DiLoCo] out of memory for the state hash");
   XXH3_128bits_reset(hasher);
@@ -624,10 +646,25 @@ void DiLoCo::compare_states(std::int64_t fragment) {
   }
   const XXH128_hash_t h = XXH3_128bits_digest(hasher);
   XXH3_freeState(hasher);
-  const auto all = group_->allgather(
-      at::tensor({static_cast<std::int64_t>(h.high64), static_cast<std::int64_t>(h.low64)},
-                 at::kLong),
-      "state_check");
+  auto check = std::make_unique<StateCheck>();
+  check->hashes = at::zeros({group_->world_size(), 2}, at::kLong);
+  check->hashes[group_->rank()][0] = static_cast<std::int64_t>(h.high64);
+  check->hashes[group_->rank()][1] = static_cast<std::int64_t>(h.low64);
+  check->outer_step = state_.outer_step;
+  check->fragment = fragment;
+  // Every other row is zero: the sum holds each rank's hash exactly.
+  check->collective = group_->allreduce_sum_async(check->hashes, "state_check");
+  state_check_ = std::move(check);
+}
+
+void DiLoCo::settle_state_check() {
+  if (!state_check_) return;
+  const std::unique_ptr<StateCheck> check = std::move(state_check_);
+  check->collective.wait();
+  const std::int64_t fragment = check->fragment;
+  const at::Tensor& hashes = check->hashes;
+  std::vector<at::Tensor> all;
+  for (int r = 0; r < group_->world_size(); ++r) all.push_back(hashes[r]);
   // The majority's hash (a strict majority, or none).
   const int n = static_cast<int>(all.size());
   const auto same = [&](int a, int b) { return at::equal(all[a], all[b]); };
@@ -650,7 +687,7 @@ void DiLoCo::compare_states(std::int64_t fragment) {
     return std::string(text);
   };
   std::ostringstream m;
-  m << "[DiLoCo outer step " << state_.outer_step << ", fragment " << fragment << "] rank "
+  m << "[DiLoCo outer step " << check->outer_step << ", fragment " << fragment << "] rank "
     << group_->rank() << ": the islands' global states differ after the outer step: ";
   if (majority < 0) {
     m << "no majority (";
@@ -713,7 +750,10 @@ void DiLoCo::elastic_outer_step() {
         finish_sync(0);
         exchange_snapshot_.clear();
         ++state_.outer_step;
-        if (options_.compare_states) compare_states(0);
+        if (options_.compare_states) {
+          start_state_check(0);
+          settle_state_check();
+        }
       }
       buffers_.sync(*group_, options_.buffers, "DiLoCo outer", state_.outer_step - 1);
       membership_->at_boundary(state_.outer_step, fingerprint_text_,

@@ -236,10 +236,18 @@ class DiLoCo {
   // The islands agree that every pseudo-gradient of the fragment is finite (compressed exchanges
   // only: a codec may not survive a NaN); throws NonFiniteError naming the ranks.
   void check_finite(std::int64_t fragment, bool mine_finite);
+  // Throws NonFiniteError naming `ranks` unless it is empty.
+  void throw_if_not_finite(std::int64_t fragment, const std::vector<int>& ranks) const;
   void start_sync(std::int64_t fragment);
   void finish_sync(std::int64_t fragment);
   // options_.compare_states: the islands compare the fragment's global state (see the option).
-  void compare_states(std::int64_t fragment);
+  // start_state_check() hashes it and issues the comparison (an asynchronous all-reduce of one
+  // row per rank) right after the outer step; settle_state_check() waits for it and throws when
+  // the states differ. Plain runs settle it at the next exchange's start (or sync(),
+  // load_state(), or the destructor, which reports a difference on stderr), so the training in
+  // between never waits on it; elastic runs settle it at once.
+  void start_state_check(std::int64_t fragment);
+  void settle_state_check();
   // options_.screen_factor: the islands share their norms and refuse outliers (see the option).
   void screen_contributions(std::int64_t fragment, bool mine_finite);
   // The uncompressed sum against the norms the islands declared (an Error when it is longer).
@@ -274,6 +282,13 @@ class DiLoCo {
     std::shared_ptr<ContributionScreen> screen;  // what the exchange refused and combined
   };
   std::vector<InFlight> pending_;  // the exchanges of the fragment in flight
+  struct StateCheck {
+    PendingCollective collective;
+    at::Tensor hashes;  // world_size x 2 int64: each rank's 128-bit hash, in its own row
+    std::int64_t outer_step = 0;
+    std::int64_t fragment = 0;
+  };
+  std::unique_ptr<StateCheck> state_check_;  // the comparison in flight, if any
   CommThread::Job finite_check_;   // its finiteness check (compressed exchanges)
   std::int64_t in_flight_ = -1;    // the fragment whose exchange is in flight, or -1
   std::vector<std::int64_t> started_at_;  // per fragment: the inner step its last exchange started
