@@ -356,7 +356,8 @@ class DiLoCo(_C.DiLoCo):
             Exchanges that decode each island's payload (gathered codecs, robust aggregators)
             also refuse one that does not decode or decodes to a NaN or an infinity.
         compare_states: after every outer step the islands compare a 128-bit hash of the global
-            state (16 bytes each); a difference raises diloco.Error naming the ranks that
+            state (16 bytes each, compared while the islands train on; settled when the next
+            exchange starts); a difference raises diloco.Error naming the ranks that
             disagree with the majority.
 
     Raises:

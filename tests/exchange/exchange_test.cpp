@@ -13,6 +13,7 @@
 #include "diloco/exchange/exchange.h"
 #include "diloco/compress/registry.h"
 #include "diloco/diloco.h"
+#include "support/codec_helpers.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;
@@ -103,43 +104,6 @@ class HalvingCodec : public diloco::Codec {
   double error_bound(const at::Tensor&) const override { return 0.0; }
 };
 
-// A user codec that damages another codec's payloads after encoding them, as a faulty link or a
-// hostile peer would deliver them; decoding is the inner codec's own, checks included.
-class DamagingCodec : public diloco::Codec {
- public:
-  using Damage = std::function<void(std::uint8_t* payload, std::int64_t bytes)>;
-  DamagingCodec(std::string name, std::unique_ptr<diloco::Codec> inner, Damage damage)
-      : name_(std::move(name)), inner_(std::move(inner)), damage_(std::move(damage)) {}
-  std::string spec() const override { return name_; }
-  diloco::Aggregation aggregation() const override { return inner_->aggregation(); }
-  at::ScalarType payload_dtype() const override { return inner_->payload_dtype(); }
-  std::int64_t payload_bytes(c10::IntArrayRef shape) const override {
-    return inner_->payload_bytes(shape);
-  }
-  void encode(const at::Tensor& x, std::uint8_t* out) override {
-    inner_->encode(x, out);
-    damage_(out, inner_->payload_bytes(x.sizes()));
-  }
-  void decode(const std::uint8_t* p, std::int64_t bytes, at::Tensor& out) const override {
-    inner_->decode(p, bytes, out);
-  }
-  double error_bound(const at::Tensor& x) const override { return inner_->error_bound(x); }
-
- private:
-  std::string name_;
-  std::unique_ptr<diloco::Codec> inner_;
-  Damage damage_;
-};
-
-void register_damaging_codec(const std::string& name, const std::string& inner,
-                             DamagingCodec::Damage damage) {
-  diloco::register_codec(name, name + ": test codec, " + inner + " with damaged payloads",
-                         [name, inner, damage](diloco::CodecParams&) {
-                           return std::make_unique<DamagingCodec>(name, diloco::make_codec(inner),
-                                                                  damage);
-                         });
-}
-
 // Runs one compressed sum of a random tensor of this shape over 3 ranks, rank 2 with `rank2_spec`
 // and the others with `spec`; returns each rank's error, prefixed with its exception type.
 // (Callbacks run on the rank threads, where Catch2's assertions are not allowed: they throw.)
@@ -180,7 +144,7 @@ TEST_CASE("a malformed payload in the gathered exchange names its sender on ever
           "[compress][gloo]") {
   // Top-k's payload starts with the 12-bit indices of a 64x64 tile: the second becomes a copy of
   // the first, which the decoder refuses ("index ... appears twice").
-  register_damaging_codec("damaged_topk", "topk", [](std::uint8_t* p, std::int64_t bytes) {
+  diloco_test::register_tampering_codec("damaged_topk", "topk", [](std::uint8_t* p, std::int64_t bytes) {
     if (bytes < 3) throw std::runtime_error("damaged_topk: payload too short to damage");
     const unsigned first = p[0] | ((p[1] & 0xFu) << 8);
     p[1] = static_cast<std::uint8_t>((p[1] & 0xFu) | ((first & 0xFu) << 4));
@@ -197,7 +161,7 @@ TEST_CASE("a malformed payload in the gathered exchange names its sender on ever
 
 TEST_CASE("a malformed chunk in the requantizing ring names its sender", "[compress][gloo]") {
   // An int8 payload starts with its first block's float32 scale: NaN is refused by the decoder.
-  register_damaging_codec("damaged_int8", "int8", [](std::uint8_t* p, std::int64_t bytes) {
+  diloco_test::register_tampering_codec("damaged_int8", "int8", [](std::uint8_t* p, std::int64_t bytes) {
     if (bytes < 4) throw std::runtime_error("damaged_int8: payload too short to damage");
     const float nan = std::numeric_limits<float>::quiet_NaN();
     std::memcpy(p, &nan, sizeof nan);

@@ -43,9 +43,11 @@ TEST_CASE("a rank that dies mid-run makes the others raise PeerLostError naming 
       const std::string log = slurp(procs[r].log);
       INFO("rank " << r << " log:\n" << log);
       CHECK(procs[r].exit_code == 42);
-      // The outer step's first collective: the screening's all-gather of norms (3 islands), or
-      // the all-reduce itself.
+      // The first collective to wait on the dead peer: the previous outer step's state
+      // comparison (settled as the next exchange starts), the screening's all-gather of norms
+      // (3 islands), or the all-reduce itself.
       CHECK_THAT(log, Contains("PeerLostError") && (Contains("allreduce 'outer_sync'") ||
+                                                     Contains("allreduce 'state_check'") ||
                                                      Contains("allgather 'outer_sync_screen'")));
       for (int other = 0; other < world; ++other) {
         if (other != dying) CHECK_THAT(log, !Contains("lost a peer: rank " + std::to_string(other) + " at"));

@@ -116,7 +116,8 @@ struct DiLoCoOptions {
   std::int64_t overlap_steps = 0;
   double mixing = 0.0;
   // After every applied fragment the islands compare a 128-bit XXH3 hash of its global weights,
-  // outer momentum and the outer step (one all-gather of 16 bytes per rank). A difference is an
+  // outer momentum and the outer step (16 bytes per rank, in an all-reduce issued right after the
+  // outer step and settled when the next exchange starts, or at sync()). A difference is an
   // Error on every rank naming the ranks that disagree with the majority; in elastic runs those
   // get RemovedError (started again, they rejoin with the run's state) and the others go on.
   bool compare_states = true;
