@@ -207,7 +207,10 @@ TEST_CASE("A keyed group's collectives are bit-identical and match the unkeyed s
     }
     g.barrier("done");
   });
-  for (int r = 0; r < world; ++r) INFO("rank " << r << ": " << errors[r]), REQUIRE(errors[r].empty());
+  for (int r = 0; r < world; ++r) {
+    INFO("rank " << r << ": " << errors[r]);
+    REQUIRE(errors[r].empty());
+  }
   diloco_test::run_ranks(world, [&](int r, std::shared_ptr<diloco::Group> g) {
     at::Tensor t = input(r);
     g->allreduce_sum(t, "outer_sync");
