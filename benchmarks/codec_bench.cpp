@@ -19,6 +19,7 @@
 #include <fstream>
 #include <vector>
 
+#include "diloco/comm/auth.h"
 #include "diloco/compress/registry.h"
 
 namespace {

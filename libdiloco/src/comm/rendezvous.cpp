@@ -289,6 +289,8 @@ void rendezvous(const GroupOptions& options, const std::optional<RunKey>& key,
       }
       store_set(s, "world_size", mine);
     }
+    // The first call that needs an answer from the store, under the phase that says so.
+    s.check({"world_size"});
     progress.enter("waiting for rank 0's world size");
     while (!s.check({"world_size"})) {
       check_abort(s, who);
