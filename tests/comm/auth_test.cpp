@@ -15,7 +15,9 @@
 
 #include "diloco/comm/auth.h"
 #include "diloco/comm/group.h"
+#include "diloco/elastic/membership.h"
 #include "diloco/errors.h"
+#include "support/env_guard.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;
@@ -147,6 +149,13 @@ TEST_CASE("RunKey::resolve validates and names the option", "[auth]") {
   o.run_key = "too short";
   CHECK_THROWS_AS(o.validate(), diloco::OptionError);
   CHECK_THROWS_WITH(o.validate(), Contains("run_key (DILOCO_RUN_KEY)"));
+}
+
+TEST_CASE("The run key comes from the environment, and elastic runs refuse one", "[auth]") {
+  diloco_test::EnvGuard env({{"DILOCO_RUN_KEY", kKey.c_str()}, {"DILOCO_RUN_KEY_FILE", nullptr}});
+  CHECK(diloco::GroupOptions::read_env().run_key == kKey);
+  CHECK_THROWS_AS(diloco::ElasticOptions::read_env(), diloco::OptionError);
+  CHECK_THROWS_WITH(diloco::ElasticOptions::read_env(), Contains("DILOCO_RUN_KEY"));
 }
 
 TEST_CASE("The authenticated store refuses values written without the key", "[auth]") {
