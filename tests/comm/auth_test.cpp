@@ -193,6 +193,12 @@ TEST_CASE("A keyed group's collectives are bit-identical and match the unkeyed s
     at::Tensor t = input(r);
     g.allreduce_sum(t, "outer_sync");
     keyed_sum[r] = t;
+    // Any shape: chunks are ranges of the flattened tensor.
+    at::Tensor rows = at::full({world, 3}, static_cast<double>(r + 1), at::kDouble);
+    g.allreduce_sum(rows, "state_check");
+    if (!at::equal(rows, at::full({world, 3}, world * (world + 1) / 2.0, at::kDouble))) {
+      throw std::runtime_error("2-D all-reduce differs");
+    }
     at::Tensor d = at::full({5}, static_cast<double>(r), at::kDouble);
     auto all = g.allgather(d, "norms");
     gathered[r] = at::stack(all);

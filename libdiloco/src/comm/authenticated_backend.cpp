@@ -397,7 +397,8 @@ class AuthenticatedBackend : public Backend {
   // Reduce-scatter then all-gather over send/recv, a tag per hop (see the file comment).
   void ring_allreduce(at::Tensor tensor, std::uint64_t seq) {
     const int n = world_size_, r = rank_;
-    at::Tensor host = tensor.device().is_cpu() ? tensor : tensor.cpu();
+    // Chunks are ranges of the flattened tensor, whatever its shape.
+    at::Tensor host = (tensor.device().is_cpu() ? tensor : tensor.cpu()).view({-1});
     const std::int64_t numel = host.numel();
     const std::size_t item = host.element_size();
     const std::int64_t chunk = (numel + n - 1) / n;
@@ -446,7 +447,7 @@ class AuthenticatedBackend : public Backend {
                     static_cast<std::size_t>(recv_len) * item);
       }
     }
-    if (!tensor.device().is_cpu()) tensor.copy_(host);
+    if (!tensor.device().is_cpu()) tensor.copy_(host.view(tensor.sizes()));
   }
 
   std::unique_ptr<Backend> inner_;
