@@ -19,6 +19,7 @@
 #include <fstream>
 #include <vector>
 
+#include "diloco/comm/auth.h"
 #include "diloco/compress/registry.h"
 
 namespace {
@@ -62,14 +63,23 @@ int main(int argc, char** argv) {
     std::memcpy(copy.data_ptr<float>(), x.data_ptr<float>(), x.nbytes());
   });
   const double memcpy_gbs = in_bytes / memcpy_s / 1e9;
+  // The MAC every payload carries when a run key is set (diloco/comm/auth.h), over the same bytes.
+  const diloco::RunKey run_key("codec_bench run key, 32 bytes..");
+  diloco::MacTag tag{};
+  const double hmac_s = best_seconds(repeats, [&] {
+    tag = run_key.mac({{x.data_ptr<float>(), static_cast<std::size_t>(x.nbytes())}});
+  });
+  const double hmac_gbs = in_bytes / hmac_s / 1e9;
 
   nlohmann::json results = nlohmann::json::array();
   std::ofstream md(out + ".md");
   std::ofstream csv(out + ".csv");
   md << "Matrix " << rows << "x" << cols << " float32, one thread; memcpy " << memcpy_gbs
-     << " GB/s.\n\n| codec | aggregation | bytes/param | ratio vs fp32 | encode+decode GB/s | % of memcpy | max error / bound |\n|---|---|---|---|---|---|---|\n";
+     << " GB/s; HMAC-SHA256 (the run key's payload MAC) " << hmac_gbs << " GB/s ("
+     << 100.0 * hmac_gbs / memcpy_gbs << "% of memcpy).\n\n| codec | aggregation | bytes/param | ratio vs fp32 | encode+decode GB/s | % of memcpy | max error / bound |\n|---|---|---|---|---|---|---|\n";
   csv << "codec,aggregation,bytes_per_param,ratio,gbs,pct_memcpy,max_error,bound\n";
-  std::printf("memcpy: %.2f GB/s\n", memcpy_gbs);
+  std::printf("memcpy: %.2f GB/s\nhmac-sha256: %.2f GB/s (%.0f%% of memcpy; tag %02x..)\n",
+              memcpy_gbs, hmac_gbs, 100.0 * hmac_gbs / memcpy_gbs, tag[0]);
   for (const auto& spec : specs) {
     auto codec = diloco::make_codec(spec);
     const std::int64_t bytes = codec->payload_bytes(x.sizes());
@@ -103,7 +113,8 @@ int main(int argc, char** argv) {
         << bpp << ',' << 4.0 / bpp << ',' << gbs << ',' << 100.0 * gbs / memcpy_gbs << ',' << err
         << ',' << bound << '\n';
   }
-  nlohmann::json doc = {{"rows", rows}, {"cols", cols}, {"memcpy_gbs", memcpy_gbs}, {"codecs", results}};
+  nlohmann::json doc = {{"rows", rows}, {"cols", cols}, {"memcpy_gbs", memcpy_gbs},
+                        {"hmac_sha256_gbs", hmac_gbs}, {"codecs", results}};
   std::ofstream(out + ".json") << doc.dump(2) << '\n';
   std::printf("wrote %s.json, %s.csv, %s.md\n", out.c_str(), out.c_str(), out.c_str());
   return 0;

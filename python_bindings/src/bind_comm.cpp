@@ -125,7 +125,7 @@ void bind_comm(py::module_& m) {
       m, "GroupOptions",
       "The options of Group.create (diloco::GroupOptions), field for field: master_addr, "
       "master_port, rank, world_size, timeout (seconds), hostname, link (a LinkModel), "
-      "join_existing_store. GroupOptions(**fields) starts from the C++ defaults; read_env() "
+      "join_existing_store, run_key, run_key_file. GroupOptions(**fields) starts from the C++ defaults; read_env() "
       "from the environment. Group.create validates them; validate() does so alone.")
       .def(py::init([](const py::kwargs& fields) {
              diloco::GroupOptions options;
@@ -162,12 +162,17 @@ void bind_comm(py::module_& m) {
       .def_readwrite("join_existing_store", &diloco::GroupOptions::join_existing_store,
                      "join a store someone else serves at master_addr:master_port (torchrun's "
                      "agent: TORCHELASTIC_USE_AGENT_STORE=1 or True) instead of rank 0 serving")
+      .def_readwrite("run_key", &diloco::GroupOptions::run_key,
+                     "the run key (str or bytes, >= 16 bytes; DILOCO_RUN_KEY): with one, joining "
+                     "needs it and every payload is MACed; \"\" = none")
+      .def_readwrite("run_key_file", &diloco::GroupOptions::run_key_file,
+                     "a file holding the run key, instead of run_key (DILOCO_RUN_KEY_FILE)")
       .def("validate", &diloco::GroupOptions::validate,
            "Raise OptionError naming the first option out of its range.")
       .def_static("from_env", &diloco::GroupOptions::from_env,
                   "From MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (required) and the optional "
                   "DILOCO_TIMEOUT_S, DILOCO_HOSTNAME, DILOCO_LINK_MBPS, DILOCO_LINK_LATENCY_MS, "
-                  "TORCHELASTIC_USE_AGENT_STORE, validated. Raises OptionError naming a missing "
+                  "DILOCO_RUN_KEY, DILOCO_RUN_KEY_FILE, TORCHELASTIC_USE_AGENT_STORE, validated. Raises OptionError naming a missing "
                   "or malformed variable.")
       .def_static("read_env", &diloco::GroupOptions::read_env,
                   "The same variables, each optional: unset ones keep the defaults (rank and "
@@ -181,7 +186,9 @@ void bind_comm(py::module_& m) {
             << ", timeout=" << double(o.timeout.count()) / 1000.0 << ", hostname='" << o.hostname
             << "', link=LinkModel(mbit_per_s=" << o.link.mbit_per_s
             << ", latency_ms=" << o.link.latency_ms
-            << "), join_existing_store=" << (o.join_existing_store ? "True" : "False") << ")";
+            << "), join_existing_store=" << (o.join_existing_store ? "True" : "False")
+            << ", run_key=" << (o.run_key.empty() ? "''" : "'<hidden>'") << ", run_key_file='"
+            << o.run_key_file << "')";
         return out.str();
       });
 

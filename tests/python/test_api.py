@@ -261,7 +261,7 @@ def test_lost_peer_raises_peer_lost_error():
 def test_group_options_mirror_the_cpp_struct(monkeypatch):
     for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "DILOCO_TIMEOUT_S",
                 "DILOCO_HOSTNAME", "DILOCO_LINK_MBPS", "DILOCO_LINK_LATENCY_MS",
-                "TORCHELASTIC_USE_AGENT_STORE"):
+                "TORCHELASTIC_USE_AGENT_STORE", "DILOCO_RUN_KEY", "DILOCO_RUN_KEY_FILE"):
         monkeypatch.delenv(var, raising=False)
     defaults = diloco.GroupOptions()
     assert (defaults.master_addr, defaults.master_port, defaults.rank, defaults.world_size,

@@ -36,6 +36,19 @@ class PeerLostError : public Error {
   int peer_;
 };
 
+// A MAC did not match (diloco/comm/auth.h): a payload or store entry forged, tampered with,
+// replayed, or made with another run key. `sender()` is the rank the payload claimed to come
+// from, -1 for a store entry or when no rank is known.
+class AuthenticationError : public Error {
+ public:
+  explicit AuthenticationError(const std::string& what, int sender = -1)
+      : Error(what), sender_(sender) {}
+  int sender() const { return sender_; }
+
+ private:
+  int sender_;
+};
+
 // Elastic runs (diloco/elastic/membership.h): this island was left out of the run's membership
 // (it was stopped past the heartbeat timeout, or registered too late for the new epoch, or the
 // epoch it was admitted to was abandoned). Its state is stale; start it again to rejoin.

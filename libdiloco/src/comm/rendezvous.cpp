@@ -12,9 +12,11 @@
 #include <cstdlib>
 #include <condition_variable>
 #include <mutex>
+#include <openssl/rand.h>
 #include <thread>
 
 #include "comm/c10d_compat.h"
+#include "diloco/comm/auth.h"
 #include "comm/net.h"
 #include "diloco/errors.h"
 
@@ -80,6 +82,8 @@ void GroupOptions::validate() const {
     throw OptionError("[Group] timeout must be > 0 ms, got " + std::to_string(timeout.count()));
   }
   link.validate();
+  RunKey::resolve(run_key, run_key_file, "run_key (DILOCO_RUN_KEY)",
+                  "run_key_file (DILOCO_RUN_KEY_FILE)");
 }
 
 GroupOptions GroupOptions::read_env() {
@@ -115,6 +119,8 @@ GroupOptions GroupOptions::read_env() {
     o.link.latency_ms = parse_env_real("DILOCO_LINK_LATENCY_MS", l, LinkModel::kMaxLatencyMs,
                                        "milliseconds in [0, 60000]");
   }
+  if (const char* k = set("DILOCO_RUN_KEY")) o.run_key = k;
+  if (const char* f = set("DILOCO_RUN_KEY_FILE")) o.run_key_file = f;
   return o;
 }
 
@@ -168,7 +174,50 @@ void store_set(c10d::Store& store, const std::string& key, const std::string& va
 //   arrived      ranks that claimed their rank and agree on the world size
 //   abort        why the rendezvous failed, set by the rank that found out; every waiting rank
 //                reads it and fails with the same reason instead of waiting for the deadline
+// and with a run key (every value then MACed by the authenticated store under the prefix):
+//   auth/challenge    random bytes rank 0 writes before world_size
+//   auth/response/R   rank R's answer, HMAC(key, challenge || R), checked by rank 0 before it
+//                     seals the rendezvous
 constexpr const char* kAbortKey = "abort";
+constexpr const char* kChallengeKey = "auth/challenge";
+
+std::string response_to(const RunKey& key, const std::string& challenge, int rank) {
+  static const char kDomain[] = "diloco-join-v1";
+  const std::int32_t r = rank;
+  const MacTag t = key.mac({{kDomain, sizeof(kDomain)},
+                            {challenge.data(), challenge.size()},
+                            {&r, sizeof(r)}});
+  return std::string(t.begin(), t.end());
+}
+
+// Before a process claims a rank, it checks that it has the run's key (or that the run has
+// none, when it has none): a process that fails here leaves no trace the members would notice.
+// Returns the challenge, for the answer (empty without a key).
+std::string check_run_key(c10d::Store& s, const std::optional<RunKey>& key,
+                          const std::string& who, const std::string& where) {
+  const bool keyed_run = s.check({kChallengeKey});
+  if (!key) {
+    if (keyed_run) {
+      throw AuthenticationError("[Group] " + who + ": the run at " + where +
+                                " requires a run key and this process has none: set "
+                                "DILOCO_RUN_KEY or DILOCO_RUN_KEY_FILE (GroupOptions::run_key "
+                                "or run_key_file) to the run's key");
+    }
+    return "";
+  }
+  if (!keyed_run) {
+    throw AuthenticationError("[Group] " + who + ": this process has a run key but the run at " +
+                              where + " has none (rank 0 started without DILOCO_RUN_KEY / "
+                              "DILOCO_RUN_KEY_FILE); give every rank the same key, or none");
+  }
+  try {
+    return store_string(s, kChallengeKey);
+  } catch (const AuthenticationError&) {
+    throw AuthenticationError("[Group] " + who + ": this process's run key does not match the "
+                              "run's at " + where + " (rank 0's challenge was made with another "
+                              "key); check DILOCO_RUN_KEY / DILOCO_RUN_KEY_FILE");
+  }
+}
 
 [[noreturn]] void abort_rendezvous(c10d::Store& store, const std::string& who,
                                    const std::string& why, bool option_error) {
@@ -187,8 +236,8 @@ void check_abort(c10d::Store& store, const std::string& who) {
   }
 }
 
-void rendezvous(const GroupOptions& options, const std::string& hostname,
-                Clock::time_point deadline, Rendezvous& progress) {
+void rendezvous(const GroupOptions& options, const std::optional<RunKey>& key,
+                const std::string& hostname, Clock::time_point deadline, Rendezvous& progress) {
   const std::string where = options.master_addr + ":" + std::to_string(options.master_port);
   const std::string who =
       "rank " + std::to_string(options.rank) + " of " + std::to_string(options.world_size);
@@ -216,6 +265,8 @@ void rendezvous(const GroupOptions& options, const std::string& hostname,
     progress.enter("waiting for the store at " + where + " to answer (it accepted the connection; "
                    "is rank 0 stopped, or is another program listening on MASTER_PORT?)");
     store->setTimeout(remaining(deadline));
+    // Below every prefix, so that the MACs bind full names.
+    if (key) store = make_authenticated_store(store, *key);
     // A store of our own is new for every group; a shared one (torchrun's agent store) outlives
     // them, so every group this process joins to it gets a prefix of its own (processes create
     // their groups in the same order, so the prefixes match across ranks).
@@ -228,15 +279,18 @@ void rendezvous(const GroupOptions& options, const std::string& hostname,
     c10d::Store& s = *prefixed;
 
     const std::string mine = std::to_string(options.world_size);
-    if (options.rank == 0) store_set(s, "world_size", mine);
-    const auto claims = s.add("claim/" + std::to_string(options.rank), 1);
-    if (claims > 1) {
-      const bool sealed = s.check({"sealed"});
-      abort_rendezvous(s, who, "RANK=" + std::to_string(options.rank) + " was claimed by " +
-                                   std::to_string(claims) + " processes" +
-                                   (sealed ? " (the group had already formed without this one)" : "") +
-                                   "; every process needs a rank of its own", true);
+    if (options.rank == 0) {
+      if (key) {  // before world_size: whoever sees world_size sees whether the run has a key
+        std::string challenge(32, '\0');
+        if (RAND_bytes(reinterpret_cast<unsigned char*>(challenge.data()), 32) != 1) {
+          throw Error("[Group] " + who + ": OpenSSL RAND_bytes failed");
+        }
+        store_set(s, kChallengeKey, challenge);
+      }
+      store_set(s, "world_size", mine);
     }
+    // The first call that needs an answer from the store, under the phase that says so.
+    s.check({"world_size"});
     progress.enter("waiting for rank 0's world size");
     while (!s.check({"world_size"})) {
       check_abort(s, who);
@@ -245,6 +299,20 @@ void rendezvous(const GroupOptions& options, const std::string& hostname,
                     std::to_string(options.timeout.count()) + " ms");
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    // Checked before claiming a rank: a process without the run's key leaves the rank free.
+    const std::string challenge = check_run_key(s, key, who, where);
+    const auto claims = s.add("claim/" + std::to_string(options.rank), 1);
+    if (claims > 1) {
+      const bool sealed = s.check({"sealed"});
+      abort_rendezvous(s, who, "RANK=" + std::to_string(options.rank) + " was claimed by " +
+                                   std::to_string(claims) + " processes" +
+                                   (sealed ? " (the group had already formed without this one)" : "") +
+                                   "; every process needs a rank of its own", true);
+    }
+    if (key) {
+      store_set(s, "auth/response/" + std::to_string(options.rank),
+                response_to(*key, challenge, options.rank));
     }
     const std::string rank0 = store_string(s, "world_size");
     if (rank0 != mine) {
@@ -299,6 +367,28 @@ void rendezvous(const GroupOptions& options, const std::string& hostname,
             std::chrono::milliseconds(1000), options.timeout / 10));
       }
       check_abort(s, who);
+      // Every rank that arrived answered the challenge before it did; a claim made without the
+      // key (a client that skipped check_run_key) fails the rendezvous here, naming the rank.
+      for (int r = 1; key && r < options.world_size; ++r) {
+        const std::string entry = "auth/response/" + std::to_string(r);
+        bool proved = false;
+        try {
+          const std::string answer = store_string(s, entry);
+          const std::string expected = response_to(*key, challenge, r);
+          MacTag a{}, b{};
+          if (answer.size() == a.size()) {
+            std::copy(answer.begin(), answer.end(), a.begin());
+            std::copy(expected.begin(), expected.end(), b.begin());
+            proved = RunKey::equal(a, b);
+          }
+        } catch (const AuthenticationError&) {
+        }
+        if (!proved) {
+          abort_rendezvous(s, who, "rank " + std::to_string(r) + " claimed its rank without "
+                           "answering the run-key challenge ('" + entry + "' is missing or "
+                           "forged); it does not hold the run key", false);
+        }
+      }
       store_set(s, "sealed", "1");
     }
     while (!s.check({"sealed"})) {
@@ -311,8 +401,18 @@ void rendezvous(const GroupOptions& options, const std::string& hostname,
     }
     check_abort(s, who);
     progress.enter("connecting the Gloo group (did a rank die during the rendezvous?)");
-    auto group = std::make_shared<Group>(prefixed, options.rank, options.world_size,
-                                         options.timeout, hostname);
+    std::shared_ptr<Group> group;
+    if (key) {
+      auto gloo = make_gloo_backend(prefixed, options.rank, options.world_size, options.timeout,
+                                    hostname);
+      progress.enter("agreeing on the group's authenticated session");
+      group = std::make_shared<Group>(
+          make_authenticated_backend(std::move(gloo), prefixed, *key, remaining(deadline)),
+          options.timeout);
+    } else {
+      group = std::make_shared<Group>(prefixed, options.rank, options.world_size,
+                                      options.timeout, hostname);
+    }
     group->set_link(options.link);
     std::lock_guard<std::mutex> lock(progress.mutex);
     progress.group = std::move(group);
@@ -352,11 +452,13 @@ std::shared_ptr<Group> Group::create(const GroupOptions& options) {
                   "; check the name, or give an IP address");
     }
   }
+  const auto key = RunKey::resolve(options.run_key, options.run_key_file,
+                                   "run_key (DILOCO_RUN_KEY)", "run_key_file (DILOCO_RUN_KEY_FILE)");
   auto progress = std::make_shared<Rendezvous>();
-  std::thread([progress, options, hostname, deadline] {
+  std::thread([progress, options, key, hostname, deadline] {
     std::exception_ptr error;
     try {
-      rendezvous(options, hostname, deadline, *progress);
+      rendezvous(options, key, hostname, deadline, *progress);
     } catch (...) {
       error = std::current_exception();
     }

@@ -177,6 +177,12 @@ void ElasticOptions::validate() const {
 
 ElasticOptions ElasticOptions::read_env() {
   const GroupOptions g = GroupOptions::read_env();
+  // Refused rather than ignored: a run started with a key must not run unauthenticated.
+  if (!g.run_key.empty() || !g.run_key_file.empty()) {
+    throw OptionError("[elastic] DILOCO_RUN_KEY / DILOCO_RUN_KEY_FILE is set, but elastic runs do "
+                      "not take a run key yet (only Group::create does); unset it, or run a "
+                      "static group");
+  }
   ElasticOptions o;
   o.store_addr = g.master_addr;
   o.store_port = g.master_port;

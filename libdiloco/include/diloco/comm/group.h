@@ -60,12 +60,19 @@ struct GroupOptions {
   // (torchrun's agent does, and says so with TORCHELASTIC_USE_AGENT_STORE=True); by default
   // rank 0 serves it.
   bool join_existing_store = false;
+  // The run key (diloco/comm/auth.h): at most one of the key itself (>= 16 bytes) or a file
+  // holding it. Every rank of a run must have the same one, or none. With a key, joining needs
+  // it (a process without it fails on its own), store values and payloads carry MACs, and the
+  // all-reduce is an authenticated ring. Empty: no authentication, and no cost.
+  std::string run_key = "";       // DILOCO_RUN_KEY
+  std::string run_key_file = "";  // DILOCO_RUN_KEY_FILE
 
   // Throws OptionError naming the option and its allowed range.
   void validate() const;
   // Reads MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (all required) and DILOCO_TIMEOUT_S
   // (optional, seconds), DILOCO_HOSTNAME, DILOCO_LINK_MBPS and DILOCO_LINK_LATENCY_MS (optional,
-  // see LinkModel), TORCHELASTIC_USE_AGENT_STORE (set by torchrun). Throws OptionError naming a missing or malformed variable and its range.
+  // see LinkModel), DILOCO_RUN_KEY or DILOCO_RUN_KEY_FILE (optional, the run key),
+  // TORCHELASTIC_USE_AGENT_STORE (set by torchrun). Throws OptionError naming a missing or malformed variable and its range.
   static GroupOptions from_env();
   // The same variables, each optional: unset ones keep the defaults above (rank and world_size
   // stay -1). Malformed values still throw OptionError; nothing is validated as a whole. For
@@ -117,7 +124,10 @@ class Group {
   // OptionError for bad options, a world_size that differs from rank 0's, or a RANK claimed by
   // two processes (both fail, naming the rank); Error at once for a MASTER_ADDR that does not
   // resolve or a port in use, and when the peers do not all arrive within the timeout (naming
-  // the ranks that did not).
+  // the ranks that did not). With a run key (GroupOptions::run_key), the rendezvous store's values
+  // are MACed, each rank answers rank 0's challenge before it claims its rank, and the group's
+  // payloads are authenticated (diloco/comm/auth.h); a process with another key or none throws
+  // AuthenticationError before claiming a rank, and the others carry on waiting for the rank.
   static std::shared_ptr<Group> create(const GroupOptions& options);
   static std::shared_ptr<Group> from_env();
 
