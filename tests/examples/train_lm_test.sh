@@ -32,12 +32,12 @@ assert last["val_loss"] < 0.6 * first["val_loss"], (first["val_loss"], last["val
 # the buffers' check: the model's only buffer is its causal mask (bool), so an all-gather of an
 # 8-byte digest, (N-1) * 8 bytes, and nothing else while the islands' masks agree; before it the
 # contributions' screening: an all-gather of an 8-byte norm, (N-1) * 8 bytes. After it the
-# islands compare their global state: an asynchronous ring all-reduce of N rows of a 16-byte
-# hash, 2(N-1)/N * 16N bytes, counted when it is settled at the next exchange (so the last
-# step's falls after the last metrics line: 9 of the 10).
+# islands compare their global state: an asynchronous all-gather of a 16-byte hash, (N-1) * 16
+# bytes, counted when it is settled at the next exchange (so the last step's falls after the last
+# metrics line: 9 of the 10).
 steps = last["outer_step"]
 per_sync = (last["bytes_sent"] - first["bytes_sent"]) / steps
-expect = 2 * 3 * 4 * last["parameters"] // 4 + 3 * 8 + 3 * 8 + 2 * 3 * 16 * (steps - 1) / steps
+expect = 2 * 3 * 4 * last["parameters"] // 4 + 3 * 8 + 3 * 8 + 3 * 16 * (steps - 1) / steps
 assert abs(per_sync - expect) <= 8, (per_sync, expect)
 print("train_lm_test: all checks passed")
 PY

@@ -325,7 +325,7 @@ TEST_CASE("islands compare their global state after every outer step; one that d
       inner_step(net, opt, rank, step);
       outer.step();
     }
-    if (g->stats().ops.count("allreduce:state_check") != 0) throw std::runtime_error("state_check sent");
+    if (g->stats().ops.count("allgather:state_check") != 0) throw std::runtime_error("state_check sent");
   });
   for (const auto& e : quiet) CHECK(e.empty());
 }

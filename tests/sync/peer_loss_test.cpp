@@ -47,7 +47,7 @@ TEST_CASE("a rank that dies mid-run makes the others raise PeerLostError naming 
       // comparison (settled as the next exchange starts), the screening's all-gather of norms
       // (3 islands), or the all-reduce itself.
       CHECK_THAT(log, Contains("PeerLostError") && (Contains("allreduce 'outer_sync'") ||
-                                                     Contains("allreduce 'state_check'") ||
+                                                     Contains("allgather 'state_check'") ||
                                                      Contains("allgather 'outer_sync_screen'")));
       for (int other = 0; other < world; ++other) {
         if (other != dying) CHECK_THAT(log, !Contains("lost a peer: rank " + std::to_string(other) + " at"));

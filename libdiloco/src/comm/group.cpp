@@ -215,6 +215,18 @@ std::vector<at::Tensor> Group::allgather(const at::Tensor& tensor, const std::st
   return outputs;
 }
 
+PendingCollective Group::allgather_async(const at::Tensor& tensor,
+                                         std::vector<at::Tensor>& outputs,
+                                         const std::string& label) {
+  TORCH_CHECK(tensor.is_contiguous(), "[allgather_async '", label, "'] tensor must be contiguous");
+  outputs.clear();
+  for (int r = 0; r < world_size_; ++r) outputs.push_back(at::empty_like(tensor));
+  if (world_size_ == 1) outputs[0].copy_(tensor);
+  at::Tensor input = tensor;
+  return issue(Collective::kAllGather, label, tensor.nbytes(), 0,
+               [&](Backend& b) { return b.allgather(outputs, input); });
+}
+
 std::vector<std::string> Group::allgather_bytes(const std::string& bytes,
                                                 const std::string& label) {
   at::Tensor len = at::full({1}, static_cast<std::int64_t>(bytes.size()), at::kLong);

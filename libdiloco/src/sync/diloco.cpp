@@ -647,13 +647,11 @@ void DiLoCo::start_state_check(std::int64_t fragment) {
   const XXH128_hash_t h = XXH3_128bits_digest(hasher);
   XXH3_freeState(hasher);
   auto check = std::make_unique<StateCheck>();
-  check->hashes = at::zeros({group_->world_size(), 2}, at::kLong);
-  check->hashes[group_->rank()][0] = static_cast<std::int64_t>(h.high64);
-  check->hashes[group_->rank()][1] = static_cast<std::int64_t>(h.low64);
+  check->mine = at::tensor({static_cast<std::int64_t>(h.high64), static_cast<std::int64_t>(h.low64)},
+                           at::kLong);
   check->outer_step = state_.outer_step;
   check->fragment = fragment;
-  // Every other row is zero: the sum holds each rank's hash exactly.
-  check->collective = group_->allreduce_sum_async(check->hashes, "state_check");
+  check->collective = group_->allgather_async(check->mine, check->hashes, "state_check");
   state_check_ = std::move(check);
 }
 
@@ -662,9 +660,7 @@ void DiLoCo::settle_state_check() {
   const std::unique_ptr<StateCheck> check = std::move(state_check_);
   check->collective.wait();
   const std::int64_t fragment = check->fragment;
-  const at::Tensor& hashes = check->hashes;
-  std::vector<at::Tensor> all;
-  for (int r = 0; r < group_->world_size(); ++r) all.push_back(hashes[r]);
+  const std::vector<at::Tensor>& all = check->hashes;
   // The majority's hash (a strict majority, or none).
   const int n = static_cast<int>(all.size());
   const auto same = [&](int a, int b) { return at::equal(all[a], all[b]); };

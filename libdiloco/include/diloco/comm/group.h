@@ -180,6 +180,10 @@ class Group {
   // Every rank contributes a tensor of the same shape and dtype; returns world_size tensors,
   // index r holding rank r's.
   std::vector<at::Tensor> allgather(const at::Tensor& tensor, const std::string& label);
+  // The same, returning at once: after wait(), outputs[r] holds rank r's tensor. `outputs` is
+  // resized here; neither it nor `tensor` may be touched (or destroyed) until wait() returns.
+  PendingCollective allgather_async(const at::Tensor& tensor, std::vector<at::Tensor>& outputs,
+                                    const std::string& label);
   // Gather variable-length byte strings from every rank (two all-gathers: lengths, then bytes).
   std::vector<std::string> allgather_bytes(const std::string& bytes, const std::string& label);
   void barrier(const std::string& label);

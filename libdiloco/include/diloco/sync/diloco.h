@@ -116,7 +116,7 @@ struct DiLoCoOptions {
   std::int64_t overlap_steps = 0;
   double mixing = 0.0;
   // After every applied fragment the islands compare a 128-bit XXH3 hash of its global weights,
-  // outer momentum and the outer step (16 bytes per rank, in an all-reduce issued right after the
+  // outer momentum and the outer step (16 bytes per rank, in an all-gather issued right after the
   // outer step and settled when the next exchange starts, or at sync()). A difference is an
   // Error on every rank naming the ranks that disagree with the majority; in elastic runs those
   // get RemovedError (started again, they rejoin with the run's state) and the others go on.
@@ -242,8 +242,8 @@ class DiLoCo {
   void start_sync(std::int64_t fragment);
   void finish_sync(std::int64_t fragment);
   // options_.compare_states: the islands compare the fragment's global state (see the option).
-  // start_state_check() hashes it and issues the comparison (an asynchronous all-reduce of one
-  // row per rank) right after the outer step; settle_state_check() waits for it and throws when
+  // start_state_check() hashes it and issues the comparison (an asynchronous all-gather of
+  // 16 bytes per rank) right after the outer step; settle_state_check() waits for it and throws when
   // the states differ. Plain runs settle it at the next exchange's start (or sync(),
   // load_state(), or the destructor, which reports a difference on stderr), so the training in
   // between never waits on it; elastic runs settle it at once.
@@ -285,7 +285,8 @@ class DiLoCo {
   std::vector<InFlight> pending_;  // the exchanges of the fragment in flight
   struct StateCheck {
     PendingCollective collective;
-    at::Tensor hashes;  // world_size x 2 int64: each rank's 128-bit hash, in its own row
+    at::Tensor mine;                  // this rank's 128-bit hash, 2 int64
+    std::vector<at::Tensor> hashes;   // every rank's, after the all-gather
     std::int64_t outer_step = 0;
     std::int64_t fragment = 0;
   };
