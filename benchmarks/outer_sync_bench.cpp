@@ -267,7 +267,7 @@ int main(int argc, char** argv) {
                   "| DiLoCo::step() between syncs: %.1f ns per call / %.2f ms per inner step | %.5f %% | < 1 %% |\n"
                   "| DiLoCo state beyond the model (global + momentum) | %.2fx parameters | 2x |\n"
                   "| DiLoCo outer sync without the state comparison / without it and the screening (median) | %.1f / %.1f ms | |\n"
-                  "| state comparison (hash, asynchronous all-reduce), share of the sync | %.2f %% | <= 1 %% |\n"
+                  "| state comparison (hash, asynchronous all-gather), share of the sync | %.2f %% | <= 1 %% |\n"
                   "| screening (norms all-gathered before the exchange), share of the sync | %.2f %% | |\n",
                   static_cast<long long>(params), world, rounds, bare_med * 1e3,
                   static_cast<long long>(segment), median(bare_seg_s) * 1e3, sync_med * 1e3,
