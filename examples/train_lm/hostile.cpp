@@ -2,8 +2,10 @@
 #include "hostile.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 
@@ -63,7 +65,13 @@ std::string HostileIsland::compression_for(const std::string& kind,
   return name;
 }
 
-HostileIsland::HostileIsland(std::string kind, std::uint64_t /*seed*/) : kind_(std::move(kind)) {}
+const std::vector<std::string>& HostileIsland::cheat_kinds() {
+  static const std::vector<std::string> all{"lazy", "noise", "scale"};
+  return all;
+}
+
+HostileIsland::HostileIsland(std::string kind, std::uint64_t seed, bool cheat)
+    : kind_(std::move(kind)), scale_(cheat ? 2.0 : 10.0), noise_(seed ^ 0x6e6f697365ull) {}
 
 void HostileIsland::before_outer_step(const diloco::DiLoCo& sync) {
   at::NoGradGuard no_grad;
@@ -78,7 +86,12 @@ void HostileIsland::before_outer_step(const diloco::DiLoCo& sync) {
     } else if (kind_ == "flip") {
       local.copy_(g + honest);  // global - local = -honest
     } else if (kind_ == "scale") {
-      local.copy_(g - 10.0 * honest);
+      local.copy_(g - scale_ * honest);
+    } else if (kind_ == "noise") {
+      at::Tensor noise = at::randn(honest.sizes(), at::make_generator<at::CPUGeneratorImpl>(noise_()),
+                                   honest.options().dtype(at::kFloat).device(at::kCPU));
+      noise.mul_(honest.norm().item<double>() / std::max(noise.norm().item<double>(), 1e-30));
+      local.copy_(g - noise.to(local.options()));
     } else if (kind_ == "stale") {
       if (previous_.size() > i) local.copy_(g - previous_[i]);
       if (previous_.size() <= i) previous_.push_back(honest.clone());

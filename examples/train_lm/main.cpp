@@ -112,6 +112,11 @@ struct Flags {
   // Tests only (hostile.h): one island sends a hostile pseudo-gradient.
   std::string hostile;
   int hostile_rank = 1;
+  // Audits of claimed work (diloco/audit/audit.h), and (tests, benchmarks) a cheating island.
+  double audit_rate = 0.0;
+  double audit_tolerance = 0.0;
+  std::string cheat;
+  int cheat_rank = 1;
 };
 
 void add_flags(CLI::App& app, Flags& f) {
@@ -201,6 +206,22 @@ void add_flags(CLI::App& app, Flags& f) {
                  "(random payload bytes; needs --compress with a codec)")
       ->check(CLI::IsMember(train_lm::HostileIsland::kinds()));
   app.add_option("--hostile-rank", f.hostile_rank, "tests only: the rank --hostile applies to")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--audit-rate", f.audit_rate,
+                 "DiLoCo: audit each island's claimed inner steps with this probability per "
+                 "outer step, by another island replaying them (0 = off; uses the gathered "
+                 "exchange)")
+      ->capture_default_str();
+  app.add_option("--audit-tolerance", f.audit_tolerance,
+                 "audits: 0 = the replay must match bit for bit (CPU); else the largest relative "
+                 "difference of the pseudo-gradient accepted (GPUs)")
+      ->capture_default_str();
+  app.add_option("--cheat", f.cheat,
+                 "tests only: the island of --cheat-rank cheats: lazy (one inner step in four), "
+                 "noise (sends noise of its update's norm), scale (its update x2)")
+      ->check(CLI::IsMember(train_lm::HostileIsland::cheat_kinds()));
+  app.add_option("--cheat-rank", f.cheat_rank, "tests only: the rank --cheat applies to")
       ->check(CLI::Range(0, 1 << 20))
       ->capture_default_str();
   app.add_option("--d-model", f.model.d_model, "transformer width")
@@ -335,6 +356,13 @@ void add_flags(CLI::App& app, Flags& f) {
         throw CLI::ValidationError("--hostile", "random replaces a codec's payload: give "
                                                 "--compress a codec (fp32 sends what none does)");
       }
+    }
+    if (!f.cheat.empty() && (f.mode != "diloco" || f.elastic || !f.hostile.empty())) {
+      throw CLI::ValidationError("--cheat", "is for DiLoCo runs (--mode diloco, no --elastic), "
+                                            "without --hostile");
+    }
+    if (f.audit_rate > 0.0 && f.mode != "diloco") {
+      throw CLI::ValidationError("--audit-rate", "audits DiLoCo rounds (--mode diloco)");
     }
     if (app.count("--eval-every") == 0) f.eval_every = f.inner_steps;
     f.link_mbps_given = app.count("--link-mbps") > 0;
@@ -525,7 +553,26 @@ std::vector<std::pair<std::string, std::string>> run_fields(const Flags& f) {
           {"train_lm --eval-every", std::to_string(f.eval_every)},
           {"train_lm --clip", clip},
           {"train_lm --optimizer", f.optimizer},
-          {"train_lm --warm-start-steps", std::to_string(f.warm_start_steps)}};
+          {"train_lm --warm-start-steps", std::to_string(f.warm_start_steps)},
+          // Audits replay other islands' steps bit for bit: the same kernels, so the same threads.
+          {"train_lm --threads", f.audit_rate > 0.0 ? std::to_string(f.threads) : "any"}};
+}
+
+// One inner step's forward and backward pass on `batch` at learning rate `lr`; the loss.
+torch::Tensor forward_backward(train_lm::Gpt& net, InnerOptimizer& inner,
+                               const train_lm::Batch& batch, const torch::Device& device,
+                               double lr) {
+  inner.set_lr(lr);
+  auto loss = train_lm::language_model_loss(net, batch.inputs.to(device), batch.targets.to(device));
+  inner.zero_grad();
+  loss.backward();
+  return loss;
+}
+
+// Then gradient clipping (--clip) and the optimizer step.
+void clip_and_step(train_lm::Gpt& net, InnerOptimizer& inner, double clip) {
+  if (clip > 0.0) torch::nn::utils::clip_grad_norm_(net->parameters(), clip);
+  inner.step();
 }
 
 int train(const Flags& f, bool timeout_given) {
@@ -567,6 +614,36 @@ int train(const Flags& f, bool timeout_given) {
                                                         static_cast<std::uint64_t>(f.seed));
     std::fprintf(stderr, "rank %d: hostile island (--hostile %s)\n", rank, f.hostile.c_str());
   }
+  const bool cheating = !f.cheat.empty() && rank == f.cheat_rank;
+  const bool lazy = cheating && f.cheat == "lazy";
+  if (cheating) {
+    if (!lazy) {
+      hostile = std::make_unique<train_lm::HostileIsland>(
+          f.cheat, static_cast<std::uint64_t>(f.seed) + 1, /*cheat=*/true);
+    }
+    std::fprintf(stderr, "rank %d: cheating island (--cheat %s)\n", rank, f.cheat.c_str());
+  }
+  // Audits: a replica of the model replays the rounds of the islands this one audits, drawing
+  // each island's batches from its own stream (make_rng(seed, island)), as its loop does.
+  train_lm::Gpt replica{nullptr};
+  InnerOptimizer replica_optimizer;
+  struct ReplayStream {
+    std::int64_t island = -1;
+    std::int64_t next = 0;  // the inner step its next batch is for
+    std::mt19937_64 rng;
+  } stream;
+  auto replay_step = [&](std::int64_t island, std::int64_t t) {
+    if (island != stream.island || t != stream.next) {
+      stream.rng = train_lm::make_rng(static_cast<std::uint64_t>(f.seed),
+                                      static_cast<std::uint64_t>(island));
+      for (std::int64_t k = 0; k < t; ++k) corpus.train_batch(stream.rng);
+      stream.island = island;
+    }
+    const auto batch = corpus.train_batch(stream.rng);
+    stream.next = t + 1;
+    forward_backward(replica, replica_optimizer, batch, device, learning_rate(f, t));
+    clip_and_step(replica, replica_optimizer, f.clip);
+  };
   auto start_diloco = [&] {
     diloco::DiLoCoOptions options;
     options.inner_steps = f.inner_steps;
@@ -583,9 +660,18 @@ int train(const Flags& f, bool timeout_given) {
     if (hostile) options.compression = train_lm::HostileIsland::compression_for(f.hostile, f.compress);
     auto tensors = diloco::ModelTensors::of(*model);
     tensors.optimized = optimizer.parameters();
+    options.audit_rate = f.audit_rate;
+    options.audit_tolerance = f.audit_tolerance;
     sync = membership
                ? std::make_unique<diloco::DiLoCo>(std::move(tensors), membership, options)
                : std::make_unique<diloco::DiLoCo>(std::move(tensors), group, options);
+    if (f.audit_rate > 0.0) {
+      replica = train_lm::Gpt(f.model);
+      replica->to(device);
+      replica_optimizer = make_optimizer(replica, f);
+      sync->enable_audits(diloco::make_audit_hooks(optimizer.all(), *replica,
+                                                   replica_optimizer.all(), replay_step, f.seed));
+    }
   };
   // DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
   // weights they reached: the islands then start their first H steps from one trained point.
@@ -756,27 +842,25 @@ int train(const Flags& f, bool timeout_given) {
   model->train();
   const double initial_val_loss = report(first_step - 1);
   for (std::int64_t step = first_step; step <= f.steps; ++step) {
-    optimizer.set_lr(learning_rate(f, step - 1));
-    auto compute_start = Clock::now();
-    auto batch = corpus.train_batch(rng);
-    auto loss =
-        train_lm::language_model_loss(model, batch.inputs.to(device), batch.targets.to(device));
-    optimizer.zero_grad();
-    loss.backward();
-    compute_seconds += seconds_since(compute_start);
-    if (data_parallel) data_parallel->sync_gradients();
-    compute_start = Clock::now();
-    if (f.clip > 0.0) torch::nn::utils::clip_grad_norm_(model->parameters(), f.clip);
-    optimizer.step();
-    compute_seconds += seconds_since(compute_start);
+    // --cheat lazy: the island skips three inner steps in four, and claims them.
+    if (!lazy || step % 4 == 0) {
+      auto compute_start = Clock::now();
+      auto batch = corpus.train_batch(rng);
+      auto loss = forward_backward(model, optimizer, batch, device, learning_rate(f, step - 1));
+      compute_seconds += seconds_since(compute_start);
+      if (data_parallel) data_parallel->sync_gradients();
+      compute_start = Clock::now();
+      clip_and_step(model, optimizer, f.clip);
+      compute_seconds += seconds_since(compute_start);
+      train_loss_sum += loss.detach();
+      ++train_loss_count;
+    }
     if (hostile && step % f.inner_steps == 0) hostile->before_outer_step(*sync);
     const bool outer_step = sync && sync->step();
     if (diloco_mode && data_parallel && step == f.warm_start_steps) {
       data_parallel.reset();
       start_diloco();
     }
-    train_loss_sum += loss.detach();
-    ++train_loss_count;
     if (checkpoints && outer_step && sync->stats().outer_steps % f.checkpoint_every == 0) {
       std::ostringstream state;
       state << rng;
@@ -821,6 +905,22 @@ int train(const Flags& f, bool timeout_given) {
       static_cast<unsigned long long>(stats.bytes_received()), compute_seconds, train_seconds,
       train_seconds > 0 ? compute_seconds / train_seconds : 0.0, stats.link_seconds(),
       sync_seconds, train_seconds > 0 ? 100.0 * sync_seconds / train_seconds : 0.0);
+  if (sync && f.audit_rate > 0.0) {
+    // Audits: the group's count, this island's replays, and who was excluded when.
+    const auto audits = sync->audits();
+    std::string excluded;
+    for (std::size_t k = 0; k < audits.excluded.size(); ++k) {
+      excluded += (k ? ", rank " : "rank ") + std::to_string(audits.excluded[k]) +
+                  " at outer step " + std::to_string(audits.excluded_at[k]);
+    }
+    std::printf("rank %d/%d: audits %lld, failed %lld | replayed %lld inner steps in %.3f s "
+                "(%.2f%% of training) | excluded: %s\n",
+                rank, world_size, static_cast<long long>(audits.audits),
+                static_cast<long long>(audits.failed),
+                static_cast<long long>(audits.replayed_steps), audits.replay_seconds,
+                train_seconds > 0 ? 100.0 * audits.replay_seconds / train_seconds : 0.0,
+                excluded.empty() ? "none" : excluded.c_str());
+  }
   std::fflush(stdout);
 
   if (membership ? group->rank() == 0 : leader) {

@@ -2,6 +2,7 @@
 // The umbrella header: include this one.
 #pragma once
 
+#include "diloco/audit/audit.h"
 #include "diloco/comm/auth.h"
 #include "diloco/comm/comm_stats.h"
 #include "diloco/comm/group.h"

@@ -20,9 +20,9 @@ CodecExchange::CodecExchange(std::unique_ptr<Codec> codec) : codec_(std::move(co
 }
 
 std::unique_ptr<Exchange> CodecExchange::make(std::unique_ptr<Codec> codec,
-                                              const Aggregator& aggregator) {
+                                              const Aggregator& aggregator, bool gather) {
   if (!codec) throw OptionError("[compression] codec must not be null");
-  if (aggregator.robust()) return make_gathered_exchange(std::move(codec), aggregator);
+  if (aggregator.robust() || gather) return make_gathered_exchange(std::move(codec), aggregator);
   switch (codec->aggregation()) {
     case Aggregation::kSummable: return make_summable_exchange(std::move(codec));
     case Aggregation::kGathered: return make_gathered_exchange(std::move(codec), aggregator);

@@ -20,9 +20,11 @@ std::unique_ptr<Exchange> make_all_reduce_exchange();
 class CodecExchange : public Exchange {
  public:
   explicit CodecExchange(std::unique_ptr<Codec> codec);
-  // The exchange for the codec's aggregation kind; the gathered one for a robust aggregator.
+  // The exchange for the codec's aggregation kind; the gathered one for a robust aggregator or
+  // when `gather` is set (audits).
   static std::unique_ptr<Exchange> make(std::unique_ptr<Codec> codec,
-                                        const Aggregator& aggregator = Aggregator());
+                                        const Aggregator& aggregator = Aggregator(),
+                                        bool gather = false);
 
   std::string spec() const override { return codec_->spec(); }
   PendingExchange start(Group& group, ExchangeRequest request, CommThread& comm) override;

@@ -90,7 +90,7 @@ void Exchange::run(Group&, const ExchangeRequest&) {
 }
 
 std::unique_ptr<Exchange> Exchange::from_spec(const std::string& spec,
-                                              const std::string& aggregator_spec) {
+                                              const std::string& aggregator_spec, bool gather) {
   const Aggregator aggregator = Aggregator::parse(aggregator_spec);
   // "BASE+ef" or "BASE+ef(beta=B)": error feedback over the exchange of BASE.
   std::string base = spec;
@@ -120,19 +120,22 @@ std::unique_ptr<Exchange> Exchange::from_spec(const std::string& spec,
   }
   std::unique_ptr<Exchange> exchange;
   auto [name, values] = parse_spec(base);
-  if (name == "none" && values.empty() && !aggregator.robust()) {
+  if (name == "none" && values.empty() && !aggregator.robust() && !gather) {
     exchange = make_all_reduce_exchange();
   } else if (name == "powersgd") {
-    if (aggregator.robust()) {
-      throw OptionError("[DiLoCo] aggregator " + aggregator.spec() +
-                        " needs each island's contribution, which PowerSGD never has (it sums "
-                        "low-rank factors): use it with none or a codec, or use the mean");
+    if (aggregator.robust() || gather) {
+      throw OptionError("[DiLoCo] " +
+                        (gather ? std::string("audits (audit_rate > 0)")
+                                : "aggregator " + aggregator.spec()) +
+                        " need each island's contribution, which PowerSGD never has (it sums "
+                        "low-rank factors): use none or a codec" +
+                        (gather ? "" : ", or use the mean"));
     }
     CodecParams params(name, values);
     exchange = std::make_unique<PowerSGD>(PowerSGD::Options::from_params(params));
     params.reject_unknown();
   } else {
-    exchange = CodecExchange::make(make_codec(base), aggregator);
+    exchange = CodecExchange::make(make_codec(base), aggregator, gather);
   }
   if (!ef) return exchange;
   return std::make_unique<ErrorFeedback>(std::move(exchange), beta);

@@ -37,7 +37,16 @@ class GatheredExchange final : public CodecExchange {
     std::vector<at::Tensor> contributions;
     std::vector<double> norms(static_cast<std::size_t>(n), 0.0);
     std::vector<std::string> refusal(static_cast<std::size_t>(n));
+    const auto excluded = [&](int r) {
+      return screen != nullptr &&
+             std::find(screen->excluded.begin(), screen->excluded.end(), r) != screen->excluded.end();
+    };
     for (int from = 0; from < n; ++from) {
+      if (excluded(from)) {  // not even decoded
+        refusal[static_cast<std::size_t>(from)] = "excluded after a failed audit";
+        contributions.emplace_back();
+        continue;
+      }
       at::Tensor c = at::empty_like(request.flat);
       std::int64_t at_element = 0;
       try {
@@ -61,7 +70,7 @@ class GatheredExchange final : public CodecExchange {
       contributions.push_back(std::move(c));
     }
 
-    std::vector<int> accepted;
+    double median = 0.0;
     if (screening) {
       std::vector<double> finite;
       for (int r = 0; r < n; ++r) {
@@ -69,28 +78,25 @@ class GatheredExchange final : public CodecExchange {
       }
       std::sort(finite.begin(), finite.end());
       const std::size_t k = finite.size();
-      const double median =
-          k == 0 ? 0.0 : k % 2 == 1 ? finite[k / 2] : 0.5 * (finite[k / 2 - 1] + finite[k / 2]);
-      std::ostringstream reasons;
-      for (int r = 0; r < n; ++r) {
-        auto& why = refusal[static_cast<std::size_t>(r)];
-        if (why.empty() && norms[r] > screen->factor * median) {
-          std::ostringstream m;
-          m << "norm " << norms[r] << ", above " << screen->factor << " x the median " << median;
-          why = m.str();
-        }
-        if (why.empty()) {
-          accepted.push_back(r);
-        } else {
-          screen->refused.push_back(r);
-          reasons << (screen->refused.size() > 1 ? "; " : "") << "rank " << r << " (" << why
-                  << ")";
-        }
-      }
-      screen->reasons = reasons.str();
-    } else {
-      for (int r = 0; r < n; ++r) accepted.push_back(r);
+      median = k == 0 ? 0.0 : k % 2 == 1 ? finite[k / 2] : 0.5 * (finite[k / 2 - 1] + finite[k / 2]);
     }
+    std::vector<int> accepted;
+    std::ostringstream reasons;
+    for (int r = 0; r < n; ++r) {
+      auto& why = refusal[static_cast<std::size_t>(r)];
+      if (screening && why.empty() && norms[r] > screen->factor * median) {
+        std::ostringstream m;
+        m << "norm " << norms[r] << ", above " << screen->factor << " x the median " << median;
+        why = m.str();
+      }
+      if (why.empty()) {
+        accepted.push_back(r);
+      } else {
+        screen->refused.push_back(r);
+        reasons << (screen->refused.size() > 1 ? "; " : "") << "rank " << r << " (" << why << ")";
+      }
+    }
+    if (screen != nullptr) screen->reasons = reasons.str();
 
     at::Tensor flat = request.flat;
     if (screen != nullptr) screen->contributors = static_cast<int>(accepted.size());

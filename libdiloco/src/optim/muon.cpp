@@ -107,6 +107,16 @@ void muon_update(at::Tensor param, const at::Tensor& grad, at::Tensor buffer,
   param.add_(update.to(param.scalar_type()), -o.lr() * s);
 }
 
+void MuonParamState::serialize(torch::serialize::OutputArchive& archive) const {
+  archive.write("momentum_buffer", momentum_buffer());
+}
+
+void MuonParamState::serialize(torch::serialize::InputArchive& archive) {
+  at::Tensor buffer;
+  archive.read("momentum_buffer", buffer);
+  momentum_buffer(buffer);
+}
+
 void Muon::save(torch::serialize::OutputArchive& archive) const {
   std::int64_t k = 0;
   for (const auto& group : param_groups_) {

@@ -18,6 +18,7 @@
 #include <fstream>
 #include <iterator>
 
+#include "audit/auditor.h"
 #include "diloco/errors.h"
 #include "diloco/sync/diloco.h"
 #include "diloco/sync/fingerprint.h"
@@ -266,6 +267,8 @@ std::map<std::string, std::string> DiLoCo::load(
     content.read("inner." + std::to_string(k), o);
     inner[k]->load(o);
   }
+  // Audits: the round in progress starts from the loaded state.
+  if (auditor_) auditor_->begin_round(state_.global, state_.inner_step);
   c10::IValue keys;
   content.read("extra_keys", keys);
   std::map<std::string, std::string> extra;

@@ -18,6 +18,7 @@
 #include <set>
 #include <sstream>
 
+#include "audit/auditor.h"
 #include "diloco/comm/group.h"
 #include "diloco/compress/codec_params.h"
 #include "diloco/elastic/membership.h"
@@ -130,6 +131,23 @@ void DiLoCoOptions::validate() const {
   if (!(mixing >= 0.0 && mixing <= 1.0)) {  // also rejects nan
     throw OptionError("[DiLoCo] mixing (alpha) must be in [0, 1], got " + exact_decimal(mixing));
   }
+  if (!(audit_rate >= 0.0 && audit_rate <= 1.0)) {
+    throw OptionError("[DiLoCo] audit_rate must be in [0, 1] (0 = no audits), got " +
+                      exact_decimal(audit_rate));
+  }
+  if (!(audit_tolerance >= 0.0 && audit_tolerance <= 1.0)) {
+    throw OptionError("[DiLoCo] audit_tolerance must be in [0, 1] (0 = bit for bit), got " +
+                      exact_decimal(audit_tolerance));
+  }
+  if (audit_rate > 0.0) {
+    if (fragments != 1 || overlap_steps != 0 || mixing != 0.0) {
+      throw OptionError("[DiLoCo] audits (audit_rate > 0) replay plain DiLoCo rounds: fragments "
+                        "(P) must be 1, overlap_steps (tau) 0 and mixing (alpha) 0; got P = " +
+                        std::to_string(fragments) + ", tau = " + std::to_string(overlap_steps) +
+                        ", alpha = " + exact_decimal(mixing));
+    }
+    Exchange::from_spec(compression, aggregator, /*gather=*/true);  // refuses powersgd
+  }
   for (std::size_t i = 0; i < fragment_of.size(); ++i) {
     if (fragment_of[i] < 0 || fragment_of[i] >= fragments) {
       throw OptionError("[DiLoCo] fragment_of[" + std::to_string(i) + "] must be in [0, fragments = " +
@@ -159,7 +177,7 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
       outer_(options_.outer),
       schedule_(options_.inner_steps, options_.fragments, options_.overlap_steps),
       compressed_(options_.compression != "none" ||
-                  Aggregator::parse(options_.aggregator).robust()),
+                  Aggregator::parse(options_.aggregator).robust() || options_.audit_rate > 0.0),
       comm_(std::make_unique<CommThread>(/*background=*/options_.overlap_steps > 0)),
       started_at_(static_cast<std::size_t>(options_.fragments), -1) {
   if (!group_) throw OptionError("[DiLoCo] group must not be null");
@@ -173,6 +191,10 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
                       std::to_string(options_.fragments) + ", tau = " +
                       std::to_string(options_.overlap_steps) + ", alpha = " +
                       exact_decimal(options_.mixing));
+  }
+  if (membership_ && options_.audit_rate > 0.0) {
+    throw OptionError("[DiLoCo] audits (audit_rate > 0) need a static group: elastic runs cannot "
+                      "be audited yet");
   }
   const std::string problem = missing_from_optimizer(params_, model.optimized);
   const bool joining = membership_ && membership_->joining();
@@ -199,7 +221,8 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
     staging_.push_back(in_place_ok(b.flat, outer_device) && !staged() ? at::Tensor()
                                                                        : at::empty_like(g));
     views_.push_back(views_over(staging_.size() - 1));
-    state_.exchanges.push_back(Exchange::from_spec(options_.compression, options_.aggregator));
+    state_.exchanges.push_back(Exchange::from_spec(options_.compression, options_.aggregator,
+                                                   /*gather=*/options_.audit_rate > 0.0));
     state_.global.push_back(std::move(g));
   }
   if (membership_) {
@@ -272,6 +295,8 @@ Fingerprint DiLoCo::fingerprint() const {
   f.add("compare_states", options_.compare_states ? "true" : "false");
   f.add("screen_factor", exact_decimal(options_.screen_factor));
   f.add("aggregator", Aggregator::parse(options_.aggregator).spec());
+  f.add("audit_rate", exact_decimal(options_.audit_rate));
+  f.add("audit_tolerance", exact_decimal(options_.audit_tolerance));
   std::string fragment_of;
   for (const auto& b : params_.buckets()) {
     for (auto m : b.members) {
@@ -437,6 +462,7 @@ void DiLoCo::start_sync(std::int64_t fragment) {
         produce(i, 0, buckets[i].flat.numel());
         finite = finite && local_finite_[i];
       }
+      if (options_.audit_rate > 0.0) commit_for_audit(fragment);
       // The islands agree it is finite ahead of the exchanges: the screening's norms say it (a
       // NaN norm), or else a small all-reduce of flags.
       if (screen) screen_contributions(fragment, finite);
@@ -457,6 +483,11 @@ void DiLoCo::start_sync(std::int64_t fragment) {
       }
       auto verdict = std::make_shared<ContributionScreen>();
       verdict->factor = options_.screen_factor;
+      if (auditor_) {
+        for (int r = 0; r < group_->world_size(); ++r) {
+          if (auditor_->excluded()[static_cast<std::size_t>(r)]) verdict->excluded.push_back(r);
+        }
+      }
       request.screen = verdict;
       PendingExchange exchange = state_.exchanges[i]->start(*group_, std::move(request), *comm_);
       pending_.push_back({i, std::move(exchange), std::move(verdict)});
@@ -513,6 +544,7 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
     }
   }
   pending_.clear();
+  if (auditor_ && bad_bucket < 0) auditor_->audit(*group_, state_.global, state_.inner_step);
   // Elastic runs compare once the outer step is committed (elastic_outer_step).
   if (options_.compare_states && !membership_ && bad_bucket < 0) start_state_check(fragment);
   if (bad_bucket >= 0) {
@@ -527,6 +559,32 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
     if (staged()) reset_model_to_global();
     throw Error(m.str());
   }
+}
+
+void DiLoCo::enable_audits(AuditHooks hooks) {
+  if (options_.audit_rate <= 0.0) {
+    throw OptionError("[DiLoCo] enable_audits: audits are off (options.audit_rate is 0)");
+  }
+  check_nothing_in_flight("enable_audits");
+  auditor_ = std::make_unique<Auditor>(std::move(hooks), options_.audit_rate,
+                                       options_.audit_tolerance, params_, group_->world_size());
+  auditor_->begin_round(state_.global, state_.inner_step);
+}
+
+AuditStats DiLoCo::audits() const { return auditor_ ? auditor_->stats() : AuditStats{}; }
+
+void DiLoCo::commit_for_audit(std::int64_t fragment) {
+  if (!auditor_) {
+    throw OptionError("[DiLoCo] audit_rate is " + exact_decimal(options_.audit_rate) +
+                      " but no audit hooks were given: call enable_audits() before the first "
+                      "outer step");
+  }
+  std::vector<at::Tensor> mine;
+  const auto& buckets = params_.buckets();
+  for (std::size_t i = 0; i < buckets.size(); ++i) {
+    if (buckets[i].fragment == fragment) mine.push_back(delta(i));
+  }
+  auditor_->commit(*group_, state_.outer_step + 1, state_.inner_step, mine);
 }
 
 void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite) {
@@ -888,6 +946,7 @@ void DiLoCo::load_state(const std::string& path) {
   check_nothing_in_flight("load_state");
   state_.load(path);
   reset_model_to_global();
+  if (auditor_) auditor_->begin_round(state_.global, state_.inner_step);
 }
 
 SyncStats DiLoCo::stats() const {

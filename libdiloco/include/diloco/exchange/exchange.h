@@ -63,6 +63,9 @@ struct ContributionScreen {
   // Filled by the exchange: the ranks refused, in order, with why ("rank 2 (norm 1e+30)").
   std::vector<int> refused;
   std::string reasons;
+  // Set by the caller: ranks whose contributions are left out whatever they hold (islands that
+  // failed an audit, diloco/audit/audit.h), named with the others refused.
+  std::vector<int> excluded;
   // The contributions combined, and whether the buffer holds their combination (a robust
   // aggregator's average) rather than their sum.
   int contributors = 0;
@@ -111,11 +114,13 @@ class PendingExchange {
 class Exchange {
  public:
   // "none", a codec spec, or "powersgd(...)", each optionally "+ef[(beta=B)]". Throws OptionError
-  // for a bad spec, listing the valid codecs. A robust `aggregator` (aggregator.h) makes every
-  // codec's exchange, and none's ("fp32"), a gathered one that combines the decoded
+  // for a bad spec, listing the valid codecs. A robust `aggregator` (aggregator.h), or `gather`
+  // (audits: an excluded island's contribution must be left out, so each must be seen), makes
+  // every codec's exchange, and none's ("fp32"), a gathered one that combines the decoded
   // contributions; PowerSGD cannot (its factors are summed), an OptionError.
   static std::unique_ptr<Exchange> from_spec(const std::string& spec,
-                                             const std::string& aggregator = "mean");
+                                             const std::string& aggregator = "mean",
+                                             bool gather = false);
   virtual ~Exchange() = default;
 
   // The spec that builds this exchange again, parameters spelled out.

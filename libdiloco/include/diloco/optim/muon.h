@@ -44,6 +44,11 @@ struct MuonOptions : public torch::optim::OptimizerCloneableOptions<MuonOptions>
 
 struct MuonParamState : public torch::optim::OptimizerCloneableParamState<MuonParamState> {
   TORCH_ARG(torch::Tensor, momentum_buffer);
+
+ public:
+  // One parameter's state on its own (diloco::optimizer_state_digest hashes it).
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  void serialize(torch::serialize::InputArchive& archive) override;
 };
 
 class Muon : public torch::optim::Optimizer {

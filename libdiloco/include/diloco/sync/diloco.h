@@ -71,6 +71,7 @@
 #include <utility>
 #include <vector>
 
+#include "diloco/audit/audit.h"
 #include "diloco/comm/group.h"
 #include "diloco/exchange/comm_thread.h"
 #include "diloco/exchange/exchange.h"
@@ -89,6 +90,7 @@ class Optimizer;
 
 namespace diloco {
 
+class Auditor;
 class Fingerprint;
 class Group;
 class Membership;
@@ -137,6 +139,16 @@ struct DiLoCoOptions {
   // payload ((N-1) x its bytes per rank instead of about 2(N-1)/N x) and do not work with
   // powersgd; trimmed_mean needs more than 2K islands.
   std::string aggregator = "mean";
+
+  // Replay audits of claimed work (diloco/audit/audit.h): at every outer step each island is
+  // audited with probability audit_rate, in [0, 1] (0 = off), by another island that replays
+  // its round through the hooks given to enable_audits(). audit_tolerance 0 compares bit for
+  // bit (CPU); in (0, 1] it accepts a replayed pseudo-gradient whose difference from the sent one
+  // is at most that fraction of its norm (GPUs). Audits need plain DiLoCo (P = 1, tau = 0,
+  // alpha = 0), a static group, and each contribution seen: the exchange is a gathered one
+  // ((N-1) x the payload per rank), so powersgd cannot be audited.
+  double audit_rate = 0.0;
+  double audit_tolerance = 0.0;
 
   // Each parameter's fragment, in the model's parameter order, values in [0, P); empty: the
   // default_fragments of sync/schedule.h (strided over the blocks, or size-balanced when the
@@ -192,6 +204,13 @@ class DiLoCo {
   // Everything that lives across outer steps (global weights, outer momentum, exchange state,
   // step counters).
   const OuterState& state() const { return state_; }
+  // Audits (options.audit_rate > 0): the hooks that commit this island's inner-optimizer state
+  // and replay other islands' rounds (diloco/audit/audit.h). Call before the first outer step
+  // (or after load()); the round in progress starts now. OptionError when audits are off, or for
+  // hooks whose replica differs from the model.
+  void enable_audits(AuditHooks hooks);
+  // What the audits found so far: counts, this island's replays, the islands excluded.
+  AuditStats audits() const;
   // Contributions the screening refused so far (screen_factor), and the last refusal's message.
   std::int64_t refused_contributions() const { return refused_; }
   const std::string& last_screening() const { return last_screening_; }
@@ -249,6 +268,8 @@ class DiLoCo {
   // between never waits on it; elastic runs settle it at once.
   void start_state_check(std::int64_t fragment);
   void settle_state_check();
+  // Audits: this island's commitment for the fragment's outer step (audit/auditor.h).
+  void commit_for_audit(std::int64_t fragment);
   // options_.screen_factor: the islands share their norms and refuse outliers (see the option).
   void screen_contributions(std::int64_t fragment, bool mine_finite);
   // The uncompressed sum against the norms the islands declared (an Error when it is longer).
@@ -302,6 +323,7 @@ class DiLoCo {
   // an uncompressed sum that only honest islands sent.
   double declared_norms_ = -1.0;
   bool exact_sum_ = false;  // the exchange sums float32 exactly (none, fp32): the bound holds
+  std::unique_ptr<Auditor> auditor_;  // audits: after enable_audits()
   std::int64_t refused_ = 0;        // contributions refused by the screening, in all
   std::string last_screening_;      // the last refusal, as named on stderr
 };
