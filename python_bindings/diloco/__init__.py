@@ -31,6 +31,7 @@ import torch  # noqa: F401
 
 from . import _C
 from ._C import (
+    AuditStats,
     CommStats,
     ElasticOptions,
     Error,
@@ -52,12 +53,20 @@ from ._C import (
     compressor_spec,
     payload_bytes,
 )
-from ._api import DataParallel, DiLoCo, init_process_group, join_elastic, named_tensors
+from ._api import (
+    DataParallel,
+    DiLoCo,
+    init_process_group,
+    join_elastic,
+    named_tensors,
+    optimizer_state_digest,
+)
 from ._optim import Muon
 
 __version__ = _C.__version__
 
 __all__ = [
+    "AuditStats",
     "CommStats",
     "DataParallel",
     "DiLoCo",
@@ -83,5 +92,6 @@ __all__ = [
     "init_process_group",
     "join_elastic",
     "named_tensors",
+    "optimizer_state_digest",
     "payload_bytes",
 ]

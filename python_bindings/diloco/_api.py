@@ -6,6 +6,8 @@ statistic, the rendezvous (GroupOptions.read_env, Group.create) and an elastic r
 """
 
 import datetime
+import hashlib
+import io
 import os
 import tempfile
 
@@ -193,6 +195,45 @@ def join_elastic(store_addr=None, store_port=None, slot=None, world_size=None, m
     return _C.Membership.join(options)
 
 
+def _safe_state(optimizer):
+    """An optimizer's per-parameter state for torch.load(weights_only=True) on any torch: tensors,
+    ints and strings (a float becomes ("float", repr), which reads back exactly)."""
+    out = {}
+    for index, entry in optimizer.state_dict()["state"].items():
+        out[int(index)] = {name: ("float", repr(v)) if isinstance(v, float) else v
+                           for name, v in entry.items()}
+    return out
+
+
+def _from_safe_state(state):
+    """The inverse of _safe_state."""
+    if not isinstance(state, dict):
+        raise ValueError("an optimizer state must be a dict, got %s" % type(state).__name__)
+    return {int(i): {name: float(v[1]) if isinstance(v, tuple) and len(v) == 2 and v[0] == "float"
+                     else v for name, v in entry.items()}
+            for i, entry in state.items()}
+
+
+def optimizer_state_digest(optimizers):
+    """SHA-256 (32 bytes) of torch optimizers' states by content: each optimizer's
+    state_dict()['state'], by parameter index and entry name, tensors by their bytes. Equal for
+    equal states wherever the parameters live (what audit commitments hold)."""
+    h = hashlib.sha256()
+    for k, optimizer in enumerate(optimizers):
+        state = optimizer.state_dict()["state"]
+        for index in sorted(state):
+            for name in sorted(state[index]):
+                value = state[index][name]
+                h.update(("%d/%s/%s:" % (k, index, name)).encode())
+                if isinstance(value, torch.Tensor):
+                    t = value.detach().cpu().contiguous()
+                    h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                else:
+                    h.update(repr(value).encode())
+    return h.digest()
+
+
 def named_tensors(model, who="DiLoCo"):
     """The (name, tensor) pairs a synchronizer works on.
 
@@ -359,6 +400,15 @@ class DiLoCo(_C.DiLoCo):
             state (16 bytes each, compared while the islands train on; settled when the next
             exchange starts); a difference raises diloco.Error naming the ranks that
             disagree with the majority.
+        audit_rate: replay audits of claimed work, in [0, 1] (0 = off): at every outer step
+            each island is audited with this probability by another island, which replays
+            its round from the committed start state through enable_audits()'s step function
+            and compares; a failed audit is reported on every rank with the evidence and the
+            island is left out of every later outer step (audits()). Plain DiLoCo only, a
+            static group, not with powersgd; the exchange gathers every contribution.
+        audit_tolerance: 0: replays must match bit for bit (CPU, the same threads everywhere);
+            in (0, 1]: the largest relative difference of the replayed pseudo-gradient
+            accepted (GPUs).
 
     Raises:
         diloco.OptionError: an option out of range or a bad compression spec (listing them all).
@@ -411,7 +461,8 @@ class DiLoCo(_C.DiLoCo):
     def __init__(self, model, inner, group, *, inner_steps=500, outer_lr=0.7,
                  outer_momentum=0.9, nesterov=True, outer_device=None, compression="none",
                  buffers="average", agree_on=None, fragments=1, overlap_steps=0, mixing=0.0,
-                 fragment_of=None, aggregator="mean", screen_factor=100.0, compare_states=True):
+                 fragment_of=None, aggregator="mean", screen_factor=100.0, compare_states=True,
+                 audit_rate=0.0, audit_tolerance=0.0):
         parameters = named_tensors(model, "DiLoCo")
         optimized = None if inner is None else _optimizer_tensors(inner)
         _check_group(group, "DiLoCo", membership_too=True)
@@ -430,11 +481,63 @@ class DiLoCo(_C.DiLoCo):
                          mixing=float(mixing),
                          fragment_of=[int(f) for f in (fragment_of or [])],
                          aggregator=str(aggregator), screen_factor=float(screen_factor),
-                         compare_states=bool(compare_states))
+                         compare_states=bool(compare_states), audit_rate=float(audit_rate),
+                         audit_tolerance=float(audit_tolerance))
         self.model = model
         self.inner = inner
         # Elastic runs: keeps the membership (and so the one Python object of its group) alive.
         self.membership = group if isinstance(group, _C.Membership) else None
+
+    def enable_audits(self, replica, replica_inner, step, data_seed=0):
+        """Audits (audit_rate > 0): give the means to replay other islands' rounds.
+
+        replica: a second model of the same architecture (a torch.nn.Module or (name, tensor)
+            pairs; not the model itself), on the model's device; replica_inner: optimizers over
+            it configured like `inner` (one, or a list in `inner`'s order); step(island, t):
+            runs inner step t (0-based, as the training loop counts) of `island` on the
+            replica: its batch for that island and step, the learning rate of step t, backward,
+            clipping, replica_inner's step(). data_seed: the seed every island's data derives
+            from (the same on every island). Call before the first outer step, after this
+            constructor.
+
+        This island's inner-optimizer state is committed at every outer step by content (a
+        SHA-256 of each optimizer's state_dict()['state'], by parameter index) and sent to its
+        auditor with torch.save when audited."""
+        if self.inner is None:
+            raise _C.OptionError("[DiLoCo.enable_audits] audits commit the inner optimizer's "
+                                 "state: build DiLoCo with `inner`")
+        inners = list(self.inner) if isinstance(self.inner, (list, tuple)) else [self.inner]
+        replicas = (list(replica_inner) if isinstance(replica_inner, (list, tuple))
+                    else [replica_inner])
+        if len(replicas) != len(inners):
+            raise TypeError("[DiLoCo.enable_audits] replica_inner must hold as many optimizers "
+                            "as inner (%d), got %d" % (len(inners), len(replicas)))
+        if not callable(step):
+            raise TypeError("[DiLoCo.enable_audits] step must be callable(island, t)")
+
+        def state():
+            buffer = io.BytesIO()
+            torch.save([_safe_state(o) for o in inners], buffer)
+            return buffer.getvalue()
+
+        def replay(island, first_step, steps, seed, state_bytes):
+            # Bytes from another island: loaded with weights_only (tensors, numbers, strings;
+            # never code), which is why floats travel as their repr (_safe_state).
+            saved = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
+            if not isinstance(saved, list) or len(saved) != len(replicas):
+                raise ValueError("the state sent holds %s, not %d optimizer states"
+                                 % (type(saved).__name__, len(replicas)))
+            for o, s in zip(replicas, saved):
+                o.load_state_dict({"state": _from_safe_state(s),
+                                   "param_groups": o.state_dict()["param_groups"]})
+            start = optimizer_state_digest(replicas)
+            for t in range(first_step, first_step + steps):
+                step(island, t)
+            return start, optimizer_state_digest(replicas)
+
+        super().enable_audits(state, lambda: optimizer_state_digest(inners),
+                              named_tensors(replica, "DiLoCo.enable_audits"), replay,
+                              int(data_seed))
 
     def state_dict(self):
         """The outer state, as a dict to torch.save beside the model's and inner optimizers':

@@ -6,6 +6,7 @@
 // TensorImpl the Python objects wrap, so the model, its optimizer and the library share memory
 // with no copies. The Python package (diloco/_api.py) builds the arguments from a torch.nn.Module
 // (named_parameters, named_buffers) and a torch.optim optimizer (its param_groups' tensors).
+#include <diloco/audit/audit.h>
 #include <diloco/elastic/membership.h>
 #include <diloco/errors.h>
 #include <diloco/sync/buffers.h>
@@ -15,6 +16,7 @@
 #include <diloco/sync/sync_stats.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -81,6 +83,60 @@ class PyDiLoCo {
   std::shared_ptr<diloco::Membership> membership_;  // elastic runs only
   std::unique_ptr<diloco::DiLoCo> impl_;
 };
+
+// A Python callable kept by C++ code that may drop it without the GIL (DiLoCo is destroyed with
+// the GIL released): the last reference takes the GIL to release it.
+std::shared_ptr<py::function> keep(py::function f) {
+  return std::shared_ptr<py::function>(new py::function(std::move(f)), [](py::function* p) {
+    py::gil_scoped_acquire gil;
+    delete p;
+  });
+}
+
+diloco::Digest to_digest(const py::bytes& b, const char* what) {
+  const std::string s = b;
+  if (s.size() != 32) {
+    throw diloco::OptionError(std::string("[audit] ") + what + " must return 32 bytes (a SHA-256), "
+                              "got " + std::to_string(s.size()));
+  }
+  diloco::Digest d{};
+  std::copy(s.begin(), s.end(), d.begin());
+  return d;
+}
+
+// The audit hooks from Python callables (diloco.DiLoCo.enable_audits builds them from torch
+// optimizers). DiLoCo calls them inside step(), which runs with the GIL released: each takes it.
+diloco::AuditHooks python_audit_hooks(py::function inner_state, py::function inner_digest,
+                                      NamedTensors replica, py::function replay,
+                                      std::int64_t data_seed) {
+  diloco::AuditHooks hooks;
+  hooks.data_seed = data_seed;
+  hooks.replica = to_named(std::move(replica));
+  auto state = keep(std::move(inner_state));
+  auto digest = keep(std::move(inner_digest));
+  auto run = keep(std::move(replay));
+  hooks.inner_state = [state] {
+    py::gil_scoped_acquire gil;
+    return std::string(py::bytes((*state)()));
+  };
+  hooks.inner_digest = [digest] {
+    py::gil_scoped_acquire gil;
+    return to_digest(py::bytes((*digest)()), "inner_digest()");
+  };
+  hooks.replay = [run](const diloco::AuditTask& task) {
+    py::gil_scoped_acquire gil;
+    py::tuple out = (*run)(task.island, task.first_step, task.steps, task.data_seed,
+                           py::bytes(task.inner_state));
+    if (out.size() != 2) {
+      throw diloco::OptionError("[audit] replay() must return (start digest, end digest)");
+    }
+    diloco::ReplayDigests d;
+    d.start = to_digest(out[0].cast<py::bytes>(), "replay()'s start digest");
+    d.end = to_digest(out[1].cast<py::bytes>(), "replay()'s end digest");
+    return d;
+  };
+  return hooks;
+}
 
 // DataParallel plus its group and buffer mode (the C++ class keeps its options private).
 class PyDataParallel {
@@ -150,6 +206,28 @@ std::vector<at::Tensor> flats_of(const diloco::FlatParameters& params) {
 }  // namespace
 
 void bind_sync(py::module_& m) {
+  py::class_<diloco::AuditStats>(
+      m, "AuditStats",
+      "What an island's audits came to: audits (run anywhere in the group), failed, "
+      "replayed_steps and replay_seconds (this island's replays as an auditor), excluded (the "
+      "ranks excluded, in order) with excluded_at (the outer step of each), last_failure (the "
+      "last failed audit's report, with its evidence).")
+      .def_readonly("audits", &diloco::AuditStats::audits)
+      .def_readonly("failed", &diloco::AuditStats::failed)
+      .def_readonly("replayed_steps", &diloco::AuditStats::replayed_steps)
+      .def_readonly("replay_seconds", &diloco::AuditStats::replay_seconds)
+      .def_readonly("excluded", &diloco::AuditStats::excluded)
+      .def_readonly("excluded_at", &diloco::AuditStats::excluded_at)
+      .def_readonly("last_failure", &diloco::AuditStats::last_failure)
+      .def("__repr__", [](const diloco::AuditStats& a) {
+        std::ostringstream out;
+        out << "AuditStats(audits=" << a.audits << ", failed=" << a.failed
+            << ", replayed_steps=" << a.replayed_steps << ", excluded=[";
+        for (std::size_t k = 0; k < a.excluded.size(); ++k) out << (k ? ", " : "") << a.excluded[k];
+        out << "])";
+        return out.str();
+      });
+
   py::class_<diloco::SyncStats>(
       m, "SyncStats",
       "What a synchronizer reports: inner_steps (step() calls), outer_steps (completed syncs), "
@@ -187,7 +265,8 @@ void bind_sync(py::module_& m) {
                        std::string buffer_sync, Fields agree_on, std::int64_t fragments,
                        std::int64_t overlap_steps, double mixing,
                        std::vector<std::int64_t> fragment_of, std::string aggregator,
-                       double screen_factor, bool compare_states) {
+                       double screen_factor, bool compare_states, double audit_rate,
+                       double audit_tolerance) {
              auto model =
                  model_tensors(std::move(parameters), std::move(buffers), std::move(optimized));
              auto options = make_options(inner_steps, outer_lr, outer_momentum, nesterov,
@@ -200,6 +279,8 @@ void bind_sync(py::module_& m) {
              options.aggregator = std::move(aggregator);
              options.screen_factor = screen_factor;
              options.compare_states = compare_states;
+             options.audit_rate = audit_rate;
+             options.audit_tolerance = audit_tolerance;
              if (auto* group = std::get_if<std::shared_ptr<diloco::Group>>(&group_or_membership)) {
                return std::make_unique<PyDiLoCo>(std::move(model), std::move(*group),
                                                  std::move(options));
@@ -216,7 +297,8 @@ void bind_sync(py::module_& m) {
            py::arg("agree_on") = Fields{}, py::arg("fragments") = 1,
            py::arg("overlap_steps") = 0, py::arg("mixing") = 0.0,
            py::arg("fragment_of") = std::vector<std::int64_t>{}, py::arg("aggregator") = "mean",
-           py::arg("screen_factor") = 100.0, py::arg("compare_states") = true, Release(),
+           py::arg("screen_factor") = 100.0, py::arg("compare_states") = true,
+           py::arg("audit_rate") = 0.0, py::arg("audit_tolerance") = 0.0, Release(),
            "A collective: checks that every rank has the same configuration and parameters "
            "(names, shapes, dtypes) and that each parameter is in `optimized` (unless None), "
            "then copies rank 0's parameters and buffers to every rank. `group` may be a "
@@ -234,6 +316,33 @@ void bind_sync(py::module_& m) {
           "survivors form a new epoch and redo the outer step); RemovedError when this island "
           "was left out of the run, TooFewIslandsError below min_islands, PeerLostError only "
           "after repeated failures.")
+      .def(
+          "enable_audits",
+          [](PyDiLoCo& d, py::function inner_state, py::function inner_digest,
+             NamedTensors replica, py::function replay, std::int64_t data_seed) {
+            auto hooks = python_audit_hooks(std::move(inner_state), std::move(inner_digest),
+                                            std::move(replica), std::move(replay), data_seed);
+            py::gil_scoped_release release;
+            d.impl().enable_audits(std::move(hooks));
+          },
+          py::arg("inner_state"), py::arg("inner_digest"), py::arg("replica"), py::arg("replay"),
+          py::arg("data_seed") = 0,
+          "Audits (audit_rate > 0; diloco/audit/audit.h): inner_state() -> bytes of this "
+          "island's inner-optimizer state; inner_digest() -> its 32-byte SHA-256 by content; "
+          "replica: (name, tensor) pairs of a second model; replay(island, first_step, steps, "
+          "data_seed, state) -> (start digest, end digest): loads `state` into the replica's "
+          "optimizer and runs those inner steps of `island` on the replica. "
+          "diloco.DiLoCo.enable_audits builds them from torch optimizers.")
+      .def(
+          "audits", [](const PyDiLoCo& d) { return d.impl().audits(); },
+          "AuditStats: audits run in the group, failed, this island's replays, the islands "
+          "excluded and when")
+      .def_property_readonly(
+          "audit_rate", [](const PyDiLoCo& d) { return d.impl().options().audit_rate; },
+          "the probability that an island is audited at an outer step (0 = no audits)")
+      .def_property_readonly(
+          "audit_tolerance", [](const PyDiLoCo& d) { return d.impl().options().audit_tolerance; },
+          "0: replays must match bit for bit; else the relative difference accepted")
       .def(
           "sync", [](PyDiLoCo& d) { d.impl().sync(); }, Release(),
           "Run an outer step now, whatever the inner step count (all ranks together), e.g. to "
