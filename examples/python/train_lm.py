@@ -109,6 +109,13 @@ def parse_flags(argv):
     p.add_argument("--screen-factor", type=float, default=100.0,
                    help="refuse a pseudo-gradient whose norm is above this many times the "
                         "median (3+ islands); 0 = off, else in [1, 1e12]")
+    p.add_argument("--audit-rate", type=float, default=0.0,
+                   help="audit each island's claimed inner steps with this probability per outer "
+                        "step, by another island replaying them (0 = off; uses the gathered "
+                        "exchange)")
+    p.add_argument("--audit-tolerance", type=float, default=0.0,
+                   help="audits: 0 = the replay must match bit for bit (CPU); else the largest "
+                        "relative difference of the pseudo-gradient accepted (GPUs)")
     p.add_argument("--d-model", type=int, default=96, help="transformer width")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks")
     p.add_argument("--heads", type=int, default=4, help="attention heads (must divide --d-model)")
@@ -191,6 +198,8 @@ def parse_flags(argv):
         if f.heartbeat_timeout_s >= collective_timeout(f):
             p.error("--heartbeat-timeout-s must be below --timeout-s (%g)"
                     % collective_timeout(f))
+    if f.audit_rate > 0 and f.mode != "diloco":
+        p.error("--audit-rate audits DiLoCo rounds (--mode diloco)")
     if f.eval_every is None:
         f.eval_every = f.inner_steps
     return f
@@ -236,7 +245,9 @@ def run_fields(f):
         clip = "%.17g" % f.clip
     return {"train_lm --steps": f.steps, "train_lm --eval-every": f.eval_every,
             "train_lm --clip": clip, "train_lm --optimizer": f.optimizer,
-            "train_lm --warm-start-steps": f.warm_start_steps}
+            "train_lm --warm-start-steps": f.warm_start_steps,
+            # Audits replay other islands' steps bit for bit: the same kernels, the same threads.
+            "train_lm --threads": f.threads if f.audit_rate > 0 else "any"}
 
 
 # Checkpoints, as the C++ example's (diloco/sync/checkpoint.h): one folder per rank, files
@@ -462,14 +473,48 @@ def train(f):
             inner_steps=f.inner_steps, outer_lr=f.outer_lr,
             outer_momentum=f.outer_momentum, nesterov=not f.no_nesterov, compression=f.compress,
             agree_on=run_fields(f), fragments=f.fragments, overlap_steps=f.overlap_steps,
-            mixing=f.mixing, aggregator=f.aggregator, screen_factor=f.screen_factor)
+            mixing=f.mixing, aggregator=f.aggregator, screen_factor=f.screen_factor,
+            audit_rate=f.audit_rate, audit_tolerance=f.audit_tolerance)
+
+    # Audits (--audit-rate): a replica of the model replays the rounds of the islands this one
+    # audits, drawing each island's batches from its own stream, as its loop does.
+    replay = {}
+
+    def replay_step(island, t):
+        """Inner step t (0-based) of `island` on the replica."""
+        if replay.get("island") != island or replay.get("next") != t:
+            replay.update(island=island, generator=make_generator(f.seed, island))
+            for _ in range(t):
+                corpus.train_batch(replay["generator"])
+        x, y = corpus.train_batch(replay["generator"])
+        replay["next"] = t + 1
+        replica, replica_inner = replay["model"], replay["inner"]
+        for optimizer in replica_inner:
+            for group_options in optimizer.param_groups:
+                group_options["lr"] = learning_rate(f, t)
+        loss = language_model_loss(replica, x.to(device), y.to(device))
+        for optimizer in replica_inner:
+            optimizer.zero_grad()
+        loss.backward()
+        if f.clip > 0:
+            torch.nn.utils.clip_grad_norm_(replica.parameters(), f.clip)
+        for optimizer in replica_inner:
+            optimizer.step()
+
+    def enable_audits(outer):
+        if f.audit_rate > 0:
+            replay["model"] = GPT(d_model=f.d_model, layers=f.layers, heads=f.heads,
+                                  seq_len=f.seq_len, init=f.init).to(device)
+            replay["inner"] = make_optimizer(replay["model"], f)
+            outer.enable_audits(replay["model"], replay["inner"], replay_step, data_seed=f.seed)
+        return outer
 
     # DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
     # weights they reached, as the C++ example does.
     if f.mode == "dp" or (f.mode == "diloco" and f.warm_start_steps > 0 and resume_from < 0):
         data_parallel = diloco.DataParallel(model, group, agree_on=run_fields(f))
     elif f.mode == "diloco":
-        outer = start_diloco()
+        outer = enable_audits(start_diloco())
 
     parameter_count = sum(p.numel() for p in model.parameters())
     if leader:
@@ -601,7 +646,7 @@ def train(f):
         outer_step = outer.step() if outer else False
         if f.mode == "diloco" and data_parallel and step == f.warm_start_steps:
             data_parallel = None
-            outer = start_diloco()
+            outer = enable_audits(start_diloco())
         state["loss_sum"] += loss.item()
         state["loss_count"] += 1
         if checkpoints and outer_step and outer.stats().outer_steps % f.checkpoint_every == 0:
@@ -636,6 +681,14 @@ def train(f):
     print("rank %d/%d: done, %d steps in %.1f s | train %.3f | val %.3f | sent %s | received %s"
           % (rank, world_size, f.steps, elapsed, state["train_loss"], state["val_loss"],
              format_bytes(sent), format_bytes(received)), flush=True)
+    if outer and f.audit_rate > 0:
+        audits = outer.audits()
+        excluded = ", ".join("rank %d at outer step %d" % pair
+                             for pair in zip(audits.excluded, audits.excluded_at))
+        print("rank %d/%d: audits %d, failed %d | replayed %d inner steps in %.3f s | "
+              "excluded: %s" % (rank, world_size, audits.audits, audits.failed,
+                                audits.replayed_steps, audits.replay_seconds, excluded or "none"),
+              flush=True)
     if reports():
         summary = "\nsummary: %s, %d island%s x %d steps" % (
             f.mode, world_size, "" if world_size == 1 else "s", f.steps)

@@ -48,6 +48,19 @@ def test_example_under_torchrun(corpus):
     assert end < start
 
 
+def test_example_audits_its_islands(corpus):
+    # 3 islands, audit rate 1: every island's round replayed by another at both outer steps,
+    # bit for bit (Muon and AdamW inner optimizers), nobody excluded.
+    out = run([sys.executable, "-m", "torch.distributed.run", "--redirects", "1", "--tee", "1",
+               "--nproc_per_node", "3", "--master_port", str(free_port()), EXAMPLE,
+               "--data", corpus, "--audit-rate", "1"] + FLAGS)
+    audits = re.findall(r"rank (\d)/3: audits (\d+), failed (\d+) \| replayed (\d+) inner steps"
+                        r".*\| excluded: (\w+)", out)
+    assert sorted(a[0] for a in audits) == ["0", "1", "2"], out
+    assert all(a[1:3] == ("6", "0") and a[4] == "none" for a in audits), out
+    assert sum(int(a[3]) for a in audits) == 3 * 2 * 3, out  # 6 rounds of 3 steps replayed
+
+
 def test_python_and_cpp_examples_train_together(corpus):
     launcher = os.environ.get("DILOCO_RUN")
     cpp_example = os.environ.get("DILOCO_TRAIN_LM")
