@@ -84,10 +84,12 @@ def run_islands(a, extra):
         ranks[int(m.group(1))] = dict(bytes_sent=int(m.group(2)), compute_s=float(m.group(3)),
                                       train_s=float(m.group(4)))
     for m in re.finditer(r"rank (\d+)/\d+: audits (\d+), failed (\d+) \| replayed (\d+) inner "
-                         r"steps in ([0-9.]+) s .*\| excluded: (.*)", out):
+                         r"steps in ([0-9.]+) s .*\| audits of each island: ([0-9 ]+) \| "
+                         r"excluded: (.*)", out):
         r = ranks.setdefault(int(m.group(1)), {})
         r.update(audits=int(m.group(2)), failed=int(m.group(3)), replayed=int(m.group(4)),
-                 replay_s=float(m.group(5)), excluded=m.group(6).strip())
+                 replay_s=float(m.group(5)), audits_of=[int(x) for x in m.group(6).split()],
+                 excluded=m.group(7).strip())
     hashes = set(re.findall(r"global state sha256 ([0-9a-f]+)", out))
     return dict(args=extra, wall_s=wall, ranks=ranks, agree=len(hashes) == 1, steps=steps)
 
@@ -110,6 +112,12 @@ def summarize(a, result):
         caught_20 += sum(x is not None and x <= 20 for x in steps)
         total += len(steps)
     s["caught_within_20"] = caught_20 / total if total else None
+    # Audits of a cheater it passed: all its audits but the one that excluded it (none after).
+    s["cheater_audits_passed"] = sum(
+        r["ranks"][0]["audits_of"][1] - (1 if caught_at(r) is not None else 0)
+        for c in CHEATS for r in result["cheats"][c])
+    s["cheater_audits"] = sum(r["ranks"][0]["audits_of"][1]
+                              for c in CHEATS for r in result["cheats"][c])
     honest = result["honest"]
     s["false_positives"] = sum(r["ranks"][0].get("failed", 0) for r in honest)
     s["honest_audits"] = sum(r["ranks"][0].get("audits", 0) for r in honest)
@@ -137,6 +145,8 @@ def markdown(s):
         L.append(f"| {cheat} | {c['runs']} | {c['caught']} | {at} |")
     L += ["", "| measure | value | target |", "|---|---|---|",
           f"| cheaters caught within 20 outer steps | {s['caught_within_20']:.3f} | >= 0.99 |",
+          f"| audits of cheaters that passed | {s['cheater_audits_passed']} of "
+          f"{s['cheater_audits']} | 0 |",
           f"| P(an island is audited within 20 outer steps) = 1 - (1 - p)^20 | "
           f"{s['expected_within_20']:.4f} | |",
           f"| false positives (failed audits of honest islands) | {s['false_positives']} of "

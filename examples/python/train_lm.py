@@ -685,10 +685,11 @@ def train(f):
         audits = outer.audits()
         excluded = ", ".join("rank %d at outer step %d" % pair
                              for pair in zip(audits.excluded, audits.excluded_at))
-        print("rank %d/%d: audits %d, failed %d | replayed %d inner steps in %.3f s | "
-              "excluded: %s" % (rank, world_size, audits.audits, audits.failed,
-                                audits.replayed_steps, audits.replay_seconds, excluded or "none"),
-              flush=True)
+        print("rank %d/%d: audits %d, failed %d | replayed %d inner steps in %.3f s | audits of "
+              "each island: %s | excluded: %s"
+              % (rank, world_size, audits.audits, audits.failed, audits.replayed_steps,
+                 audits.replay_seconds, " ".join(str(n) for n in audits.audits_of),
+                 excluded or "none"), flush=True)
     if reports():
         summary = "\nsummary: %s, %d island%s x %d steps" % (
             f.mode, world_size, "" if world_size == 1 else "s", f.steps)

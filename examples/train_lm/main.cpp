@@ -913,13 +913,15 @@ int train(const Flags& f, bool timeout_given) {
       excluded += (k ? ", rank " : "rank ") + std::to_string(audits.excluded[k]) +
                   " at outer step " + std::to_string(audits.excluded_at[k]);
     }
+    std::string per_island;
+    for (auto n : audits.audits_of) per_island += " " + std::to_string(n);
     std::printf("rank %d/%d: audits %lld, failed %lld | replayed %lld inner steps in %.3f s "
-                "(%.2f%% of training) | excluded: %s\n",
+                "(%.2f%% of training) | audits of each island:%s | excluded: %s\n",
                 rank, world_size, static_cast<long long>(audits.audits),
                 static_cast<long long>(audits.failed),
                 static_cast<long long>(audits.replayed_steps), audits.replay_seconds,
                 train_seconds > 0 ? 100.0 * audits.replay_seconds / train_seconds : 0.0,
-                excluded.empty() ? "none" : excluded.c_str());
+                per_island.c_str(), excluded.empty() ? "none" : excluded.c_str());
   }
   std::fflush(stdout);
 

@@ -208,12 +208,14 @@ std::vector<at::Tensor> flats_of(const diloco::FlatParameters& params) {
 void bind_sync(py::module_& m) {
   py::class_<diloco::AuditStats>(
       m, "AuditStats",
-      "What an island's audits came to: audits (run anywhere in the group), failed, "
+      "What an island's audits came to: audits (run anywhere in the group), failed, audits_of "
+      "(per rank, its audits so far), "
       "replayed_steps and replay_seconds (this island's replays as an auditor), excluded (the "
       "ranks excluded, in order) with excluded_at (the outer step of each), last_failure (the "
       "last failed audit's report, with its evidence).")
       .def_readonly("audits", &diloco::AuditStats::audits)
       .def_readonly("failed", &diloco::AuditStats::failed)
+      .def_readonly("audits_of", &diloco::AuditStats::audits_of)
       .def_readonly("replayed_steps", &diloco::AuditStats::replayed_steps)
       .def_readonly("replay_seconds", &diloco::AuditStats::replay_seconds)
       .def_readonly("excluded", &diloco::AuditStats::excluded)

@@ -3,9 +3,9 @@
 // that audit each other: honest rounds pass, a lazy or scaling island is caught, named on every
 // rank and left out of later outer steps.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -36,7 +36,9 @@ void inner_step(TinyNet& net, torch::optim::Optimizer& opt, std::int64_t island,
   opt.step();
 }
 
-torch::optim::AdamWOptions adamw() { return torch::optim::AdamWOptions(0.01).weight_decay(0.1); }
+torch::optim::AdamWOptions adamw() {
+  return torch::optim::AdamWOptions(0.01).weight_decay(0.1);
+}
 
 struct Outcome {
   diloco::AuditStats audits;
@@ -112,8 +114,10 @@ TEST_CASE("SHA-256 and commitments round-trip; a malformed one names its sender"
                     Contains("rank 2 sent a commitment of 167 bytes"));
 }
 
-TEST_CASE("each island is audited with probability audit_rate, by another island still taking "
-          "part", "[audit]") {
+TEST_CASE(
+    "each island is audited with probability audit_rate, by another island still taking "
+    "part",
+    "[audit]") {
   const int n = 4;
   const int draws = 20000;
   std::vector<bool> none(n, false), one_out(n, false);
@@ -151,8 +155,10 @@ TEST_CASE("each island is audited with probability audit_rate, by another island
   CHECK(diloco::select_audits(seed, 1, 1.0, {false}) == std::vector<int>{-1});
 }
 
-TEST_CASE("within 20 outer steps at audit_rate 0.25, a given island is audited with probability "
-          "above 99%", "[audit]") {
+TEST_CASE(
+    "within 20 outer steps at audit_rate 0.25, a given island is audited with probability "
+    "above 99%",
+    "[audit]") {
   // 1 - 0.75^20 = 0.9968: measured over 4000 runs of the library's own selection.
   int caught = 0;
   const int runs = 4000;
@@ -170,8 +176,10 @@ TEST_CASE("within 20 outer steps at audit_rate 0.25, a given island is audited w
   CHECK(double(caught) / runs > 0.99);
 }
 
-TEST_CASE("an optimizer's state digest is by content: equal after a round trip into another "
-          "optimizer, and after the same steps", "[audit]") {
+TEST_CASE(
+    "an optimizer's state digest is by content: equal after a round trip into another "
+    "optimizer, and after the same steps",
+    "[audit]") {
   torch::manual_seed(1);
   TinyNet a, b;
   torch::optim::AdamW oa(a.parameters(), adamw());
@@ -226,8 +234,10 @@ TEST_CASE("with a tolerance, honest replays pass too", "[audit][gloo]") {
   }
 }
 
-TEST_CASE("a lazy or scaling island fails its audit, is named on every rank and left out of "
-          "later outer steps", "[audit][gloo]") {
+TEST_CASE(
+    "a lazy or scaling island fails its audit, is named on every rank and left out of "
+    "later outer steps",
+    "[audit][gloo]") {
   const std::string cheat = GENERATE(std::string("lazy"), std::string("scale"));
   const auto out = run_audited(3, 3, cheat);
   for (int r = 0; r < 3; ++r) {
@@ -235,7 +245,8 @@ TEST_CASE("a lazy or scaling island fails its audit, is named on every rank and 
     CHECK(out[r].audits.excluded == std::vector<int>{2});
     CHECK(out[r].audits.excluded_at == std::vector<std::int64_t>{1});
     CHECK_THAT(out[r].audits.last_failure,
-               Contains("rank 2 failed its audit by rank") && Contains("replayed pseudo-gradient") &&
+               Contains("rank 2 failed its audit by rank") &&
+                   Contains("replayed pseudo-gradient") &&
                    Contains("commitment: outer step 1, rank 2, inner steps [0, 3)"));
     // Its later +1e3 never reached the global weights.
     CHECK(out[r].max_weight < 10.0);

@@ -98,18 +98,40 @@ TEST_CASE("a rank killed before it arrives is named by the others within the tim
   diloco_test::cleanup(procs);
 }
 
-TEST_CASE("two processes with the same RANK both fail, naming the rank", "[rendezvous][process]") {
+TEST_CASE("two processes with the same RANK never both train; within rank 0's grace the whole "
+          "rendezvous fails, naming the rank", "[rendezvous][process]") {
+  // The two RANK=1 processes start together and usually claim the rank within rank 0's grace
+  // before it seals the rendezvous: then every process fails, naming the rank. On a loaded
+  // machine one may come after the seal: it then fails alone (naming the claim, or finding the
+  // store gone if the run already ended), as documented, and the other two train.
   const int port = diloco_test::free_port();
   std::vector<Proc> procs{diloco_test::spawn_worker(0, 2, port, {kTimeoutEnv})};
   wait_listening(port);
   procs.push_back(diloco_test::spawn_worker(1, 2, port, {kTimeoutEnv}));
   procs.push_back(diloco_test::spawn_worker(1, 2, port, {kTimeoutEnv}));
   diloco_test::wait_all(procs, std::chrono::seconds(kTimeoutS + 15));
+  std::string outcome;
+  int failed = 0;
+  for (const auto& p : procs) {
+    outcome += "exit " + std::to_string(p.exit_code) + " after " + std::to_string(p.seconds) +
+               " s: " + diloco_test::slurp(p.log) + "\n";
+    failed += p.exit_code != 0 ? 1 : 0;
+  }
+  INFO(outcome);
+  REQUIRE((failed == 3 || (failed == 1 && procs[0].exit_code == 0)));
   for (std::size_t i = 0; i < procs.size(); ++i) {
     const std::string log = diloco_test::slurp(procs[i].log);
-    INFO("process " << i << ": " << log << "\n(" << procs[i].seconds << " s)");
+    if (procs[i].exit_code == 0) {
+      CHECK_THAT(log, Contains("done, 20 outer steps"));
+      continue;
+    }
     check_failed_in_time(procs[i], log);
-    CHECK_THAT(log, Contains("RANK=1 was claimed by 2 processes"));
+    if (failed == 3) {
+      CHECK_THAT(log, Contains("RANK=1 was claimed by 2 processes"));
+    } else {
+      CHECK_THAT(log, Contains("RANK=1 was claimed by 2 processes") ||
+                          Contains("nothing answered"));
+    }
   }
   diloco_test::cleanup(procs);
 }

@@ -40,7 +40,8 @@ struct Hasher {
 };
 
 void put_int(std::string& out, std::int64_t v) {
-  for (int b = 0; b < 8; ++b) out += static_cast<char>((static_cast<std::uint64_t>(v) >> (8 * b)) & 0xff);
+  for (int b = 0; b < 8; ++b)
+    out += static_cast<char>((static_cast<std::uint64_t>(v) >> (8 * b)) & 0xff);
 }
 
 std::int64_t get_int(const std::string& in, std::size_t& at) {
@@ -120,8 +121,8 @@ Commitment Commitment::parse(const std::string& bytes, int from) {
 
 std::string Commitment::describe() const {
   std::ostringstream m;
-  m << "outer step " << outer_step << ", rank " << island << ", inner steps [" << first_step
-    << ", " << first_step + steps << "), data seed " << data_seed << ", start state "
+  m << "outer step " << outer_step << ", rank " << island << ", inner steps [" << first_step << ", "
+    << first_step + steps << "), data seed " << data_seed << ", start state "
     << to_hex(start_state).substr(0, 16) << ", end state " << to_hex(end_state).substr(0, 16)
     << ", pseudo-gradient " << to_hex(pseudo_gradient).substr(0, 16);
   return m.str();
@@ -143,8 +144,7 @@ std::vector<int> select_audits(const Digest& seed, int islands, double rate,
       if (r != i && !out(r)) candidates.push_back(r);
     }
     if (candidates.empty()) continue;
-    auditor[static_cast<std::size_t>(i)] =
-        candidates[draw(seed, "auditor", i) % candidates.size()];
+    auditor[static_cast<std::size_t>(i)] = candidates[draw(seed, "auditor", i) % candidates.size()];
   }
   return auditor;
 }
@@ -206,15 +206,15 @@ Digest optimizer_state_digest(const std::vector<torch::optim::Optimizer*>& optim
   return h.digest();
 }
 
-AuditHooks make_audit_hooks(std::vector<torch::optim::Optimizer*> inner,
-                            torch::nn::Module& replica,
+AuditHooks make_audit_hooks(std::vector<torch::optim::Optimizer*> inner, torch::nn::Module& replica,
                             std::vector<torch::optim::Optimizer*> replica_inner,
                             std::function<void(std::int64_t island, std::int64_t step)> step,
                             std::int64_t data_seed) {
   if (inner.size() != replica_inner.size() || inner.empty()) {
-    throw OptionError("[audit] make_audit_hooks needs as many replica optimizers as inner ones "
-                      "(at least one), got " + std::to_string(inner.size()) + " and " +
-                      std::to_string(replica_inner.size()));
+    throw OptionError(
+        "[audit] make_audit_hooks needs as many replica optimizers as inner ones "
+        "(at least one), got " +
+        std::to_string(inner.size()) + " and " + std::to_string(replica_inner.size()));
   }
   if (!step) throw OptionError("[audit] make_audit_hooks needs a step function");
   AuditHooks hooks;

@@ -34,8 +34,9 @@ at::Tensor tensor_of(const std::string& bytes) {
 
 std::vector<NamedParameter> checked_replica(std::vector<NamedParameter>& replica) {
   if (replica.empty()) {
-    throw OptionError("[audit] AuditHooks::replica is empty: audits replay the rounds on a "
-                      "replica of the model (a second model of the same architecture)");
+    throw OptionError(
+        "[audit] AuditHooks::replica is empty: audits replay the rounds on a "
+        "replica of the model (a second model of the same architecture)");
   }
   return std::move(replica);
 }
@@ -49,6 +50,7 @@ Auditor::Auditor(AuditHooks hooks, double rate, double tolerance, const FlatPara
       tolerance_(tolerance),
       replica_(checked_replica(hooks_.replica)),
       excluded_(static_cast<std::size_t>(islands), false) {
+  stats_.audits_of.assign(static_cast<std::size_t>(islands), 0);
   if (!hooks_.inner_state) throw OptionError("[audit] AuditHooks::inner_state is not set");
   if (!hooks_.inner_digest) throw OptionError("[audit] AuditHooks::inner_digest is not set");
   if (!hooks_.replay) throw OptionError("[audit] AuditHooks::replay is not set");
@@ -65,10 +67,11 @@ Auditor::Auditor(AuditHooks hooks, double rate, double tolerance, const FlatPara
            model.parameters()[p].tensor.sizes() == replica_.parameters()[p].tensor.sizes();
   }
   if (!same || model.parameters().size() != replica_.parameters().size()) {
-    throw OptionError("[audit] AuditHooks::replica must hold the model's parameters (names, "
-                      "shapes, dtypes, order): the model has " +
-                      std::to_string(model.parameters().size()) + " parameters, the replica " +
-                      std::to_string(replica_.parameters().size()) + ", and they differ");
+    throw OptionError(
+        "[audit] AuditHooks::replica must hold the model's parameters (names, "
+        "shapes, dtypes, order): the model has " +
+        std::to_string(model.parameters().size()) + " parameters, the replica " +
+        std::to_string(replica_.parameters().size()) + ", and they differ");
   }
   for (std::size_t b = 0; b < theirs.size(); ++b) {
     if (theirs[b].flat.device() != mine[b].flat.device()) {
@@ -124,8 +127,8 @@ const std::vector<bool>& Auditor::commit(Group& group, std::int64_t outer_step,
 
   const auto all = group.allgather(tensor_of(mine.serialize()), "audit_commit");
   commitments_.assign(static_cast<std::size_t>(n), Commitment{});
-  const std::string where = "[DiLoCo outer step " + std::to_string(outer_step) + "] rank " +
-                            std::to_string(rank) + ": ";
+  const std::string where =
+      "[DiLoCo outer step " + std::to_string(outer_step) + "] rank " + std::to_string(rank) + ": ";
   for (int r = 0; r < n; ++r) {
     Commitment& c = commitments_[static_cast<std::size_t>(r)];
     c = Commitment::parse(bytes_of(all[static_cast<std::size_t>(r)]), r);
@@ -140,28 +143,42 @@ const std::vector<bool>& Auditor::commit(Group& group, std::int64_t outer_step,
     } else if (!previous_.empty() && previous_[static_cast<std::size_t>(r)].outer_step > 0 &&
                c.start_state != previous_[static_cast<std::size_t>(r)].end_state) {
       wrong = "it starts the round from inner-optimizer state " +
-              to_hex(c.start_state).substr(0, 16) + ", not the end state it committed at outer "
-              "step " + std::to_string(previous_[static_cast<std::size_t>(r)].outer_step) + " (" +
+              to_hex(c.start_state).substr(0, 16) +
+              ", not the end state it committed at outer "
+              "step " +
+              std::to_string(previous_[static_cast<std::size_t>(r)].outer_step) + " (" +
               to_hex(previous_[static_cast<std::size_t>(r)].end_state).substr(0, 16) + ")";
     }
     if (!wrong.empty()) {
-      fail(r, outer_step, where + "rank " + std::to_string(r) + " failed its commitment: " + wrong +
-                  "; it is excluded from this and every later outer step");
+      fail(r, outer_step,
+           where + "rank " + std::to_string(r) + " failed its commitment: " + wrong +
+               "; it is excluded from this and every later outer step");
     }
   }
 
-  const auto nonces = group.allgather(tensor_of(std::string(nonce.begin(), nonce.end())),
-                                      "audit_reveal");
+  const auto nonces =
+      group.allgather(tensor_of(std::string(nonce.begin(), nonce.end())), "audit_reveal");
+  std::vector<std::string> revealed_by(static_cast<std::size_t>(n));
+  for (int r = 0; r < n; ++r) {
+    const std::string& revealed = revealed_by[static_cast<std::size_t>(r)] =
+        bytes_of(nonces[static_cast<std::size_t>(r)]);
+    if (excluded_[static_cast<std::size_t>(r)]) continue;
+    if (sha256(revealed.data(), revealed.size()) !=
+        commitments_[static_cast<std::size_t>(r)].nonce) {
+      fail(r, outer_step,
+           where + "rank " + std::to_string(r) +
+               " revealed a nonce that does not hash to its "
+               "commitment (" +
+               to_hex(commitments_[static_cast<std::size_t>(r)].nonce).substr(0, 16) +
+               "); it is excluded from this and every later outer step");
+    }
+  }
+  // Only nonces that matched their commitments count: an excluded island's nonce is unchecked,
+  // and could have been chosen after seeing the others'.
   std::string seed_input = std::to_string(outer_step);
   for (int r = 0; r < n; ++r) {
-    const std::string revealed = bytes_of(nonces[static_cast<std::size_t>(r)]);
-    seed_input += revealed;
-    if (excluded_[static_cast<std::size_t>(r)]) continue;
-    if (sha256(revealed.data(), revealed.size()) != commitments_[static_cast<std::size_t>(r)].nonce) {
-      fail(r, outer_step, where + "rank " + std::to_string(r) + " revealed a nonce that does not hash to its "
-                      "commitment (" + to_hex(commitments_[static_cast<std::size_t>(r)].nonce)
-                      .substr(0, 16) + "); it is excluded from this and every later outer step");
-    }
+    if (!excluded_[static_cast<std::size_t>(r)])
+      seed_input += revealed_by[static_cast<std::size_t>(r)];
   }
   auditor_of_ = select_audits(sha256(seed_input.data(), seed_input.size()), n, rate_, excluded_);
   previous_ = commitments_;
@@ -176,8 +193,10 @@ Auditor::Verdict Auditor::replay(int island, const std::string& message) {
   for (const auto& g : start_global_) delta_bytes += g.numel() * 4;
   const std::size_t sent_bytes = tolerance_ > 0.0 ? static_cast<std::size_t>(delta_bytes) : 0;
   if (message.size() < sent_bytes) {
-    v.evidence = "it sent " + std::to_string(message.size()) + " bytes, fewer than its "
-                 "pseudo-gradient's " + std::to_string(sent_bytes);
+    v.evidence = "it sent " + std::to_string(message.size()) +
+                 " bytes, fewer than its "
+                 "pseudo-gradient's " +
+                 std::to_string(sent_bytes);
     return v;
   }
   AuditTask task;
@@ -290,8 +309,8 @@ void Auditor::audit(Group& group, const std::vector<at::Tensor>& global, std::in
   std::vector<Verdict> verdicts;
   // What an honest island can send: about its auditor's own start state, plus the
   // pseudo-gradient. Anything far larger is refused unread.
-  const std::int64_t bound = 16 * (static_cast<std::int64_t>(start_state_.size()) + delta_bytes) +
-                             (1 << 20);
+  const std::int64_t bound =
+      16 * (static_cast<std::int64_t>(start_state_.size()) + delta_bytes) + (1 << 20);
   std::vector<std::pair<int, at::Tensor>> messages;
   std::vector<PendingCollective> receives;
   for (auto& [i, length] : lengths) {
@@ -348,6 +367,7 @@ void Auditor::audit(Group& group, const std::vector<at::Tensor>& global, std::in
       --stats_.audits;
       continue;
     }
+    ++stats_.audits_of[static_cast<std::size_t>(i)];
     if (passed) continue;
     m << "rank " << i << " failed its audit by rank " << a << ": " << evidence
       << "; commitment: " << c.describe() << "; it is excluded from every later outer step";

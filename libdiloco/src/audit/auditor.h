@@ -60,10 +60,10 @@ class Auditor {
   std::int64_t first_step_ = 0;
   // Between commit() and audit().
   std::string end_state_;
-  std::vector<at::Tensor> sent_;          // this island's pseudo-gradient (tolerance mode)
-  std::vector<Commitment> commitments_;   // this outer step's, by rank
-  std::vector<Commitment> previous_;      // the last outer step's (their end states chain)
-  std::vector<int> auditor_of_;           // select_audits
+  std::vector<at::Tensor> sent_;         // this island's pseudo-gradient (tolerance mode)
+  std::vector<Commitment> commitments_;  // this outer step's, by rank
+  std::vector<Commitment> previous_;     // the last outer step's (their end states chain)
+  std::vector<int> auditor_of_;          // select_audits
 };
 
 }  // namespace diloco

@@ -125,9 +125,9 @@ std::unique_ptr<Exchange> Exchange::from_spec(const std::string& spec,
   } else if (name == "powersgd") {
     if (aggregator.robust() || gather) {
       throw OptionError("[DiLoCo] " +
-                        (gather ? std::string("audits (audit_rate > 0)")
-                                : "aggregator " + aggregator.spec()) +
-                        " need each island's contribution, which PowerSGD never has (it sums "
+                        (gather ? std::string("audits (audit_rate > 0) need")
+                                : "aggregator " + aggregator.spec() + " needs") +
+                        " each island's contribution, which PowerSGD never has (it sums "
                         "low-rank factors): use none or a codec" +
                         (gather ? "" : ", or use the mean"));
     }

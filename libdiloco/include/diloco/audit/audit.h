@@ -5,11 +5,11 @@
 //   1. commit   before the exchange every island all-gathers a Commitment: the outer step, its
 //               rank, the inner steps the round covers (first step and count: its data
 //               position), the data seed, SHA-256 digests of its inner-optimizer state at the
-//               round's start and at its end (by content, not address), of its pseudo-gradient (float32, bucket by bucket)
-//               and of a fresh 32-byte random nonce.
-//               Each island's start state must be the end state it committed the round before:
-//               the inner-optimizer state is chained from round to round, so no island can
-//               start a replay from a state it never reached.
+//               round's start and at its end (by content, not address), of its pseudo-gradient
+//               (float32, bucket by bucket) and of a fresh 32-byte random nonce. Each island's
+//               start state must be the end state it committed the round before: the
+//               inner-optimizer state is chained from round to round, so no island can start a
+//               replay from a state it never reached.
 //   2. reveal   then every island all-gathers its nonce; each must hash to its commitment. The
 //               audit seed is SHA-256 over all nonces in rank order: no island controls it alone
 //               (its own nonce was fixed before it saw the others').
@@ -81,17 +81,18 @@ struct Commitment {
   std::int64_t island = 0;      // rank in the group
   std::int64_t first_step = 0;  // inner steps [first_step, first_step + steps) of the run
   std::int64_t steps = 0;
-  std::int64_t data_seed = 0;   // AuditHooks::data_seed
-  Digest start_state{};         // inner-optimizer state at the round's start
-  Digest end_state{};           // and at its end
-  Digest pseudo_gradient{};     // global - local, float32, bucket by bucket
-  Digest nonce{};               // SHA-256 of the island's nonce (revealed after all commit)
+  std::int64_t data_seed = 0;  // AuditHooks::data_seed
+  Digest start_state{};        // inner-optimizer state at the round's start
+  Digest end_state{};          // and at its end
+  Digest pseudo_gradient{};    // global - local, float32, bucket by bucket
+  Digest nonce{};              // SHA-256 of the island's nonce (revealed after all commit)
 
   static constexpr std::size_t kBytes = 5 * 8 + 4 * 32;
   std::string serialize() const;
   // Throws Error naming `from` when the bytes are not a commitment.
   static Commitment parse(const std::string& bytes, int from);
-  std::string describe() const;  // "outer step 3, rank 1, steps [100, 150), ..., pseudo-gradient 9f2c..."
+  // "outer step 3, rank 1, inner steps [100, 150), ..., pseudo-gradient 9f2c..."
+  std::string describe() const;
 };
 
 // Who audits whom at one outer step: auditor[i] audits island i, or -1 (not audited).
@@ -108,7 +109,7 @@ struct AuditTask {
   std::int64_t first_step = 0;  // the run's inner step the round starts at (0-based)
   std::int64_t steps = 0;
   std::int64_t data_seed = 0;
-  std::string inner_state;      // the island's inner-optimizer state at the round's start
+  std::string inner_state;  // the island's inner-optimizer state at the round's start
 };
 
 // Digests of the replica's inner-optimizer state when a replay loaded it and after its steps.
@@ -145,8 +146,7 @@ struct AuditHooks {
 // serialized with torch::serialize, in this order); `replica` a second model of the same
 // architecture and `replica_inner` optimizers built over it like `inner`; `step(island, t)` runs
 // inner step t (0-based) of `island` on the replica (batch, lr, backward, clipping, step).
-AuditHooks make_audit_hooks(std::vector<torch::optim::Optimizer*> inner,
-                            torch::nn::Module& replica,
+AuditHooks make_audit_hooks(std::vector<torch::optim::Optimizer*> inner, torch::nn::Module& replica,
                             std::vector<torch::optim::Optimizer*> replica_inner,
                             std::function<void(std::int64_t island, std::int64_t step)> step,
                             std::int64_t data_seed);
@@ -162,13 +162,14 @@ Digest optimizer_state_digest(const std::vector<torch::optim::Optimizer*>& optim
 
 // What an island's audits came to (DiLoCo::audits()).
 struct AuditStats {
-  std::int64_t audits = 0;          // audits run anywhere in the group, all outer steps
-  std::int64_t failed = 0;          // of which failed
-  std::int64_t replayed_steps = 0;  // inner steps this island replayed as an auditor
-  double replay_seconds = 0.0;      // and the time they took
-  std::vector<int> excluded;        // islands excluded, in the order they failed
+  std::int64_t audits = 0;                // audits run anywhere in the group, all outer steps
+  std::int64_t failed = 0;                // of which failed
+  std::vector<std::int64_t> audits_of;    // per island (rank): its audits so far
+  std::int64_t replayed_steps = 0;        // inner steps this island replayed as an auditor
+  double replay_seconds = 0.0;            // and the time they took
+  std::vector<int> excluded;              // islands excluded, in the order they failed
   std::vector<std::int64_t> excluded_at;  // the outer step each was excluded at
-  std::string last_failure;         // the last failed audit's report, as on stderr
+  std::string last_failure;               // the last failed audit's report, as on stderr
 };
 
 }  // namespace diloco
