@@ -82,11 +82,22 @@ Auditor::Auditor(AuditHooks hooks, double rate, double tolerance, const FlatPara
 }
 
 void Auditor::begin_round(const std::vector<at::Tensor>& global, std::int64_t first_step) {
+  keep_start(global, hooks_.inner_state(), hooks_.inner_digest(), first_step);
+}
+
+void Auditor::keep_start(const std::vector<at::Tensor>& global, std::string state,
+                         const Digest& digest, std::int64_t first_step) {
   start_global_.clear();
   for (const auto& g : global) start_global_.push_back(g.to(at::kFloat, false, /*copy=*/true));
-  start_state_ = hooks_.inner_state();
-  start_digest_ = hooks_.inner_digest();
+  start_state_ = std::move(state);
+  start_digest_ = digest;
   first_step_ = first_step;
+}
+
+std::int64_t Auditor::delta_bytes() const {
+  std::int64_t bytes = 0;
+  for (const auto& g : start_global_) bytes += g.numel() * 4;
+  return bytes;
 }
 
 void Auditor::fail(int island, std::int64_t outer_step, const std::string& report) {
@@ -100,9 +111,8 @@ void Auditor::fail(int island, std::int64_t outer_step, const std::string& repor
   std::fprintf(stderr, "%s\n", report.c_str());
 }
 
-const std::vector<bool>& Auditor::commit(Group& group, std::int64_t outer_step,
-                                         std::int64_t inner_step,
-                                         const std::vector<at::Tensor>& pseudo_gradients) {
+void Auditor::commit(Group& group, std::int64_t outer_step, std::int64_t inner_step,
+                     const std::vector<at::Tensor>& pseudo_gradients) {
   const int n = group.world_size();
   const int rank = group.rank();
   end_state_ = hooks_.inner_state();
@@ -182,16 +192,13 @@ const std::vector<bool>& Auditor::commit(Group& group, std::int64_t outer_step,
   }
   auditor_of_ = select_audits(sha256(seed_input.data(), seed_input.size()), n, rate_, excluded_);
   previous_ = commitments_;
-  return excluded_;
 }
 
 Auditor::Verdict Auditor::replay(int island, const std::string& message) {
   const Commitment& c = commitments_[static_cast<std::size_t>(island)];
   Verdict v;
   v.island = island;
-  std::int64_t delta_bytes = 0;
-  for (const auto& g : start_global_) delta_bytes += g.numel() * 4;
-  const std::size_t sent_bytes = tolerance_ > 0.0 ? static_cast<std::size_t>(delta_bytes) : 0;
+  const std::size_t sent_bytes = tolerance_ > 0.0 ? static_cast<std::size_t>(delta_bytes()) : 0;
   if (message.size() < sent_bytes) {
     v.evidence = "it sent " + std::to_string(message.size()) +
                  " bytes, fewer than its "
@@ -261,9 +268,9 @@ Auditor::Verdict Auditor::replay(int island, const std::string& message) {
       diff += d * d;
       norm += s * s;
     }
-    v.difference = norm > 0.0 ? std::sqrt(diff / norm) : (diff > 0.0 ? INFINITY : 0.0);
-    v.passed = v.difference <= tolerance_;
-    m << "replayed pseudo-gradient differs from the one sent by " << v.difference
+    const double difference = norm > 0.0 ? std::sqrt(diff / norm) : (diff > 0.0 ? INFINITY : 0.0);
+    v.passed = difference <= tolerance_;
+    m << "replayed pseudo-gradient differs from the one sent by " << difference
       << " of its norm (tolerance " << tolerance_ << ")";
   } else {
     v.passed = pg == c.pseudo_gradient && end_digest == c.end_state;
@@ -279,8 +286,6 @@ Auditor::Verdict Auditor::replay(int island, const std::string& message) {
 void Auditor::audit(Group& group, const std::vector<at::Tensor>& global, std::int64_t inner_step) {
   const int n = group.world_size();
   const int rank = group.rank();
-  std::int64_t delta_bytes = 0;
-  for (const auto& g : start_global_) delta_bytes += g.numel() * 4;
   // Transfers: every audited island sends its start state (and, with a tolerance, its
   // pseudo-gradient) to its auditor; lengths first.
   std::vector<PendingCollective> sends;
@@ -310,7 +315,7 @@ void Auditor::audit(Group& group, const std::vector<at::Tensor>& global, std::in
   // What an honest island can send: about its auditor's own start state, plus the
   // pseudo-gradient. Anything far larger is refused unread.
   const std::int64_t bound =
-      16 * (static_cast<std::int64_t>(start_state_.size()) + delta_bytes) + (1 << 20);
+      16 * (static_cast<std::int64_t>(start_state_.size()) + delta_bytes()) + (1 << 20);
   std::vector<std::pair<int, at::Tensor>> messages;
   std::vector<PendingCollective> receives;
   for (auto& [i, length] : lengths) {
@@ -331,15 +336,14 @@ void Auditor::audit(Group& group, const std::vector<at::Tensor>& global, std::in
   for (auto& s : sends) s.wait();
   for (auto& [i, bytes] : messages) verdicts.push_back(replay(i, bytes_of(bytes)));
 
-  // Verdicts: "island passed difference evidence" lines, all-gathered.
+  // Verdicts: "island passed evidence" lines, all-gathered.
   std::string mine;
   for (const auto& v : verdicts) {
     std::string evidence = v.evidence;
     for (char& ch : evidence) {
       if (ch == '\n') ch = ' ';
     }
-    mine += std::to_string(v.island) + " " + (v.passed ? "1" : "0") + " " +
-            std::to_string(v.difference) + " " + evidence + "\n";
+    mine += std::to_string(v.island) + " " + (v.passed ? "1" : "0") + " " + evidence + "\n";
   }
   const auto all = group.allgather_bytes(mine, "audit_verdict");
   for (int i = 0; i < n; ++i) {
@@ -352,8 +356,7 @@ void Auditor::audit(Group& group, const std::vector<at::Tensor>& global, std::in
     while (std::getline(lines, line)) {
       std::istringstream fields(line);
       int island = -1, ok = 0;
-      double difference = 0.0;
-      if (!(fields >> island >> ok >> difference) || island != i) continue;
+      if (!(fields >> island >> ok) || island != i) continue;
       std::getline(fields >> std::ws, evidence);
       found = true;
       passed = ok == 1;
@@ -376,11 +379,8 @@ void Auditor::audit(Group& group, const std::vector<at::Tensor>& global, std::in
 
   // The next round starts from the new global weights and the state this island committed as
   // its end state (the inner optimizer has not stepped since).
-  start_global_.clear();
-  for (const auto& g : global) start_global_.push_back(g.to(at::kFloat, false, /*copy=*/true));
-  start_state_ = std::move(end_state_);
-  start_digest_ = commitments_[static_cast<std::size_t>(rank)].end_state;
-  first_step_ = inner_step;
+  keep_start(global, std::move(end_state_), commitments_[static_cast<std::size_t>(rank)].end_state,
+             inner_step);
   sent_.clear();
 }
 

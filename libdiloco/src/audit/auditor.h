@@ -1,7 +1,7 @@
 // The audit protocol of one island across outer steps (diloco/audit/audit.h), driven by DiLoCo:
 //   begin_round()  the round's start: its global weights and inner-optimizer state are kept;
 //   commit()       before the exchange: commitments and nonces all-gathered and checked, the
-//                  audits of this outer step drawn; returns the islands excluded so far;
+//                  audits of this outer step drawn (stats().excluded: the islands left out);
 //   audit()        after the outer step: start states sent to the auditors, rounds replayed,
 //                  verdicts all-gathered; a failure excludes the island; then the next round
 //                  begins.
@@ -29,22 +29,25 @@ class Auditor {
 
   void begin_round(const std::vector<at::Tensor>& global, std::int64_t first_step);
   // Collective (two all-gathers). `pseudo_gradients` per bucket, as about to be sent.
-  const std::vector<bool>& commit(Group& group, std::int64_t outer_step, std::int64_t inner_step,
-                                  const std::vector<at::Tensor>& pseudo_gradients);
+  void commit(Group& group, std::int64_t outer_step, std::int64_t inner_step,
+              const std::vector<at::Tensor>& pseudo_gradients);
   // Collective (point to point, then one all-gather); then begins the next round from `global`.
   void audit(Group& group, const std::vector<at::Tensor>& global, std::int64_t inner_step);
 
-  const std::vector<bool>& excluded() const { return excluded_; }
   const AuditStats& stats() const { return stats_; }
 
  private:
   struct Verdict {
     int island = -1;
     bool passed = false;
-    double difference = 0.0;  // relative, tolerance mode
-    std::string evidence;     // one line
+    std::string evidence;  // one line
   };
   Verdict replay(int island, const std::string& message);
+  // The round's start: its global weights, and this island's inner-optimizer state and digest.
+  void keep_start(const std::vector<at::Tensor>& global, std::string state, const Digest& digest,
+                  std::int64_t first_step);
+  // Bytes of a float32 pseudo-gradient of the whole model.
+  std::int64_t delta_bytes() const;
   void fail(int island, std::int64_t outer_step, const std::string& report);
 
   AuditHooks hooks_;

@@ -483,11 +483,7 @@ void DiLoCo::start_sync(std::int64_t fragment) {
       }
       auto verdict = std::make_shared<ContributionScreen>();
       verdict->factor = options_.screen_factor;
-      if (auditor_) {
-        for (int r = 0; r < group_->world_size(); ++r) {
-          if (auditor_->excluded()[static_cast<std::size_t>(r)]) verdict->excluded.push_back(r);
-        }
-      }
+      if (auditor_) verdict->excluded = auditor_->stats().excluded;
       request.screen = verdict;
       PendingExchange exchange = state_.exchanges[i]->start(*group_, std::move(request), *comm_);
       pending_.push_back({i, std::move(exchange), std::move(verdict)});
