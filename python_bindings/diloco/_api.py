@@ -102,7 +102,8 @@ def init_process_group(master_addr=None, master_port=None, rank=None, world_size
 
 def join_elastic(store_addr=None, store_port=None, slot=None, world_size=None, min_islands=None,
                  heartbeat_timeout=None, timeout=None, rendezvous_timeout=None, hostname=None,
-                 link_mbps=None, link_latency_ms=None, heartbeat_interval=None):
+                 link_mbps=None, link_latency_ms=None, heartbeat_interval=None, run_key=None,
+                 run_key_file=None):
     """Join an elastic run and return its diloco.Membership, for diloco.DiLoCo(model, inner,
     membership, ...).
 
@@ -116,8 +117,8 @@ def join_elastic(store_addr=None, store_port=None, slot=None, world_size=None, m
     MASTER_PORT (the coordinator's store; default 127.0.0.1:29500), RANK (the island's slot) and
     WORLD_SIZE (islands the run starts with; both required unless given as arguments),
     DILOCO_MIN_ISLANDS (default 1), DILOCO_HEARTBEAT_TIMEOUT_S (10), DILOCO_TIMEOUT_S (60),
-    DILOCO_RENDEZVOUS_TIMEOUT_S (600), DILOCO_HOSTNAME, DILOCO_LINK_MBPS and
-    DILOCO_LINK_LATENCY_MS. Every argument that is not None overrides its variable; then
+    DILOCO_RENDEZVOUS_TIMEOUT_S (600), DILOCO_HOSTNAME, DILOCO_LINK_MBPS,
+    DILOCO_LINK_LATENCY_MS, DILOCO_RUN_KEY and DILOCO_RUN_KEY_FILE. Every argument that is not None overrides its variable; then
     diloco.Membership.join(options) validates them and joins, with the GIL released.
 
     Slots 0..world_size-1 started for the first time form the run's first epoch: join waits (up
@@ -143,6 +144,10 @@ def join_elastic(store_addr=None, store_port=None, slot=None, world_size=None, m
         hostname: the interface Gloo binds to; "" resolves the one that routes to store_addr.
         link_mbps, link_latency_ms: an emulated wide-area link (see diloco.LinkModel).
         heartbeat_interval: seconds between heartbeats (default: see heartbeat_timeout).
+        run_key, run_key_file: the run key (>= 16 bytes), or a file holding it: with one, only
+            islands holding the same key join (a process with another key or none fails on its
+            own with a diloco.Error saying why), and every value written to the store and
+            every payload between islands is MACed (see diloco.GroupOptions.run_key).
 
     Raises:
         diloco.OptionError: a missing or malformed argument or variable, or an option out of
@@ -192,6 +197,10 @@ def join_elastic(store_addr=None, store_port=None, slot=None, world_size=None, m
         if link_latency_ms is not None:
             link.latency_ms = _as_float(link_latency_ms, "link_latency_ms", "join_elastic")
         options.link = link
+    if run_key is not None:
+        options.run_key = run_key
+    if run_key_file is not None:
+        options.run_key_file = str(run_key_file)
     return _C.Membership.join(options)
 
 

@@ -51,7 +51,9 @@ std::string repr(const diloco::ElasticOptions& o) {
       << ", timeout=" << to_seconds(o.timeout)
       << ", rendezvous_timeout=" << to_seconds(o.rendezvous_timeout) << ", hostname='"
       << o.hostname << "', link=LinkModel(mbit_per_s=" << o.link.mbit_per_s
-      << ", latency_ms=" << o.link.latency_ms << "))";
+      << ", latency_ms=" << o.link.latency_ms << "), run_key="
+      << (o.run_key.empty() ? "''" : "'<hidden>'") << ", run_key_file='" << o.run_key_file
+      << "')";
   return out.str();
 }
 
@@ -79,7 +81,8 @@ void bind_elastic(py::module_& m) {
       m, "ElasticOptions",
       "The options of an elastic run's Membership (diloco::ElasticOptions), field for field: "
       "store_addr, store_port, slot, world_size, min_islands, heartbeat_interval, "
-      "heartbeat_timeout, timeout, rendezvous_timeout (seconds), hostname, link (a LinkModel). "
+      "heartbeat_timeout, timeout, rendezvous_timeout (seconds), hostname, link (a LinkModel), "
+      "run_key, run_key_file. "
       "ElasticOptions(**fields) starts from the C++ defaults; read_env() and from_env() from the "
       "launcher's environment. Membership.join validates them; validate() does so alone.")
       .def(py::init([](const py::kwargs& fields) {
@@ -140,6 +143,12 @@ void bind_elastic(py::module_& m) {
                      "(DILOCO_HOSTNAME)")
       .def_readwrite("link", &diloco::ElasticOptions::link,
                      "the emulated link, a LinkModel (DILOCO_LINK_MBPS, DILOCO_LINK_LATENCY_MS)")
+      .def_readwrite("run_key", &diloco::ElasticOptions::run_key,
+                     "the run key (str or bytes, >= 16 bytes; DILOCO_RUN_KEY): with one, only "
+                     "islands holding it join, the store's values and every payload are MACed; "
+                     "\"\" = none")
+      .def_readwrite("run_key_file", &diloco::ElasticOptions::run_key_file,
+                     "a file holding the run key, instead of run_key (DILOCO_RUN_KEY_FILE)")
       .def("validate", &diloco::ElasticOptions::validate,
            "Raise OptionError naming the first option out of its range (the timeouts must be "
            "ordered heartbeat_interval < heartbeat_timeout < timeout <= rendezvous_timeout).")
@@ -147,7 +156,8 @@ void bind_elastic(py::module_& m) {
                   "The C++ library's reading: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE "
                   "(required), DILOCO_MIN_ISLANDS, DILOCO_HEARTBEAT_TIMEOUT_S, DILOCO_TIMEOUT_S, "
                   "DILOCO_RENDEZVOUS_TIMEOUT_S, DILOCO_HOSTNAME, DILOCO_LINK_MBPS, "
-                  "DILOCO_LINK_LATENCY_MS (optional), validated. Raises OptionError naming a "
+                  "DILOCO_LINK_LATENCY_MS, DILOCO_RUN_KEY, DILOCO_RUN_KEY_FILE (optional), validated. "
+                  "Raises OptionError naming a "
                   "missing or malformed variable.")
       .def_static("read_env", &read_env,
                   "The same variables, each optional: unset ones keep the defaults (slot and "

@@ -151,11 +151,16 @@ TEST_CASE("RunKey::resolve validates and names the option", "[auth]") {
   CHECK_THROWS_WITH(o.validate(), Contains("run_key (DILOCO_RUN_KEY)"));
 }
 
-TEST_CASE("The run key comes from the environment, and elastic runs refuse one", "[auth]") {
+TEST_CASE("The run key comes from the environment, for static and elastic runs", "[auth]") {
   diloco_test::EnvGuard env({{"DILOCO_RUN_KEY", kKey.c_str()}, {"DILOCO_RUN_KEY_FILE", nullptr}});
   CHECK(diloco::GroupOptions::read_env().run_key == kKey);
-  CHECK_THROWS_AS(diloco::ElasticOptions::read_env(), diloco::OptionError);
-  CHECK_THROWS_WITH(diloco::ElasticOptions::read_env(), Contains("DILOCO_RUN_KEY"));
+  CHECK(diloco::ElasticOptions::read_env().run_key == kKey);
+  diloco::ElasticOptions o;
+  o.slot = 0;
+  o.world_size = 1;
+  o.run_key = "too short";
+  CHECK_THROWS_AS(o.validate(), diloco::OptionError);
+  CHECK_THROWS_WITH(o.validate(), Contains("run_key (DILOCO_RUN_KEY) must be at least 16"));
 }
 
 TEST_CASE("The authenticated store refuses values written without the key", "[auth]") {

@@ -253,3 +253,99 @@ TEST_CASE("Elastic DiLoCo: an island whose global state differs from the majorit
   CHECK(shas[0] == shas[1]);
   CHECK(worlds[0] == 2);
 }
+
+TEST_CASE("Elastic DiLoCo with a run key: the store's values and the groups' payloads are "
+          "authenticated, a keyed joiner is admitted, and processes without the key cannot join",
+          "[elastic][auth]") {
+  const int port = diloco_test::free_port();
+  auto server = diloco::compat::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(port),
+                                               /*is_server=*/true, 20000ms);
+  auto raw = diloco::compat::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(port),
+                                            /*is_server=*/false, 20000ms);
+  const std::string key = "the run's key, 16+ bytes";
+  const auto keyed = [&](int slot, const std::string& k) {
+    auto o = options_for(port, slot, 2);
+    o.run_key = k;
+    return o;
+  };
+  const std::int64_t H = 2;
+  diloco::DiLoCoOptions options;
+  options.inner_steps = H;
+  const at::Tensor theta0 = at::linspace(-1.0, 1.0, 10);
+  const auto inner_step = [](at::Tensor& w, int slot) {
+    at::NoGradGuard no_grad;
+    w.sub_(0.01 * (slot + 1));
+  };
+  struct Result {
+    std::string error, sha, backend;
+    at::Tensor after_first;
+    int world = 0;
+  };
+  std::vector<Result> results(3);
+  std::atomic<bool> joiner_waiting{false};
+  auto island = [&](int slot) {
+    Result& out = results[static_cast<std::size_t>(slot)];
+    try {
+      at::Tensor w = theta0.clone();
+      auto membership = diloco::Membership::join(keyed(slot, key));
+      diloco::DiLoCo outer(model_of(w), membership, options);
+      for (std::int64_t t = outer.state().inner_step; t < 4 * H; ++t) {
+        inner_step(w, slot);
+        if (slot < 2 && t == 2 * H - 1) {
+          while (!joiner_waiting.load()) std::this_thread::sleep_for(10ms);
+        }
+        if (outer.step() && outer.state().outer_step == 1) {
+          out.after_first = outer.global_weights()[0].clone();
+        }
+      }
+      out.sha = outer.state().sha256();
+      out.world = membership->group()->world_size();
+      out.backend = membership->group()->backend().name();
+      membership->leave();
+    } catch (const std::exception& e) {
+      out.error = e.what();
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int s = 0; s < 2; ++s) threads.emplace_back(island, s);
+  while (!raw->check({"diloco-elastic/started"})) std::this_thread::sleep_for(10ms);
+  // Processes without the key, or with another, fail on their own, before taking an incarnation.
+  CHECK_THROWS_WITH(diloco::Membership::join(options_for(port, 5, 2)),
+                    Contains("requires a run key and this process has none"));
+  CHECK_THROWS_WITH(diloco::Membership::join(keyed(6, "another key, 16+ bytes")),
+                    Contains("run key does not match the run's"));
+  CHECK_FALSE(raw->check({"diloco-elastic/inc/5", "diloco-elastic/inc/6"}));
+  // A join request forged by a client that skipped the check is refused; the run goes on.
+  const std::string forged = "9.0";
+  raw->set("diloco-elastic/join/list/" + std::to_string(raw->add("diloco-elastic/join/seq", 1) - 1),
+           std::vector<std::uint8_t>(forged.begin(), forged.end()));
+  raw->add("diloco-elastic/join/count", 1);
+  // A keyed joiner (slot 2): admitted at the next boundary, with the state published MACed.
+  std::thread([&] {
+    while (!raw->check({"diloco-elastic/join/list/1"})) std::this_thread::sleep_for(5ms);
+    joiner_waiting = true;
+  }).detach();
+  threads.emplace_back(island, 2);
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 3; ++i) {
+    INFO("island " << i << ": " << results[static_cast<std::size_t>(i)].error);
+    CHECK(results[static_cast<std::size_t>(i)].error.empty());
+  }
+  // The sums are exact: outer step 1 is the formula's, from the two first islands.
+  std::vector<at::Tensor> locals;
+  for (int slot : {0, 1}) {
+    at::Tensor w = theta0.clone();
+    for (std::int64_t t = 0; t < H; ++t) inner_step(w, slot);
+    locals.push_back(w);
+  }
+  REQUIRE(results[0].after_first.defined());
+  CHECK(at::allclose(results[0].after_first, first_outer_step(theta0, locals, 0.7, 0.9), 1e-6,
+                     1e-6));
+  CHECK(results[0].sha == results[1].sha);
+  CHECK(results[2].sha == results[0].sha);
+  CHECK(results[0].world == 3);
+  CHECK_THAT(results[0].backend, Contains("+mac"));
+  // What the islands wrote carries a MAC (32 bytes after the value), the challenge included.
+  CHECK(raw->get("diloco-elastic/e/0/members").size() == std::string("0.0 1.0").size() + 32);
+  CHECK(raw->get("diloco-elastic/auth/run").size() == 32 + 32);
+}

@@ -16,6 +16,10 @@
 #   join      a fifth island joins mid-run and ends bit-identical to the others; a misconfigured one
 #             is refused naming the field; one killed while being admitted does not stop the run
 #   min       2 islands with --min-islands 2: losing one stops the survivor with a clear error
+#   keyed     a run with a run key (DILOCO_RUN_KEY): processes with no key, or another, fail on
+#             their own naming why while the run goes on; a killed island restarted with the key
+#             rejoins (its admission, state transfer and every epoch's payloads authenticated):
+#             all 4 finish and agree
 #
 # Usage: elastic_test.sh SCENARIO DILOCO_RUN TRAIN_LM   (data from $DILOCO_DATA or data/brown)
 set -euo pipefail
@@ -185,6 +189,34 @@ min)
     fail "no clear error naming min_islands"
   grep "below min_islands" "$tmp/min.txt" | head -n 1
   echo "  stopped ${took} s after the loss"
+  ;;
+keyed)
+  port=$(( 20000 + RANDOM % 20000 ))
+  victim=$(( RANDOM % 4 ))
+  echo "== a keyed run: keyless and wrong-key processes are refused; island $victim is killed and" \
+       "rejoins with the key"
+  export DILOCO_RUN_KEY="elastic test run key, 16+ bytes"
+  launch keyed -n 4 --max-restarts 1 --restart-delay 0 --master-port "$port" -- \
+    "$train_lm" "${model[@]}" --steps 1000 --inner-steps 50
+  unset DILOCO_RUN_KEY
+  wait_for_line "$tmp/keyed.txt" "step [0-9]+/[0-9]+ outer 2 " 120
+  intruder=(env MASTER_ADDR=127.0.0.1 MASTER_PORT="$port" WORLD_SIZE=4 DILOCO_ELASTIC=1 RANK=4
+            "$train_lm" "${model[@]}" --steps 1000 --inner-steps 50)
+  "${intruder[@]}" > "$tmp/keyless.txt" 2>&1 && fail "a process without the key joined"
+  grep -q "requires a run key and this process has none" "$tmp/keyless.txt" ||
+    fail "the keyless process's error does not say why"
+  DILOCO_RUN_KEY="another key, 16+ bytes long" "${intruder[@]}" > "$tmp/wrong-key.txt" 2>&1 &&
+    fail "a process with another key joined"
+  grep -q "run key does not match the run's" "$tmp/wrong-key.txt" ||
+    fail "the wrong-key process's error does not say why"
+  grep -h "run key" "$tmp/keyless.txt" "$tmp/wrong-key.txt" | sed 's/^/  /'
+  kill -9 "$(island_pid "$victim")"
+  finish keyed
+  [ "$rc" = 0 ] || fail "diloco-run exited $rc"
+  grep -q "island $victim.1 (slot $victim): admitted at step" "$tmp/keyed.txt" ||
+    fail "island $victim.1 was not admitted"
+  grep -E "admitted at step|\[elastic\].*formed" "$tmp/keyed.txt" | sort -u | head -n 4
+  expect_agree "$tmp/keyed.txt" 4
   ;;
 *)
   echo "unknown scenario '$scenario'"

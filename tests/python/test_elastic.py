@@ -310,3 +310,34 @@ def test_example_survives_an_island_killed_at_a_random_moment(tmp_path):
     assert len({h for _, _, h in hashes}) == 1, "the survivors disagree:\n" + out[-4000:]
     assert re.search(r"step \d+/300 outer \d+ \| 2 islands \(epoch \d+\)", out), out[-4000:]
     assert "the run ends with 2 islands" in out, out[-4000:]
+
+
+def test_keyed_elastic_run_refuses_processes_without_its_key(no_launcher, tmp_path):
+    """A run key in an elastic run (ElasticOptions.run_key, join_elastic(run_key=...)): the
+    islands holding it run; a process with none, or another, fails on its own naming why."""
+    key = "python elastic run key, 16+ bytes"
+    o = diloco.ElasticOptions(run_key=key)
+    assert key not in repr(o) and "run_key='<hidden>'" in repr(o)
+    no_launcher.setenv("DILOCO_RUN_KEY", key)
+    assert diloco.ElasticOptions.read_env().run_key == key
+    no_launcher.delenv("DILOCO_RUN_KEY")
+    port = free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, None, True,
+                                       timeout=torch.distributed.constants.default_pg_timeout,
+                                       wait_for_workers=False)
+    fast = dict(store_port=port, world_size=1, hostname="127.0.0.1", heartbeat_timeout=0.5,
+                heartbeat_interval=0.05, timeout=5, rendezvous_timeout=30)
+    with pytest.raises(diloco.OptionError, match=r"run_key \(DILOCO_RUN_KEY\) must be at least 16"):
+        diloco.join_elastic(slot=0, run_key="short", **fast)
+    key_file = tmp_path / "run.key"
+    key_file.write_text(key + "\n")
+    member = diloco.join_elastic(slot=0, run_key_file=key_file, **fast)
+    members = store.get("diloco-elastic/e/0/members")
+    assert members[:3] == b"0.0" and len(members) == 3 + 32  # MACed
+    with pytest.raises(diloco.Error, match="requires a run key and this process has none"):
+        diloco.join_elastic(slot=1, **fast)
+    with pytest.raises(diloco.Error, match="run key does not match the run's"):
+        diloco.join_elastic(slot=1, run_key="another key, 16+ bytes", **fast)
+    assert member.members == ["0.0"]
+    member.leave()
+    del store

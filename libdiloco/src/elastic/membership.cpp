@@ -15,22 +15,27 @@
 //   e/<E>/b/<outer step>       rank 0's admission decision at a boundary ("-" or the next epoch)
 //   join/seq, join/count, join/list/<i>, join/processed, join/<island>/{fingerprint,status}
 //   xfer/<E>/manifest, xfer/<E>/<chunk>   the outer state for an epoch's joiners
-//   g/<E>/...                  the epoch's Gloo rendezvous
+//   g/<E>/...                  the epoch's Gloo rendezvous (and, with a run key, its session nonces)
+//   auth/run                   with a run key: the run's challenge (MACed); without one: "none"
 #include "diloco/elastic/membership.h"
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include <openssl/rand.h>
 
 #include <algorithm>
 #include <condition_variable>
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
 
 #include "comm/c10d_compat.h"
 #include "comm/net.h"
+#include "diloco/comm/auth.h"
 #include "diloco/comm/backend.h"
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
@@ -173,17 +178,15 @@ void ElasticOptions::validate() const {
                       "), got " + ms(rendezvous_timeout));
   }
   link.validate();
+  RunKey::resolve(run_key, run_key_file, "run_key (DILOCO_RUN_KEY)",
+                  "run_key_file (DILOCO_RUN_KEY_FILE)");
 }
 
 ElasticOptions ElasticOptions::read_env() {
   const GroupOptions g = GroupOptions::read_env();
-  // Refused rather than ignored: a run started with a key must not run unauthenticated.
-  if (!g.run_key.empty() || !g.run_key_file.empty()) {
-    throw OptionError("[elastic] DILOCO_RUN_KEY / DILOCO_RUN_KEY_FILE is set, but elastic runs do "
-                      "not take a run key yet (only Group::create does); unset it, or run a "
-                      "static group");
-  }
   ElasticOptions o;
+  o.run_key = g.run_key;
+  o.run_key_file = g.run_key_file;
   o.store_addr = g.master_addr;
   o.store_port = g.master_port;
   o.slot = g.rank;
@@ -221,6 +224,7 @@ std::chrono::milliseconds ElasticOptions::interval_for(std::chrono::milliseconds
 
 struct Membership::Impl {
   ElasticOptions options;
+  std::optional<RunKey> key;  // the run key, if any: every store connection and group uses it
   std::string id;
   std::string hostname;
   Store calls, beats, uploads;  // one connection per thread that uses the store
@@ -257,13 +261,19 @@ struct Membership::Impl {
     return {epoch, members};
   }
 
-  // A new connection to the coordinator's store, under the run's prefix.
-  Store open_store() const {
-    const std::string where = options.store_addr + ":" + std::to_string(options.store_port);
+  std::string where() const {
+    return options.store_addr + ":" + std::to_string(options.store_port);
+  }
+
+  // A new connection to the coordinator's store, under the run's prefix; with a run key (and
+  // `keyed`), every value MACed below the prefix, so that the MACs bind full names.
+  Store open_store(bool keyed = true) const {
+    const std::string where = this->where();
     try {
-      auto raw = compat::make_tcp_store(options.store_addr,
-                                        static_cast<std::uint16_t>(options.store_port),
-                                        /*is_server=*/false, options.timeout);
+      Store raw = compat::make_tcp_store(options.store_addr,
+                                         static_cast<std::uint16_t>(options.store_port),
+                                         /*is_server=*/false, options.timeout);
+      if (key && keyed) raw = make_authenticated_store(raw, *key);
       return Store(c10::make_intrusive<c10d::PrefixStore>("diloco-elastic", raw));
     } catch (const std::exception& e) {
       const std::string what = e.what();
@@ -271,6 +281,39 @@ struct Membership::Impl {
                   ": no coordinator answered at " + where +
                   " (start diloco-coordinator, or launch with diloco-run --elastic): " +
                   what.substr(0, what.find('\n')));
+    }
+  }
+
+  // Before this process takes an incarnation: it holds the run's key, or the run has none and
+  // neither has it. The first keyed island makes the challenge; an unkeyed one marks the run
+  // "none". Throws AuthenticationError saying which of the three mismatches it is.
+  void check_run_key() const {
+    const std::string who = "[elastic] slot " + std::to_string(options.slot);
+    const Store plain = open_store(/*keyed=*/false);
+    const std::vector<std::uint8_t> none = {'n', 'o', 'n', 'e'};
+    if (!key) {
+      if (plain->compareSet("auth/run", {}, none) != none) {
+        throw AuthenticationError(who + ": the run at " + where() + " requires a run key and this "
+                                  "process has none: set DILOCO_RUN_KEY or DILOCO_RUN_KEY_FILE "
+                                  "(ElasticOptions::run_key or run_key_file) to the run's key");
+      }
+      return;
+    }
+    std::vector<std::uint8_t> challenge(32);
+    if (RAND_bytes(challenge.data(), static_cast<int>(challenge.size())) != 1) {
+      throw Error(who + ": OpenSSL could not make a random challenge");
+    }
+    try {
+      open_store()->compareSet("auth/run", {}, challenge);
+    } catch (const AuthenticationError&) {
+      if (plain->get("auth/run") == none) {
+        throw AuthenticationError(who + ": this process has a run key but the run at " + where() +
+                                  " has none (its islands started without DILOCO_RUN_KEY / "
+                                  "DILOCO_RUN_KEY_FILE); give every island the same key, or none");
+      }
+      throw AuthenticationError(who + ": this process's run key does not match the run's at " +
+                                where() + " (the run's challenge was made with another key); "
+                                "check DILOCO_RUN_KEY / DILOCO_RUN_KEY_FILE");
     }
   }
 
@@ -426,11 +469,12 @@ struct Membership::Impl {
     // A connection of its own: Gloo's blocking store reads would hold up this thread's calls.
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("g/" + std::to_string(e), open_store());
     std::thread([attempt, prefixed, rank, n = static_cast<int>(m.size()), timeout = options.timeout,
-                 host = hostname] {
+                 host = hostname, key = key] {
       std::unique_ptr<Backend> backend;
       std::exception_ptr error;
       try {
         backend = make_gloo_backend(prefixed, rank, n, timeout, host);
+        if (key) backend = make_authenticated_backend(std::move(backend), prefixed, *key, timeout);
       } catch (...) {
         error = std::current_exception();
       }
@@ -661,13 +705,16 @@ std::shared_ptr<Membership> Membership::join(const ElasticOptions& options) {
   auto impl = std::make_unique<Impl>();
   Impl& m = *impl;
   m.options = options;
-  const std::string where = options.store_addr + ":" + std::to_string(options.store_port);
+  m.key = RunKey::resolve(options.run_key, options.run_key_file, "run_key (DILOCO_RUN_KEY)",
+                          "run_key_file (DILOCO_RUN_KEY_FILE)");
+  const std::string where = m.where();
   try {
     m.hostname = options.hostname.empty() ? net::local_address_towards(options.store_addr)
                                           : options.hostname;
   } catch (const std::invalid_argument& e) {
     throw Error("[elastic] MASTER_ADDR " + std::string(e.what()));
   }
+  m.check_run_key();
   m.calls = m.open_store();
   m.beats = m.open_store();
   m.uploads = m.open_store();
@@ -765,9 +812,17 @@ void Membership::at_boundary(std::int64_t outer_step, const std::string& mine,
     const std::int64_t count = m.calls->add("join/count", 0);
     std::vector<std::string> accepted;
     for (; i < count && has(m.calls, "join/list/" + std::to_string(i)); ++i) {
-      const std::string joiner = get(m.calls, "join/list/" + std::to_string(i));
-      const std::string diff = first_difference(
-          mine, get(m.calls, "join/" + joiner + "/fingerprint"), "island " + joiner);
+      std::string joiner, theirs;
+      try {
+        joiner = get(m.calls, "join/list/" + std::to_string(i));
+        theirs = get(m.calls, "join/" + joiner + "/fingerprint");
+      } catch (const AuthenticationError& e) {
+        // Written by a client without the run's key (one that skipped check_run_key): refused.
+        std::fprintf(stderr, "%s: join request %lld refused: %s\n", m.who().c_str(),
+                     static_cast<long long>(i), e.what());
+        continue;
+      }
+      const std::string diff = first_difference(mine, theirs, "island " + joiner);
       if (!diff.empty()) {
         put(m.calls, "join/" + joiner + "/status", "rejected\n" + diff);
       } else if (!has(m.calls, "left/" + joiner)) {

@@ -29,6 +29,24 @@
 //                residuals start at zero), trains the same H inner steps from it, and joins the
 //                next exchange.
 //
+// Run keys (ElasticOptions::run_key or run_key_file; see diloco/comm/auth.h). With one:
+//   store        every value an island writes to the coordinator's store carries an HMAC-SHA256
+//                over its full name and bytes (membership lists, join requests and fingerprints,
+//                admission decisions, the outer state published for joiners, each epoch's Gloo
+//                rendezvous); a value without a valid MAC is refused. The coordinator holds no
+//                key and decides nothing, so it cannot forge any of them either.
+//   joining      before it takes an incarnation, an island proves the key against the run's
+//                challenge ("auth/run", 32 random bytes the first keyed island writes, MACed): a
+//                process without the key, or with another, fails on its own with an
+//                AuthenticationError saying which, and the members never see it. An unkeyed run
+//                marks the same entry "none", so a keyed process cannot join it either. A join
+//                request whose entries are not MACed with the key (a client that skipped the
+//                check) is refused by the epoch's rank 0 and the run goes on.
+//   payloads     each epoch's group is an authenticated backend (make_authenticated_backend):
+//                its session binds the epoch, every payload carries a tag, replays fail.
+// Counters (heartbeats, incarnations, arrival counts) cannot carry a MAC: a client without the
+// key can disrupt a run through them, never make a member accept its data.
+//
 // Timeouts, shortest first (each bounds a different wait; see libdiloco/docs/design.md):
 //   heartbeat_interval   how often each island shows it is alive            default 1 s
 //   heartbeat_timeout    silence after which a member is declared lost       default 10 s
@@ -67,13 +85,17 @@ struct ElasticOptions {
   std::chrono::milliseconds rendezvous_timeout{600000};
   std::string hostname = "";  // interface Gloo binds to; "" = the route towards store_addr
   LinkModel link;             // emulated wide-area link (comm/group.h)
+  // The run key (comm/auth.h): at most one of the key's bytes (>= 16) and a file holding them.
+  // With one, only islands holding the same key take part: see "Run keys" below.
+  std::string run_key = "";       // DILOCO_RUN_KEY
+  std::string run_key_file = "";  // DILOCO_RUN_KEY_FILE
 
   // Throws OptionError naming the option and its range; the timeouts must be ordered
   // heartbeat_interval < heartbeat_timeout < timeout <= rendezvous_timeout.
   void validate() const;
   // MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (required), and optionally DILOCO_MIN_ISLANDS,
   // DILOCO_HEARTBEAT_TIMEOUT_S, DILOCO_TIMEOUT_S, DILOCO_RENDEZVOUS_TIMEOUT_S, DILOCO_HOSTNAME,
-  // DILOCO_LINK_MBPS, DILOCO_LINK_LATENCY_MS. Validated.
+  // DILOCO_LINK_MBPS, DILOCO_LINK_LATENCY_MS, DILOCO_RUN_KEY, DILOCO_RUN_KEY_FILE. Validated.
   static ElasticOptions from_env();
   // The same variables, each optional: unset ones keep the defaults above (slot and world_size
   // stay -1); malformed ones throw OptionError; nothing validated as a whole. For front ends that
