@@ -83,11 +83,14 @@ class ByteCorpus:
         return [self._sample(self.validation, generator) for _ in range(count)]
 
 
-def make_generator(seed, rank, start=0):
-    """Batches of stream `rank` of run `seed`: distinct, reproducible streams. `start`: the step
-    an island joining an elastic run starts at, which gives it a stream of its own (a restarted
-    slot does not replay its first life's batches); 0 for the islands that start the run."""
-    value = seed * 1000003 + rank + 1
-    if start:
-        value = (value * 0x9E3779B97F4A7C15 + start) % (1 << 63)
-    return torch.Generator().manual_seed(value)
+def make_generator(seed, stream):
+    """Batches of stream `stream` of run `seed`: distinct, reproducible streams. An island's stream
+    is its rank, or in an elastic run stream_of(its name), so that a restarted slot does not
+    replay its first life's batches."""
+    return torch.Generator().manual_seed((seed * 1000003 + stream + 1) % (1 << 63))
+
+
+def stream_of(island):
+    """The data stream of the elastic island named "<slot>.<incarnation>" (the C++ example's)."""
+    slot, incarnation = island.split(".")
+    return int(slot) + int(incarnation) * 1000003

@@ -47,7 +47,7 @@ except ModuleNotFoundError:
              "/usr/bin/python3" % (os.path.basename(__file__), sys.executable))
 
 import diloco
-from corpus import ByteCorpus, load_corpus, make_generator
+from corpus import ByteCorpus, load_corpus, make_generator, stream_of
 from gpt import GPT, language_model_loss
 
 FINAL_LR_FRACTION = 0.1  # cosine decay ends at 10% of the peak lr, so the last steps still learn
@@ -480,10 +480,10 @@ def train(f):
     # audits, drawing each island's batches from its own stream, as its loop does.
     replay = {}
 
-    def replay_step(island, t):
-        """Inner step t (0-based) of `island` on the replica."""
-        if replay.get("island") != island or replay.get("next") != t:
-            replay.update(island=island, generator=make_generator(f.seed, island))
+    def replay_step(stream, t):
+        """Inner step t (0-based) of the island whose data stream is `stream`, on the replica."""
+        if replay.get("stream") != stream or replay.get("next") != t:
+            replay.update(stream=stream, generator=make_generator(f.seed, stream))
             for _ in range(t):
                 corpus.train_batch(replay["generator"])
         x, y = corpus.train_batch(replay["generator"])
@@ -506,7 +506,8 @@ def train(f):
             replay["model"] = GPT(d_model=f.d_model, layers=f.layers, heads=f.heads,
                                   seq_len=f.seq_len, init=f.init).to(device)
             replay["inner"] = make_optimizer(replay["model"], f)
-            outer.enable_audits(replay["model"], replay["inner"], replay_step, data_seed=f.seed)
+            outer.enable_audits(replay["model"], replay["inner"], replay_step, data_seed=f.seed,
+                                stream_of=stream_of if membership else None)
         return outer
 
     # DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
@@ -592,10 +593,12 @@ def train(f):
         return val_loss
 
     # Elastic runs: an island that joins mid-run starts where the run is (the learning-rate
-    # schedule follows the global step) on a data stream of its own, named by its slot and the
-    # step it starts at.
+    # schedule follows the global step) on a data stream of its own, named by its slot and
+    # incarnation (stream_of), at the position of the step it starts at, as an audit replays it.
     joined_at = outer.stats().inner_steps if membership else 0
-    generator = make_generator(f.seed, rank, joined_at)
+    generator = make_generator(f.seed, stream_of(membership.island) if membership else rank)
+    for _ in range(joined_at):
+        corpus.train_batch(generator)
     first_step = joined_at + 1
     state["first_step"] = joined_at
     if membership and joined_at > 0:

@@ -357,9 +357,9 @@ void add_flags(CLI::App& app, Flags& f) {
                                                 "--compress a codec (fp32 sends what none does)");
       }
     }
-    if (!f.cheat.empty() && (f.mode != "diloco" || f.elastic || !f.hostile.empty())) {
-      throw CLI::ValidationError("--cheat", "is for DiLoCo runs (--mode diloco, no --elastic), "
-                                            "without --hostile");
+    if (!f.cheat.empty() && (f.mode != "diloco" || !f.hostile.empty())) {
+      throw CLI::ValidationError("--cheat", "is for DiLoCo runs (--mode diloco), without "
+                                            "--hostile");
     }
     if (f.audit_rate > 0.0 && f.mode != "diloco") {
       throw CLI::ValidationError("--audit-rate", "audits DiLoCo rounds (--mode diloco)");
@@ -624,20 +624,26 @@ int train(const Flags& f, bool timeout_given) {
     std::fprintf(stderr, "rank %d: cheating island (--cheat %s)\n", rank, f.cheat.c_str());
   }
   // Audits: a replica of the model replays the rounds of the islands this one audits, drawing
-  // each island's batches from its own stream (make_rng(seed, island)), as its loop does.
+  // each island's batches from its own stream (make_rng(seed, stream)), as its loop does. An
+  // island's stream is its rank, or in an elastic run a function of its name "<slot>.<incarnation>"
+  // (ranks change with the epochs).
+  const auto stream_of = [](const std::string& island) -> std::int64_t {
+    const auto dot = island.find('.');
+    return std::stoll(island.substr(0, dot)) + std::stoll(island.substr(dot + 1)) * 1000003;
+  };
   train_lm::Gpt replica{nullptr};
   InnerOptimizer replica_optimizer;
   struct ReplayStream {
-    std::int64_t island = -1;
+    std::int64_t id = -1;   // the stream its generator draws
     std::int64_t next = 0;  // the inner step its next batch is for
     std::mt19937_64 rng;
   } stream;
-  auto replay_step = [&](std::int64_t island, std::int64_t t) {
-    if (island != stream.island || t != stream.next) {
+  auto replay_step = [&](std::int64_t island_stream, std::int64_t t) {
+    if (island_stream != stream.id || t != stream.next) {
       stream.rng = train_lm::make_rng(static_cast<std::uint64_t>(f.seed),
-                                      static_cast<std::uint64_t>(island));
+                                      static_cast<std::uint64_t>(island_stream));
       for (std::int64_t k = 0; k < t; ++k) corpus.train_batch(stream.rng);
-      stream.island = island;
+      stream.id = island_stream;
     }
     const auto batch = corpus.train_batch(stream.rng);
     stream.next = t + 1;
@@ -669,8 +675,9 @@ int train(const Flags& f, bool timeout_given) {
       replica = train_lm::Gpt(f.model);
       replica->to(device);
       replica_optimizer = make_optimizer(replica, f);
-      sync->enable_audits(diloco::make_audit_hooks(optimizer.all(), *replica,
-                                                   replica_optimizer.all(), replay_step, f.seed));
+      sync->enable_audits(diloco::make_audit_hooks(
+          optimizer.all(), *replica, replica_optimizer.all(), replay_step, f.seed,
+          membership ? std::function<std::int64_t(const std::string&)>(stream_of) : nullptr));
     }
   };
   // DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
@@ -812,12 +819,13 @@ int train(const Flags& f, bool timeout_given) {
   };
 
   // Elastic runs: an island that joins mid-run starts where the run is (the learning-rate
-  // schedule follows the global step) on a data stream of its own, named by its slot and the
-  // step it starts at.
+  // schedule follows the global step) on a data stream of its own, named by its slot and
+  // incarnation (stream_of), at the position of the step it starts at, as an audit replays it.
   const std::int64_t joined_at = membership ? sync->state().inner_step : 0;
-  auto rng = train_lm::make_rng(
-      static_cast<std::uint64_t>(f.seed),
-      static_cast<std::uint64_t>(rank) + static_cast<std::uint64_t>(joined_at) * 1000003ull);
+  auto rng = train_lm::make_rng(static_cast<std::uint64_t>(f.seed),
+                                static_cast<std::uint64_t>(
+                                    membership ? stream_of(membership->island()) : rank));
+  for (std::int64_t k = 0; k < joined_at; ++k) corpus.train_batch(rng);
   std::int64_t first_step = joined_at + 1;
   interval_first_step = joined_at;
   if (membership && joined_at > 0) {
@@ -911,6 +919,7 @@ int train(const Flags& f, bool timeout_given) {
     std::string excluded;
     for (std::size_t k = 0; k < audits.excluded.size(); ++k) {
       excluded += (k ? ", rank " : "rank ") + std::to_string(audits.excluded[k]) +
+                  (membership ? " (island " + audits.excluded_names[k] + ")" : "") +
                   " at outer step " + std::to_string(audits.excluded_at[k]);
     }
     std::string per_island;

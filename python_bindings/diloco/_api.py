@@ -497,7 +497,7 @@ class DiLoCo(_C.DiLoCo):
         # Elastic runs: keeps the membership (and so the one Python object of its group) alive.
         self.membership = group if isinstance(group, _C.Membership) else None
 
-    def enable_audits(self, replica, replica_inner, step, data_seed=0):
+    def enable_audits(self, replica, replica_inner, step, data_seed=0, stream_of=None):
         """Audits (audit_rate > 0): give the means to replay other islands' rounds.
 
         replica: a second model of the same architecture (a torch.nn.Module or (name, tensor)
@@ -506,8 +506,10 @@ class DiLoCo(_C.DiLoCo):
             runs inner step t (0-based, as the training loop counts) of `island` on the
             replica: its batch for that island and step, the learning rate of step t, backward,
             clipping, replica_inner's step(). data_seed: the seed every island's data derives
-            from (the same on every island). Call before the first outer step, after this
-            constructor.
+            from (the same on every island). stream_of(name) -> int: elastic runs (required
+            there): the data stream of the island named `name` ("<slot>.<incarnation>"), which
+            step() then receives as `island` (ranks change with the epochs; in a static group
+            the stream is the rank). Call before the first outer step, after this constructor.
 
         This island's inner-optimizer state is committed at every outer step by content (a
         SHA-256 of each optimizer's state_dict()['state'], by parameter index) and sent to its
@@ -529,7 +531,7 @@ class DiLoCo(_C.DiLoCo):
             torch.save([_safe_state(o) for o in inners], buffer)
             return buffer.getvalue()
 
-        def replay(island, first_step, steps, seed, state_bytes):
+        def replay(stream, first_step, steps, seed, state_bytes):
             # Bytes from another island: loaded with weights_only (tensors, numbers, strings;
             # never code), which is why floats travel as their repr (_safe_state).
             saved = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
@@ -541,12 +543,12 @@ class DiLoCo(_C.DiLoCo):
                                    "param_groups": o.state_dict()["param_groups"]})
             start = optimizer_state_digest(replicas)
             for t in range(first_step, first_step + steps):
-                step(island, t)
+                step(stream, t)
             return start, optimizer_state_digest(replicas)
 
         super().enable_audits(state, lambda: optimizer_state_digest(inners),
                               named_tensors(replica, "DiLoCo.enable_audits"), replay,
-                              int(data_seed))
+                              int(data_seed), stream_of)
 
     def state_dict(self):
         """The outer state, as a dict to torch.save beside the model's and inner optimizers':

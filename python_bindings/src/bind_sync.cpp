@@ -108,9 +108,16 @@ diloco::Digest to_digest(const py::bytes& b, const char* what) {
 // optimizers). DiLoCo calls them inside step(), which runs with the GIL released: each takes it.
 diloco::AuditHooks python_audit_hooks(py::function inner_state, py::function inner_digest,
                                       NamedTensors replica, py::function replay,
-                                      std::int64_t data_seed) {
+                                      std::int64_t data_seed, py::object stream_of) {
   diloco::AuditHooks hooks;
   hooks.data_seed = data_seed;
+  if (!stream_of.is_none()) {
+    auto of = keep(stream_of.cast<py::function>());
+    hooks.stream_of = [of](const std::string& island) {
+      py::gil_scoped_acquire gil;
+      return (*of)(island).cast<std::int64_t>();
+    };
+  }
   hooks.replica = to_named(std::move(replica));
   auto state = keep(std::move(inner_state));
   auto digest = keep(std::move(inner_digest));
@@ -125,7 +132,7 @@ diloco::AuditHooks python_audit_hooks(py::function inner_state, py::function inn
   };
   hooks.replay = [run](const diloco::AuditTask& task) {
     py::gil_scoped_acquire gil;
-    py::tuple out = (*run)(task.island, task.first_step, task.steps, task.data_seed,
+    py::tuple out = (*run)(task.stream, task.first_step, task.steps, task.data_seed,
                            py::bytes(task.inner_state));
     if (out.size() != 2) {
       throw diloco::OptionError("[audit] replay() must return (start digest, end digest)");
@@ -219,6 +226,7 @@ void bind_sync(py::module_& m) {
       .def_readonly("replayed_steps", &diloco::AuditStats::replayed_steps)
       .def_readonly("replay_seconds", &diloco::AuditStats::replay_seconds)
       .def_readonly("excluded", &diloco::AuditStats::excluded)
+      .def_readonly("excluded_names", &diloco::AuditStats::excluded_names)
       .def_readonly("excluded_at", &diloco::AuditStats::excluded_at)
       .def_readonly("last_failure", &diloco::AuditStats::last_failure)
       .def("__repr__", [](const diloco::AuditStats& a) {
@@ -321,19 +329,23 @@ void bind_sync(py::module_& m) {
       .def(
           "enable_audits",
           [](PyDiLoCo& d, py::function inner_state, py::function inner_digest,
-             NamedTensors replica, py::function replay, std::int64_t data_seed) {
-            auto hooks = python_audit_hooks(std::move(inner_state), std::move(inner_digest),
-                                            std::move(replica), std::move(replay), data_seed);
+             NamedTensors replica, py::function replay, std::int64_t data_seed,
+             py::object stream_of) {
+            auto hooks =
+                python_audit_hooks(std::move(inner_state), std::move(inner_digest),
+                                   std::move(replica), std::move(replay), data_seed, stream_of);
             py::gil_scoped_release release;
             d.impl().enable_audits(std::move(hooks));
           },
           py::arg("inner_state"), py::arg("inner_digest"), py::arg("replica"), py::arg("replay"),
-          py::arg("data_seed") = 0,
+          py::arg("data_seed") = 0, py::arg("stream_of") = py::none(),
           "Audits (audit_rate > 0; diloco/audit/audit.h): inner_state() -> bytes of this "
           "island's inner-optimizer state; inner_digest() -> its 32-byte SHA-256 by content; "
-          "replica: (name, tensor) pairs of a second model; replay(island, first_step, steps, "
+          "replica: (name, tensor) pairs of a second model; replay(stream, first_step, steps, "
           "data_seed, state) -> (start digest, end digest): loads `state` into the replica's "
-          "optimizer and runs those inner steps of `island` on the replica. "
+          "optimizer and runs those inner steps of the island whose data stream is `stream` (its "
+          "rank, or stream_of(its name) in an elastic run) on the replica. stream_of(name) -> "
+          "int: required in elastic runs. "
           "diloco.DiLoCo.enable_audits builds them from torch optimizers.")
       .def(
           "audits", [](const PyDiLoCo& d) { return d.impl().audits(); },

@@ -6,9 +6,15 @@
 #include <torch/torch.h>
 
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cmath>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include "comm/c10d_compat.h"
 
 #include "diloco/diloco.h"
 #include "support/ranks.h"
@@ -286,4 +292,94 @@ TEST_CASE("audit options are validated by name", "[audit][gloo]") {
     audited.step();  // no hooks: an OptionError on every rank
   });
   for (const auto& e : errors) CHECK_THAT(e, Contains("call enable_audits()"));
+}
+
+TEST_CASE("elastic runs: an island that fails its audit is removed, the others go on in a new "
+          "epoch and keep auditing each other",
+          "[audit][elastic]") {
+  using namespace std::chrono_literals;
+  const int port = diloco_test::free_port();
+  auto server = diloco::compat::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(port),
+                                               /*is_server=*/true, 20000ms);
+  const int world = 3;
+  const int rounds = 4;
+  // An island's data stream from its name "<slot>.<incarnation>".
+  const auto stream_of = [](const std::string& island) -> std::int64_t {
+    return std::stoll(island.substr(0, island.find('.'))) * 10 +
+           std::stoll(island.substr(island.find('.') + 1));
+  };
+  struct Result {
+    std::string error, sha;
+    diloco::AuditStats audits;
+    int world = 0;
+  };
+  std::vector<Result> results(world);
+  std::vector<std::thread> threads;
+  for (int slot = 0; slot < world; ++slot) {
+    threads.emplace_back([&, slot] {
+      Result& out = results[static_cast<std::size_t>(slot)];
+      try {
+        diloco::ElasticOptions e;
+        e.store_port = port;
+        e.slot = slot;
+        e.world_size = world;
+        e.hostname = "127.0.0.1";
+        e.heartbeat_interval = 50ms;
+        e.heartbeat_timeout = 500ms;
+        e.timeout = 10000ms;
+        e.rendezvous_timeout = 20000ms;
+        auto membership = diloco::Membership::join(e);
+        torch::manual_seed(0);
+        TinyNet net, replica;
+        torch::optim::AdamW opt(net.parameters(), adamw());
+        torch::optim::AdamW replica_opt(replica.parameters(), adamw());
+        diloco::DiLoCoOptions o;
+        o.inner_steps = 3;
+        o.audit_rate = 1.0;
+        auto tensors = diloco::ModelTensors::of(net);
+        diloco::DiLoCo sync(std::move(tensors), membership, o);
+        auto hooks = diloco::make_audit_hooks(
+            {&opt}, replica, {&replica_opt},
+            [&](std::int64_t stream, std::int64_t t) {
+              inner_step(replica, replica_opt, stream, t);
+            },
+            7);
+        CHECK_THROWS_WITH(sync.enable_audits(hooks), Contains("needs AuditHooks::stream_of"));
+        hooks.stream_of = stream_of;
+        sync.enable_audits(hooks);
+        const std::int64_t mine = stream_of(membership->island());
+        for (int t = 0; t < 3 * rounds; ++t) {
+          // The cheater (slot 2) skips one inner step of its second round and claims it.
+          if (!(slot == 2 && t == 4)) inner_step(net, opt, mine, t);
+          sync.step();
+        }
+        out.audits = sync.audits();
+        out.sha = sync.state().sha256();
+        out.world = membership->group()->world_size();
+        membership->leave();
+      } catch (const diloco::RemovedError& x) {
+        out.error = std::string("removed: ") + x.what();
+      } catch (const std::exception& x) {
+        out.error = x.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  INFO("0: " << results[0].error << "\n1: " << results[1].error << "\n2: " << results[2].error);
+  CHECK(results[0].error.empty());
+  CHECK(results[1].error.empty());
+  CHECK_THAT(results[2].error, Contains("removed: ") && Contains("(island 2.0) failed its audit") &&
+                                   Contains("leaves the run"));
+  CHECK(results[0].sha == results[1].sha);
+  CHECK(results[0].world == 2);
+  for (int r : {0, 1}) {
+    const auto& a = results[static_cast<std::size_t>(r)].audits;
+    // Only the cheater failed, at outer step 2; the two survivors audited each other in the
+    // new epoch through outer steps 3 and 4 (their chains of states followed them there).
+    CHECK(a.failed == 1);
+    REQUIRE(a.excluded_names.size() == 1);
+    CHECK(a.excluded_names[0] == "2.0");
+    CHECK(a.excluded_at[0] == 2);
+    CHECK(a.audits == 3 + 3 + 2 + 2);
+  }
 }

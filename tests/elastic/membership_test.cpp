@@ -119,6 +119,45 @@ TEST_CASE("Interrupt: a raised interrupt ends a collective's wait at once and re
   CHECK(errors[1] == "");
 }
 
+TEST_CASE("Interrupt: point-to-point transfers under an interrupt complete, and a raised one "
+          "ends their wait",
+          "[elastic][group]") {
+  // Gloo completes a send or a recv only inside its own wait: polling them would never end.
+  const auto errors = diloco_test::run_ranks_collect(2, [](int rank, std::shared_ptr<diloco::Group> g) {
+    auto interrupt = std::make_shared<diloco::Interrupt>();
+    g->set_interrupt(interrupt);
+    at::Tensor t = rank == 0 ? at::arange(1000, at::kFloat) : at::zeros({1000});
+    if (rank == 0) {
+      g->send_async(t, 1, 7, "p2p").wait();
+    } else {
+      g->recv_async(t, 0, 7, "p2p").wait();
+      if (!at::equal(t, at::arange(1000, at::kFloat))) throw std::runtime_error("wrong bytes");
+    }
+    if (rank == 0) std::this_thread::sleep_for(1500ms);  // alive while rank 1 waits
+    if (rank == 1) {
+      // Nobody sends this one: the interrupt ends the wait.
+      at::Tensor u = at::zeros({4});
+      auto pending = g->recv_async(u, 0, 8, "never sent");
+      std::thread raiser([&] {
+        std::this_thread::sleep_for(200ms);
+        interrupt->raise("island 0.0 sent no heartbeat");
+      });
+      std::string what;
+      try {
+        pending.wait();
+      } catch (const diloco::PeerLostError& e) {
+        what = e.what();
+      }
+      raiser.join();
+      if (what.find("given up: island 0.0 sent no heartbeat") == std::string::npos) {
+        throw std::runtime_error("the recv's wait did not end with the interrupt: '" + what + "'");
+      }
+    }
+  });
+  CHECK(errors[0] == "");
+  CHECK(errors[1] == "");
+}
+
 TEST_CASE("Elastic DiLoCo: an island that exits mid-round is dropped, the survivors redo the outer "
           "step with their own pseudo-gradients, and a restarted island joins bit-identical",
           "[elastic]") {

@@ -7,7 +7,11 @@
 #   cheats   one island cheats (train_lm --cheat, examples/train_lm/hostile.h): lazy (one inner
 #            step in four), noise (noise of its update's norm), scale (its update x2); each is
 #            caught at the first outer step, named with the evidence on every rank, and excluded
-# Every run: all 4 islands end on the same global state (the same "global state sha256").
+#   elastic  the same under diloco-run --elastic, with a run key: a lazy island is caught at its
+#            first outer step and removed (it stops with "removed from the run", exit code 3);
+#            the 3 others form a new epoch, go on auditing each other with none failing, and
+#            end on the same global state
+# Every static run: all 4 islands end on the same global state (the same "global state sha256").
 #
 # Usage: audit_test.sh SCENARIO DILOCO_RUN TRAIN_LM   (data from $DILOCO_DATA or data/brown)
 set -euo pipefail
@@ -59,6 +63,26 @@ case $scenario in
       done
       echo "cheat $cheat: caught at outer step 1, named on all 4 ranks"
     done
+    ;;
+  elastic)
+    export DILOCO_RUN_KEY="audit test run key, 16+ bytes"
+    timeout 300 "$run" -n 4 --elastic -- "$train_lm" "${common[@]}" \
+      --cheat lazy --cheat-rank 2 > "$tmp/elastic.txt" 2>&1 && fail "diloco-run exited 0"
+    grep 'audits [0-9]*, failed\|removed from the run' "$tmp/elastic.txt" | sed 's/^/  /'
+    grep -q "rank 2 exited with code 3" "$tmp/elastic.txt" || fail "the cheater did not exit 3"
+    grep -q "\[rank 2\] train_lm: removed from the run:.*rank 2 (island 2.0) failed its audit" \
+      "$tmp/elastic.txt" || fail "the cheater was not told why it was removed"
+    grep -q "\[elastic\] island [013].0: epoch 1 formed .* with 3 islands (0.0 1.0 3.0; lost: 2.0)" \
+      "$tmp/elastic.txt" || fail "no new epoch without the cheater"
+    h=$(grep -o 'global state sha256 [0-9a-f]*' "$tmp/elastic.txt" | awk '{print $4}' | sort -u)
+    [ "$(grep -c 'global state sha256' "$tmp/elastic.txt")" = 3 ] || fail "not 3 islands ended"
+    [ "$(echo "$h" | wc -l)" = 1 ] || fail "the islands' global states differ: $h"
+    for r in 0 1 3; do
+      # 4 audits at outer step 1, then 3 at each of the 2 others; only the cheater's failed.
+      grep -q "rank $r/4: audits 10, failed 1 |.*| excluded: rank 2 (island 2.0) at outer step 1\$" \
+        "$tmp/elastic.txt" || fail "slot $r: not 10 audits with only island 2.0's failing"
+    done
+    echo "elastic: the lazy island was removed at outer step 1; 3 islands agree: $h"
     ;;
   *) fail "unknown scenario" ;;
 esac

@@ -103,3 +103,63 @@ def test_optimizer_state_digest_is_by_content():
     ob.load_state_dict(oa.state_dict())
     assert diloco.optimizer_state_digest([ob]) == diloco.optimizer_state_digest([oa])
     assert len(diloco.optimizer_state_digest([oa])) == 32
+
+
+def test_elastic_run_removes_an_island_that_fails_its_audit():
+    """Elastic islands (threads, a store this test serves): audits need stream_of (each island's
+    data stream from its name); the island that scales its update is removed at outer step 1,
+    told why (RemovedError), and the other two audit each other on in a new epoch."""
+    port = free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, None, True,
+                                       timeout=torch.distributed.constants.default_pg_timeout,
+                                       wait_for_workers=False)
+    h, rounds, world = 3, 3, 3
+    out, errors = {}, {}
+
+    def stream_of(name):
+        slot, incarnation = name.split(".")
+        return int(slot) * 10 + int(incarnation)
+
+    def island(slot):
+        try:
+            membership = diloco.join_elastic(store_port=port, slot=slot, world_size=world,
+                                             hostname="127.0.0.1", heartbeat_timeout=0.5,
+                                             heartbeat_interval=0.05, timeout=10,
+                                             rendezvous_timeout=30)
+            torch.manual_seed(0)
+            model, replica = net(), net()
+            inner = torch.optim.AdamW(model.parameters(), lr=0.01)
+            replica_inner = torch.optim.AdamW(replica.parameters(), lr=0.01)
+            outer = diloco.DiLoCo(model, inner, membership, inner_steps=h, audit_rate=1.0)
+            step = lambda stream, t: inner_step(replica, replica_inner, stream, t)  # noqa: E731
+            with pytest.raises(diloco.OptionError, match="needs AuditHooks::stream_of"):
+                outer.enable_audits(replica, replica_inner, step, data_seed=7)
+            outer.enable_audits(replica, replica_inner, step, data_seed=7, stream_of=stream_of)
+            mine = stream_of(membership.island)
+            for t in range(h * rounds):
+                inner_step(model, inner, mine, t)
+                if slot == 2 and t == h - 1:
+                    with torch.no_grad():
+                        flat, g = outer.flat_parameters()[0], outer.global_weights()[0]
+                        flat.copy_(g - 2.0 * (g - flat))  # its update x2
+                outer.step()
+            out[slot] = (outer.audits(), outer.state_sha256(), outer.group.world_size)
+            membership.leave()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors[slot] = e
+
+    threads = [threading.Thread(target=island, args=(s,)) for s in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert set(errors) == {2}, errors
+    assert isinstance(errors[2], diloco.RemovedError)
+    assert "rank 2 (island 2.0) failed its audit" in str(errors[2])
+    for slot in (0, 1):
+        audits, sha, size = out[slot]
+        assert audits.failed == 1 and audits.excluded_names == ["2.0"], audits
+        assert audits.excluded_at == [1]
+        assert audits.audits == 3 + 2 + 2  # 3 islands at outer step 1, then the 2 survivors
+        assert size == 2 and sha == out[0][1]
+    del store

@@ -208,8 +208,9 @@ Digest optimizer_state_digest(const std::vector<torch::optim::Optimizer*>& optim
 
 AuditHooks make_audit_hooks(std::vector<torch::optim::Optimizer*> inner, torch::nn::Module& replica,
                             std::vector<torch::optim::Optimizer*> replica_inner,
-                            std::function<void(std::int64_t island, std::int64_t step)> step,
-                            std::int64_t data_seed) {
+                            std::function<void(std::int64_t stream, std::int64_t step)> step,
+                            std::int64_t data_seed,
+                            std::function<std::int64_t(const std::string& island)> stream_of) {
   if (inner.size() != replica_inner.size() || inner.empty()) {
     throw OptionError(
         "[audit] make_audit_hooks needs as many replica optimizers as inner ones "
@@ -219,6 +220,7 @@ AuditHooks make_audit_hooks(std::vector<torch::optim::Optimizer*> inner, torch::
   if (!step) throw OptionError("[audit] make_audit_hooks needs a step function");
   AuditHooks hooks;
   hooks.data_seed = data_seed;
+  hooks.stream_of = std::move(stream_of);
   hooks.replica = named_parameters(replica);
   hooks.inner_state = [inner] { return optimizer_state_bytes(inner); };
   hooks.inner_digest = [inner] { return optimizer_state_digest(inner); };
@@ -227,7 +229,7 @@ AuditHooks make_audit_hooks(std::vector<torch::optim::Optimizer*> inner, torch::
     ReplayDigests digests;
     digests.start = optimizer_state_digest(replica_inner);
     for (std::int64_t t = task.first_step; t < task.first_step + task.steps; ++t) {
-      step(task.island, t);
+      step(task.stream, t);
     }
     digests.end = optimizer_state_digest(replica_inner);
     return digests;

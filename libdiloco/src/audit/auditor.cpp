@@ -100,11 +100,27 @@ std::int64_t Auditor::delta_bytes() const {
   return bytes;
 }
 
+std::string Auditor::who(int island) const {
+  std::string out = "rank " + std::to_string(island);
+  if (named_) out += " (island " + names_[static_cast<std::size_t>(island)] + ")";
+  return out;
+}
+
+std::vector<int> Auditor::excluded_ranks() const {
+  std::vector<int> ranks;
+  for (std::size_t r = 0; r < excluded_.size(); ++r) {
+    if (excluded_[r]) ranks.push_back(static_cast<int>(r));
+  }
+  return ranks;
+}
+
 void Auditor::fail(int island, std::int64_t outer_step, const std::string& report) {
   ++stats_.failed;
   if (!excluded_[static_cast<std::size_t>(island)]) {
     excluded_[static_cast<std::size_t>(island)] = true;
+    excluded_names_.insert(names_[static_cast<std::size_t>(island)]);
     stats_.excluded.push_back(island);
+    stats_.excluded_names.push_back(names_[static_cast<std::size_t>(island)]);
     stats_.excluded_at.push_back(outer_step);
   }
   stats_.last_failure = report;
@@ -112,9 +128,25 @@ void Auditor::fail(int island, std::int64_t outer_step, const std::string& repor
 }
 
 void Auditor::commit(Group& group, std::int64_t outer_step, std::int64_t inner_step,
-                     const std::vector<at::Tensor>& pseudo_gradients) {
+                     const std::vector<at::Tensor>& pseudo_gradients,
+                     const std::vector<std::string>& names) {
   const int n = group.world_size();
   const int rank = group.rank();
+  named_ = !names.empty();
+  if (named_ && static_cast<int>(names.size()) != n) {
+    throw Error("[audit] " + std::to_string(names.size()) + " island names for a group of " +
+                std::to_string(n));
+  }
+  names_ = names;
+  for (int r = 0; !named_ && r < n; ++r) names_.push_back(std::to_string(r));
+  excluded_.assign(static_cast<std::size_t>(n), false);
+  for (int r = 0; r < n; ++r) {
+    excluded_[static_cast<std::size_t>(r)] =
+        excluded_names_.count(names_[static_cast<std::size_t>(r)]) != 0;
+  }
+  if (stats_.audits_of.size() < static_cast<std::size_t>(n)) {
+    stats_.audits_of.resize(static_cast<std::size_t>(n), 0);
+  }
   end_state_ = hooks_.inner_state();
   Digest nonce{};
   if (RAND_bytes(nonce.data(), static_cast<int>(nonce.size())) != 1) {
@@ -143,6 +175,7 @@ void Auditor::commit(Group& group, std::int64_t outer_step, std::int64_t inner_s
     Commitment& c = commitments_[static_cast<std::size_t>(r)];
     c = Commitment::parse(bytes_of(all[static_cast<std::size_t>(r)]), r);
     if (excluded_[static_cast<std::size_t>(r)]) continue;
+    const auto before = previous_.find(names_[static_cast<std::size_t>(r)]);
     std::string wrong;
     if (c.island != r || c.outer_step != outer_step || c.first_step != mine.first_step ||
         c.steps != mine.steps) {
@@ -150,18 +183,16 @@ void Auditor::commit(Group& group, std::int64_t outer_step, std::int64_t inner_s
     } else if (c.data_seed != hooks_.data_seed) {
       wrong = "it claims data seed " + std::to_string(c.data_seed) + ", the run's is " +
               std::to_string(hooks_.data_seed);
-    } else if (!previous_.empty() && previous_[static_cast<std::size_t>(r)].outer_step > 0 &&
-               c.start_state != previous_[static_cast<std::size_t>(r)].end_state) {
+    } else if (before != previous_.end() && c.start_state != before->second.end_state) {
       wrong = "it starts the round from inner-optimizer state " +
               to_hex(c.start_state).substr(0, 16) +
-              ", not the end state it committed at outer "
-              "step " +
-              std::to_string(previous_[static_cast<std::size_t>(r)].outer_step) + " (" +
-              to_hex(previous_[static_cast<std::size_t>(r)].end_state).substr(0, 16) + ")";
+              ", not the end state it committed at outer step " +
+              std::to_string(before->second.outer_step) + " (" +
+              to_hex(before->second.end_state).substr(0, 16) + ")";
     }
     if (!wrong.empty()) {
       fail(r, outer_step,
-           where + "rank " + std::to_string(r) + " failed its commitment: " + wrong +
+           where + who(r) + " failed its commitment: " + wrong +
                "; it is excluded from this and every later outer step");
     }
   }
@@ -176,7 +207,7 @@ void Auditor::commit(Group& group, std::int64_t outer_step, std::int64_t inner_s
     if (sha256(revealed.data(), revealed.size()) !=
         commitments_[static_cast<std::size_t>(r)].nonce) {
       fail(r, outer_step,
-           where + "rank " + std::to_string(r) +
+           where + who(r) +
                " revealed a nonce that does not hash to its "
                "commitment (" +
                to_hex(commitments_[static_cast<std::size_t>(r)].nonce).substr(0, 16) +
@@ -191,7 +222,6 @@ void Auditor::commit(Group& group, std::int64_t outer_step, std::int64_t inner_s
       seed_input += revealed_by[static_cast<std::size_t>(r)];
   }
   auditor_of_ = select_audits(sha256(seed_input.data(), seed_input.size()), n, rate_, excluded_);
-  previous_ = commitments_;
 }
 
 Auditor::Verdict Auditor::replay(int island, const std::string& message) {
@@ -208,6 +238,8 @@ Auditor::Verdict Auditor::replay(int island, const std::string& message) {
   }
   AuditTask task;
   task.island = island;
+  task.stream = hooks_.stream_of ? hooks_.stream_of(names_[static_cast<std::size_t>(island)])
+                                 : island;
   task.first_step = c.first_step;
   task.steps = c.steps;
   task.data_seed = c.data_seed;
@@ -365,14 +397,15 @@ void Auditor::audit(Group& group, const std::vector<at::Tensor>& global, std::in
     std::ostringstream m;
     m << "[DiLoCo outer step " << c.outer_step << "] rank " << rank << ": ";
     if (!found) {
-      m << "auditor rank " << a << " gave no verdict on rank " << i << " (counted as not audited)";
+      m << "auditor " << who(a) << " gave no verdict on " << who(i)
+        << " (counted as not audited)";
       std::fprintf(stderr, "%s\n", m.str().c_str());
       --stats_.audits;
       continue;
     }
     ++stats_.audits_of[static_cast<std::size_t>(i)];
     if (passed) continue;
-    m << "rank " << i << " failed its audit by rank " << a << ": " << evidence
+    m << who(i) << " failed its audit by " << who(a) << ": " << evidence
       << "; commitment: " << c.describe() << "; it is excluded from every later outer step";
     fail(i, c.outer_step, m.str());
   }
@@ -382,6 +415,10 @@ void Auditor::audit(Group& group, const std::vector<at::Tensor>& global, std::in
   keep_start(global, std::move(end_state_), commitments_[static_cast<std::size_t>(rank)].end_state,
              inner_step);
   sent_.clear();
+  // The chain: each island's next start state must be the end state it committed now.
+  for (int r = 0; r < n; ++r) {
+    previous_[names_[static_cast<std::size_t>(r)]] = commitments_[static_cast<std::size_t>(r)];
+  }
 }
 
 }  // namespace diloco

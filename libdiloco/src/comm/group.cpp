@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <thread>
 
 #include "comm/accounting.h"
@@ -120,21 +122,57 @@ void PendingCollective::wait() {
   State& s = *state_;
   s.done = true;
   // Backend: the operation itself; its wait() throws PeerLostError / Error.
-  if (s.work && s.interrupt) {
-    // Poll, so that a raised interrupt ends the wait (the backend's own wait cannot be).
-    auto pause = std::chrono::microseconds(20);
-    while (!s.work->isCompleted()) {
-      if (s.interrupt->raised()) {
-        throw PeerLostError("[" + std::string(collective_name(s.kind)) + " '" + s.label +
-                            "'] rank " + std::to_string(s.rank) + " of " +
-                            std::to_string(s.world_size) + ": given up: " + s.interrupt->reason());
+  const std::string what = std::string(collective_name(s.kind)) + " '" + s.label + "'";
+  const auto given_up = [&] {
+    return PeerLostError("[" + what + "] rank " + std::to_string(s.rank) + " of " +
+                         std::to_string(s.world_size) + ": given up: " + s.interrupt->reason());
+  };
+  if (s.work && s.interrupt &&
+      (s.kind == Collective::kSend || s.kind == Collective::kRecv)) {
+    // Gloo completes a send or a recv only inside its wait(): that wait (bounded by the
+    // timeout) runs on a thread of its own, which is left to finish by itself if the interrupt
+    // is raised first; it owns what it uses.
+    struct Waiter {
+      std::mutex mutex;
+      bool finished = false;
+      std::exception_ptr error;
+    };
+    auto waiter = std::make_shared<Waiter>();
+    std::thread([waiter, backend = s.backend, work = s.work, what] {
+      std::exception_ptr error;
+      try {
+        backend->wait(work, what);
+      } catch (...) {
+        error = std::current_exception();
       }
+      std::lock_guard<std::mutex> lock(waiter->mutex);
+      waiter->error = error;
+      waiter->finished = true;
+    }).detach();
+    auto pause = std::chrono::microseconds(20);
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lock(waiter->mutex);
+        if (waiter->finished) {
+          if (waiter->error) std::rethrow_exception(waiter->error);
+          break;
+        }
+      }
+      if (s.interrupt->raised()) throw given_up();
       std::this_thread::sleep_for(pause);
       pause = std::min(pause * 2, std::chrono::microseconds(1000));
     }
-  }
-  if (s.work) {
-    s.backend->wait(s.work, std::string(collective_name(s.kind)) + " '" + s.label + "'");
+  } else {
+    if (s.work && s.interrupt) {
+      // Poll, so that a raised interrupt ends the wait (the backend's own wait cannot be).
+      auto pause = std::chrono::microseconds(20);
+      while (!s.work->isCompleted()) {
+        if (s.interrupt->raised()) throw given_up();
+        std::this_thread::sleep_for(pause);
+        pause = std::min(pause * 2, std::chrono::microseconds(1000));
+      }
+    }
+    if (s.work) s.backend->wait(s.work, what);
   }
   // Link emulation: no earlier than the emulated link would have carried it.
   if (s.link.seconds > 0.0) std::this_thread::sleep_until(s.link.done);

@@ -4,6 +4,7 @@
 //   inc/<slot>                 processes started for a slot (the incarnation counter)
 //   hb/<island>                the island's heartbeat counter
 //   left/<island>              the island left on purpose (its silence is not a loss)
+//   removed/<island>           removed for good, and why (a failed audit): no epoch takes it back
 //   init/<slot>, init/epoch    the first islands' names, and the first epoch's number
 //   started                    the first epoch formed: later islands join
 //   epochs, latest             epoch numbers handed out; the newest announced
@@ -418,6 +419,9 @@ struct Membership::Impl {
   void enter(std::int64_t e) {
     const auto m = split(get(calls, epoch_key(e, "members")));
     const auto me = std::find(m.begin(), m.end(), id);
+    if (me == m.end() && has(calls, "removed/" + id)) {
+      throw RemovedError(who() + ": removed from the run: " + get(calls, "removed/" + id));
+    }
     if (me == m.end()) {
       throw RemovedError(who() + ": removed from the run: epoch " + std::to_string(e) +
                          " was formed without it (" + joined(m) + "); start it again to rejoin");
@@ -511,7 +515,9 @@ struct Membership::Impl {
     while (in.size() < m.size() && Clock::now() < grace_end) {
       for (const auto& x : m) {
         if (in.count(x) != 0) continue;
-        if (has(calls, base + "in/" + x)) {
+        if (has(calls, "removed/" + x)) {
+          in[x] = false;
+        } else if (has(calls, base + "in/" + x)) {
           in[x] = true;
         } else if (gone(e, x)) {
           in[x] = false;
@@ -800,6 +806,10 @@ void Membership::report_failure(const std::string& reason, int peer) {
 }
 
 void Membership::reform() { impl_->reform(); }
+
+void Membership::remove(const std::vector<std::string>& islands, const std::string& why) {
+  for (const auto& x : islands) put(impl_->calls, "removed/" + x, why);
+}
 
 void Membership::at_boundary(std::int64_t outer_step, const std::string& mine,
                              const std::function<std::string()>& state) {

@@ -192,10 +192,6 @@ DiLoCo::DiLoCo(ModelTensors model, std::shared_ptr<Group> group, DiLoCoOptions o
                       std::to_string(options_.overlap_steps) + ", alpha = " +
                       exact_decimal(options_.mixing));
   }
-  if (membership_ && options_.audit_rate > 0.0) {
-    throw OptionError("[DiLoCo] audits (audit_rate > 0) need a static group: elastic runs cannot "
-                      "be audited yet");
-  }
   const std::string problem = missing_from_optimizer(params_, model.optimized);
   const bool joining = membership_ && membership_->joining();
   if (joining) {
@@ -483,7 +479,7 @@ void DiLoCo::start_sync(std::int64_t fragment) {
       }
       auto verdict = std::make_shared<ContributionScreen>();
       verdict->factor = options_.screen_factor;
-      if (auditor_) verdict->excluded = auditor_->stats().excluded;
+      if (auditor_) verdict->excluded = auditor_->excluded_ranks();
       request.screen = verdict;
       PendingExchange exchange = state_.exchanges[i]->start(*group_, std::move(request), *comm_);
       pending_.push_back({i, std::move(exchange), std::move(verdict)});
@@ -540,8 +536,10 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
     }
   }
   pending_.clear();
-  if (auditor_ && bad_bucket < 0) auditor_->audit(*group_, state_.global, state_.inner_step);
-  // Elastic runs compare once the outer step is committed (elastic_outer_step).
+  // Elastic runs audit and compare once the outer step is committed (elastic_outer_step).
+  if (auditor_ && !membership_ && bad_bucket < 0) {
+    auditor_->audit(*group_, state_.global, state_.inner_step);
+  }
   if (options_.compare_states && !membership_ && bad_bucket < 0) start_state_check(fragment);
   if (bad_bucket >= 0) {
     const auto i = static_cast<std::size_t>(bad_bucket);
@@ -562,6 +560,10 @@ void DiLoCo::enable_audits(AuditHooks hooks) {
     throw OptionError("[DiLoCo] enable_audits: audits are off (options.audit_rate is 0)");
   }
   check_nothing_in_flight("enable_audits");
+  if (membership_ && !hooks.stream_of) {
+    throw OptionError("[DiLoCo] enable_audits: an elastic run needs AuditHooks::stream_of (each "
+                      "island's data stream from its name: ranks change with the epochs)");
+  }
   auditor_ = std::make_unique<Auditor>(std::move(hooks), options_.audit_rate,
                                        options_.audit_tolerance, params_, group_->world_size());
   auditor_->begin_round(state_.global, state_.inner_step);
@@ -580,7 +582,8 @@ void DiLoCo::commit_for_audit(std::int64_t fragment) {
   for (std::size_t i = 0; i < buckets.size(); ++i) {
     if (buckets[i].fragment == fragment) mine.push_back(delta(i));
   }
-  auditor_->commit(*group_, state_.outer_step + 1, state_.inner_step, mine);
+  auditor_->commit(*group_, state_.outer_step + 1, state_.inner_step, mine,
+                   membership_ ? membership_->members() : std::vector<std::string>{});
 }
 
 void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite) {
@@ -800,6 +803,7 @@ void DiLoCo::elastic_outer_step() {
         finish_sync(0);
         exchange_snapshot_.clear();
         ++state_.outer_step;
+        if (auditor_) elastic_audit();
         if (options_.compare_states) {
           start_state_check(0);
           settle_state_check();
@@ -819,6 +823,33 @@ void DiLoCo::elastic_outer_step() {
   }
 }
 
+void DiLoCo::elastic_audit() {
+  try {
+    auditor_->audit(*group_, state_.global, state_.inner_step);
+  } catch (const PeerLostError&) {
+    // The outer step is committed; its audits are abandoned, and the next round starts here.
+    auditor_->begin_round(state_.global, state_.inner_step);
+    throw;
+  }
+  // Islands that failed a commitment or an audit at this outer step are removed: the store
+  // remembers them (no epoch takes them back), and the others form a new epoch without them.
+  const AuditStats& audits = auditor_->stats();
+  if (audits.excluded.size() <= removals_) return;
+  const std::vector<int> ranks(audits.excluded.begin() + static_cast<std::ptrdiff_t>(removals_),
+                               audits.excluded.end());
+  const std::vector<std::string> names(
+      audits.excluded_names.begin() + static_cast<std::ptrdiff_t>(removals_),
+      audits.excluded_names.end());
+  removals_ = audits.excluded.size();
+  const std::string why = audits.last_failure;
+  if (std::find(ranks.begin(), ranks.end(), group_->rank()) != ranks.end()) {
+    throw RemovedError(why + "; this island leaves the run");
+  }
+  membership_->remove(names, why);
+  for (int r : ranks) membership_->report_failure(why, r);
+  throw PeerLostError(why, ranks.front());
+}
+
 bool DiLoCo::recover() {
   wait_in_flight();
   if (!exchange_snapshot_.empty()) {
@@ -829,7 +860,10 @@ bool DiLoCo::recover() {
   for (int attempt = 1;; ++attempt) {
     try {
       membership_->reform();
-      return align_state();
+      const bool behind = align_state();
+      // This island's round restarts from the state it received.
+      if (behind && auditor_) auditor_->begin_round(state_.global, state_.inner_step);
+      return behind;
     } catch (const PeerLostError& e) {
       if (attempt >= kMaxRecoveries) throw;
       membership_->report_failure(e.what(), e.peer());

@@ -1,15 +1,16 @@
 // Replay audits of claimed work: did an island really run the inner steps it claims, on its data?
 //
 // Protocol, every outer step (DiLoCoOptions::audit_rate > 0; plain DiLoCo: P = 1, tau = 0,
-// alpha = 0, static groups):
+// alpha = 0; static groups and elastic runs):
 //   1. commit   before the exchange every island all-gathers a Commitment: the outer step, its
 //               rank, the inner steps the round covers (first step and count: its data
 //               position), the data seed, SHA-256 digests of its inner-optimizer state at the
 //               round's start and at its end (by content, not address), of its pseudo-gradient
 //               (float32, bucket by bucket) and of a fresh 32-byte random nonce. Each island's
 //               start state must be the end state it committed the round before: the
-//               inner-optimizer state is chained from round to round, so no island can start a
-//               replay from a state it never reached.
+//               inner-optimizer state is chained from round to round (by island: in an elastic
+//               run the chain follows an island across epochs; a joiner's starts at its
+//               admission), so no island can start a replay from a state it never reached.
 //   2. reveal   then every island all-gathers its nonce; each must hash to its commitment. The
 //               audit seed is SHA-256 over all nonces in rank order: no island controls it alone
 //               (its own nonce was fixed before it saw the others').
@@ -32,7 +33,9 @@
 //                   gradient (its bytes must still match the committed digest).
 //   6. verdict  the auditors all-gather their verdicts. A failed audit is reported on every rank
 //               with its evidence (the commitment's digests, the recomputed ones, the relative
-//               difference) and the island is excluded from every later outer step.
+//               difference) and the island is excluded from every later outer step. In an
+//               elastic run it is removed: the others form a new epoch without it (it may not
+//               come back under that name; Membership::remove), and it stops with RemovedError.
 //
 // What it costs: per outer step, two small all-gathers (commitments 200 bytes per rank, nonces
 // 32) and one of verdicts (about 60 bytes per island per rank); per audit, the inner-optimizer
@@ -105,7 +108,10 @@ std::vector<int> select_audits(const Digest& seed, int islands, double rate,
 
 // What one audit replays: the round of `island` as its commitment says.
 struct AuditTask {
-  std::int64_t island = 0;
+  std::int64_t island = 0;  // the audited island's rank
+  // Its data stream, what the step function draws its batches from: its rank in a static group;
+  // in an elastic run AuditHooks::stream_of(its name), so that no island can claim another's.
+  std::int64_t stream = 0;
   std::int64_t first_step = 0;  // the run's inner step the round starts at (0-based)
   std::int64_t steps = 0;
   std::int64_t data_seed = 0;
@@ -140,16 +146,24 @@ struct AuditHooks {
   // The seed the run's data comes from, the same on every island (each island's stream is a
   // function of it and the island's rank): a commitment with another seed fails its audit.
   std::int64_t data_seed = 0;
+  // Elastic runs (required there): the data stream of the island named `island` (its membership
+  // name, "<slot>.<incarnation>"), as its own loop draws it. Ranks change with the epochs, names
+  // do not, and the members agree on them, so an island's stream follows from who it is. Unset
+  // in a static group: the stream is the rank.
+  std::function<std::int64_t(const std::string& island)> stream_of;
 };
 
 // Hooks for a LibTorch loop: `inner` are the island's inner optimizers (their states are
 // serialized with torch::serialize, in this order); `replica` a second model of the same
-// architecture and `replica_inner` optimizers built over it like `inner`; `step(island, t)` runs
-// inner step t (0-based) of `island` on the replica (batch, lr, backward, clipping, step).
-AuditHooks make_audit_hooks(std::vector<torch::optim::Optimizer*> inner, torch::nn::Module& replica,
-                            std::vector<torch::optim::Optimizer*> replica_inner,
-                            std::function<void(std::int64_t island, std::int64_t step)> step,
-                            std::int64_t data_seed);
+// architecture and `replica_inner` optimizers built over it like `inner`; `step(stream, t)` runs
+// inner step t (0-based) of the island whose data stream is `stream` (AuditTask::stream: its rank
+// in a static group) on the replica (batch, lr, backward, clipping, step). `stream_of`: see
+// AuditHooks (elastic runs).
+AuditHooks make_audit_hooks(
+    std::vector<torch::optim::Optimizer*> inner, torch::nn::Module& replica,
+    std::vector<torch::optim::Optimizer*> replica_inner,
+    std::function<void(std::int64_t stream, std::int64_t step)> step, std::int64_t data_seed,
+    std::function<std::int64_t(const std::string& island)> stream_of = {});
 
 // Serializes optimizers' states into one byte string (torch::serialize), and loads them back
 // (into optimizers built the same way over other parameters).
@@ -167,7 +181,9 @@ struct AuditStats {
   std::vector<std::int64_t> audits_of;    // per island (rank): its audits so far
   std::int64_t replayed_steps = 0;        // inner steps this island replayed as an auditor
   double replay_seconds = 0.0;            // and the time they took
-  std::vector<int> excluded;              // islands excluded, in the order they failed
+  std::vector<int> excluded;              // islands excluded (their ranks then), in the order
+                                          // they failed
+  std::vector<std::string> excluded_names;  // the same islands' names (elastic: "<slot>.<inc>")
   std::vector<std::int64_t> excluded_at;  // the outer step each was excluded at
   std::string last_failure;               // the last failed audit's report, as on stderr
 };

@@ -18,7 +18,8 @@
 //                heartbeat_timeout, then publishes the next epoch (the survivors, in their old
 //                order), or fails everyone with TooFewIslandsError below min_islands. A leader
 //                that goes silent while deciding is replaced (a new round). A member left out
-//                (it registered too late, or it was stopped and resumed) gets RemovedError.
+//                (it registered too late, or it was stopped and resumed) gets RemovedError;
+//                so does an island removed for good (remove(): a failed audit).
 //   admission    a new or restarted island registers as a joiner with its configuration
 //                fingerprint. At the next outer-step boundary the epoch's rank 0 compares the
 //                fingerprint (a mismatch is an OptionError on the joiner, naming the field; the
@@ -147,6 +148,10 @@ class Membership {
                    const std::function<std::string()>& state);
   // Before each outer step's exchange: moves to the epoch announced at the last boundary, if any.
   void before_exchange();
+  // Removes islands for good (`why`: the evidence, e.g. a failed audit): no later epoch takes
+  // them (a reform leaves them out even if they register), and they learn why when they try to
+  // enter one (RemovedError). The caller then fails the epoch (report_failure) to form the next.
+  void remove(const std::vector<std::string>& islands, const std::string& why);
   // A joiner's admission: publishes `mine` (its fingerprint) and waits (rendezvous_timeout) to
   // be admitted; returns the outer state's bytes. Throws OptionError naming the first field in
   // which its configuration differs from the run's, RemovedError when the epoch it was admitted

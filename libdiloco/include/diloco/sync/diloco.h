@@ -206,8 +206,9 @@ class DiLoCo {
   const OuterState& state() const { return state_; }
   // Audits (options.audit_rate > 0): the hooks that commit this island's inner-optimizer state
   // and replay other islands' rounds (diloco/audit/audit.h). Call before the first outer step
-  // (or after load()); the round in progress starts now. OptionError when audits are off, or for
-  // hooks whose replica differs from the model.
+  // (or after load()); the round in progress starts now. OptionError when audits are off, for
+  // hooks whose replica differs from the model, and in an elastic run for hooks without
+  // stream_of. Elastic runs remove an island that fails an audit (a new epoch without it).
   void enable_audits(AuditHooks hooks);
   // What the audits found so far: counts, this island's replays, the islands excluded.
   AuditStats audits() const;
@@ -270,6 +271,9 @@ class DiLoCo {
   void settle_state_check();
   // Audits: this island's commitment for the fragment's outer step (audit/auditor.h).
   void commit_for_audit(std::int64_t fragment);
+  // Elastic runs: the audits of the committed outer step; islands that failed are removed (see
+  // diloco/audit/audit.h): RemovedError on them, PeerLostError (a new epoch) on the others.
+  void elastic_audit();
   // options_.screen_factor: the islands share their norms and refuse outliers (see the option).
   void screen_contributions(std::int64_t fragment, bool mine_finite);
   // The uncompressed sum against the norms the islands declared (an Error when it is longer).
@@ -324,6 +328,7 @@ class DiLoCo {
   double declared_norms_ = -1.0;
   bool exact_sum_ = false;  // the exchange sums float32 exactly (none, fp32): the bound holds
   std::unique_ptr<Auditor> auditor_;  // audits: after enable_audits()
+  std::size_t removals_ = 0;          // elastic: excluded islands already removed
   std::int64_t refused_ = 0;        // contributions refused by the screening, in all
   std::string last_screening_;      // the last refusal, as named on stderr
 };
