@@ -17,6 +17,7 @@
 #include "diloco/comm/group.h"
 #include "diloco/elastic/membership.h"
 #include "diloco/errors.h"
+#include "diloco/exchange/comm_thread.h"
 #include "support/env_guard.h"
 #include "support/ranks.h"
 
@@ -350,4 +351,33 @@ TEST_CASE("A keyed process cannot join a run without a key", "[auth]") {
   auto g1 = diloco::Group::create(options(1, ""));
   CHECK(g1->backend().name() == "gloo");
   CHECK(rank0.get()->backend().name() == "gloo");
+}
+
+TEST_CASE("A payload tagged for another outer step or fragment is rejected", "[auth]") {
+  // The same sequence numbers on both ranks, but rank 1 issues under another outer step (or
+  // fragment): what it sends does not verify where rank 0 expects this outer step's payload.
+  for (const diloco::PayloadContext theirs :
+       {diloco::PayloadContext{4, 0}, diloco::PayloadContext{3, 1}}) {
+    const auto errors = run_keyed(2, same_key(2), [&](int r, diloco::Group& g) {
+      const diloco::ScopedPayloadContext context(r == 0 ? diloco::PayloadContext{3, 0} : theirs);
+      g.allgather(at::full({8}, float(r)), "outer_gather");
+    });
+    INFO(errors[0]);
+    CHECK_THAT(errors[0], Contains("the payload from rank 1 (allgather #0, outer step 3 fragment "
+                                   "0, 32 bytes) failed authentication"));
+  }
+  // Under the same context, and on a CommThread job submitted under it, it verifies.
+  const auto same = run_keyed(2, same_key(2), [](int r, diloco::Group& g) {
+    const diloco::ScopedPayloadContext context({3, 1});
+    diloco::CommThread comm(/*background=*/true);
+    comm.submit([&] {
+          at::Tensor t = at::full({64}, float(r));
+          g.allreduce_sum(t, "outer_sync");
+          if (t[0].item<float>() != 1.0f) throw std::runtime_error("wrong sum");
+        })
+        .wait();
+  });
+  CHECK(same[0].empty());
+  CHECK(same[1].empty());
+  CHECK(diloco::payload_context().outer_step == -1);  // restored
 }

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -79,6 +80,44 @@ TEST_CASE("the fused step may write the new weights over its input", "[outer]") 
   // d = 1; b = 1; g' = 1 + 0.9 = 1.9; p = 1 - 0.7 * 1.9
   CHECK(global[2999].item<float>() == Approx(1.0 - 0.7 * 1.9));
   CHECK(at::equal(delta, global));
+}
+
+TEST_CASE("the step's visitor sees the new weights and momentum block by block, in the same "
+          "order on the fused and the ATen path",
+          "[outer]") {
+  diloco::OuterSGD sgd;
+  const std::int64_t n = 5000;  // two full blocks of 2048 and a partial one
+  const at::Tensor start = at::linspace(-1.0, 1.0, n);
+  const at::Tensor delta = at::sin(at::arange(n, at::kFloat));
+  std::vector<std::vector<float>> seen(2);
+  std::vector<std::vector<std::int64_t>> sizes(2);
+  for (int path = 0; path < 2; ++path) {
+    at::Tensor global = start.clone();
+    at::Tensor momentum = sgd.make_state(global);
+    // A float64 write-back takes the ATen path; a float32 one the fused loop.
+    at::Tensor write_back = at::empty({n}, path == 0 ? at::kFloat : at::kDouble);
+    const diloco::OuterSGD::BlockVisitor visit = [&](const float* data, std::int64_t count) {
+      seen[path].insert(seen[path].end(), data, data + count);
+      sizes[path].push_back(count);
+    };
+    for (int step = 0; step < 2; ++step) {
+      seen[path].clear();
+      sizes[path].clear();
+      sgd.step(global, momentum, delta, 0.5, write_back, &visit);
+    }
+    // Weights then momentum of each block, in order.
+    std::vector<float> expected;
+    for (std::int64_t i = 0; i < n; i += 2048) {
+      const std::int64_t len = std::min<std::int64_t>(2048, n - i);
+      for (const at::Tensor* t : {&global, &momentum}) {
+        const at::Tensor block = t->narrow(0, i, len).contiguous();
+        expected.insert(expected.end(), block.data_ptr<float>(), block.data_ptr<float>() + len);
+      }
+    }
+    CHECK(seen[path] == expected);
+  }
+  CHECK(sizes[0] == std::vector<std::int64_t>{2048, 2048, 2048, 2048, 904, 904});
+  CHECK(sizes[1] == sizes[0]);
 }
 
 TEST_CASE("outer options outside their range are rejected by name", "[outer]") {

@@ -111,4 +111,16 @@ bool RunKey::equal(const MacTag& a, const MacTag& b) {
   return CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
 }
 
+namespace {
+thread_local PayloadContext current_context;
+}  // namespace
+
+PayloadContext payload_context() { return current_context; }
+
+ScopedPayloadContext::ScopedPayloadContext(PayloadContext context) : saved_(current_context) {
+  current_context = context;
+}
+
+ScopedPayloadContext::~ScopedPayloadContext() { current_context = saved_; }
+
 }  // namespace diloco

@@ -1,8 +1,8 @@
 // A Backend whose every payload carries a MAC (see diloco/comm/auth.h), layered over another.
 //
 // Wire format: each payload travels as its bytes followed by a 32-byte tag,
-//   tag = HMAC-SHA256(run key, "diloco-payload-v1" || session || op || seq || step || sender ||
-//                     receiver || length || bytes)
+//   tag = HMAC-SHA256(run key, "diloco-payload-v1" || session || op || seq || step ||
+//                     outer step || fragment || sender || receiver || length || bytes)
 // where
 //   session   SHA-256-sized digest (an HMAC under the key) of every rank's random nonce, published
 //             MACed in the group's store when the backend is made: new for every group, so for
@@ -12,10 +12,12 @@
 //             order, so they agree on it), or for send/recv the message's number among those
 //             from this sender to this receiver with this tag;
 //   step      the ring hop, or the send/recv tag;
+//   outer step, fragment   the PayloadContext of the thread that issued the operation, on
+//             each side (-1 outside an outer step): every rank issues each operation under the
+//             same one, so a payload of another outer step or fragment does not verify;
 //   sender / receiver   ranks (receiver -1 for a payload every rank receives).
-// The outer step and the fragment are not written separately: they are implied by seq, since
-// every outer step issues its collectives in the same order. A payload replayed from earlier in
-// the group has another seq, one from another group another session: both fail like a forgery.
+// A payload replayed from earlier in the group has another seq (and, from an earlier outer step,
+// another outer step), one from another group another session: all fail like a forgery.
 //
 // The all-reduce cannot be a Gloo all-reduce (Gloo sums in flight; no one could check what the
 // others added): it is a ring over send/recv of byte payloads on a thread of this backend,
@@ -71,6 +73,7 @@ struct Header {
   std::uint32_t step;
   std::int32_t sender;
   std::int32_t receiver;  // -1: every rank
+  PayloadContext context = payload_context();  // of the issuing thread, when the header is made
 };
 
 std::uint8_t* bytes_of(const at::Tensor& t) { return static_cast<std::uint8_t*>(t.data_ptr()); }
@@ -150,10 +153,10 @@ class AuthenticatedBackend : public Backend {
     auto work = c10::make_intrusive<AuthWork>();
     work->on_thread = true;
     at::Tensor t = tensor;
-    submit([this, work, t, seq] {
+    submit([this, work, t, seq, context = payload_context()] {
       std::exception_ptr failure;
       try {
-        ring_allreduce(t, seq);
+        ring_allreduce(t, seq, context);
       } catch (...) {
         failure = std::current_exception();
       }
@@ -197,9 +200,9 @@ class AuthenticatedBackend : public Backend {
     work->keep = {mine};
     work->inner = inner_->allgather(bufs, mine);
     std::vector<at::Tensor> outs = outputs;
-    work->then = [this, seq, bufs, outs]() mutable {
+    work->then = [this, seq, bufs, outs, context = payload_context()]() mutable {
       for (int r = 0; r < world_size_; ++r) {
-        if (r != rank_) check(Header{Op::kAllGather, seq, 0, r, -1}, bufs[r]);
+        if (r != rank_) check(Header{Op::kAllGather, seq, 0, r, -1, context}, bufs[r]);
         copy_into(outs[r], bytes_of(bufs[r]));
       }
     };
@@ -341,6 +344,8 @@ class AuthenticatedBackend : public Backend {
                      {&op, sizeof(op)},
                      {&h.seq, sizeof(h.seq)},
                      {&h.step, sizeof(h.step)},
+                     {&h.context.outer_step, sizeof(h.context.outer_step)},
+                     {&h.context.fragment, sizeof(h.context.fragment)},
                      {&h.sender, sizeof(h.sender)},
                      {&h.receiver, sizeof(h.receiver)},
                      {&length, sizeof(length)},
@@ -364,6 +369,10 @@ class AuthenticatedBackend : public Backend {
     if (h.op == Op::kSend) what += ", tag " + std::to_string(h.step);
     if (h.op == Op::kRingReduce || h.op == Op::kRingGather) {
       what += ", hop " + std::to_string(h.step);
+    }
+    if (h.context.outer_step >= 0) {
+      what += ", outer step " + std::to_string(h.context.outer_step) + " fragment " +
+              std::to_string(h.context.fragment);
     }
     throw AuthenticationError(what + ", " + std::to_string(size) +
                                   " bytes) failed authentication: tampered with, replayed, or "
@@ -395,7 +404,7 @@ class AuthenticatedBackend : public Backend {
   }
 
   // Reduce-scatter then all-gather over send/recv, a tag per hop (see the file comment).
-  void ring_allreduce(at::Tensor tensor, std::uint64_t seq) {
+  void ring_allreduce(at::Tensor tensor, std::uint64_t seq, PayloadContext context) {
     const int n = world_size_, r = rank_;
     // Chunks are ranges of the flattened tensor, whatever its shape.
     at::Tensor host = (tensor.device().is_cpu() ? tensor : tensor.cpu()).view({-1});
@@ -427,7 +436,7 @@ class AuthenticatedBackend : public Backend {
         const std::size_t size = static_cast<std::size_t>(send_len) * item;
         o = out.narrow(0, 0, static_cast<std::int64_t>(size + kTag));
         std::memcpy(bytes_of(o), base + static_cast<std::size_t>(send_begin) * item, size);
-        seal(Header{op, seq, static_cast<std::uint32_t>(s), r, next}, o);
+        seal(Header{op, seq, static_cast<std::uint32_t>(s), r, next, context}, o);
         sent = inner_->send(o, next, gloo_tag);
       }
       if (recv_len > 0) {
@@ -438,7 +447,7 @@ class AuthenticatedBackend : public Backend {
       if (sent) inner_->wait(sent, "authenticated ring, " + hop + " to rank " + std::to_string(next));
       if (got) inner_->wait(got, "authenticated ring, " + hop + " from rank " + std::to_string(prev));
       if (recv_len == 0) continue;
-      check(Header{op, seq, static_cast<std::uint32_t>(s), prev, r}, i);
+      check(Header{op, seq, static_cast<std::uint32_t>(s), prev, r, context}, i);
       if (reduce) {
         host.narrow(0, recv_begin, recv_len)
             .add_(at::from_blob(bytes_of(i), {recv_len}, host.options()));

@@ -1,6 +1,8 @@
 // The communication thread (see comm_thread.h).
 #include "diloco/exchange/comm_thread.h"
 
+#include "diloco/comm/auth.h"
+
 #include <stdexcept>
 #include <utility>
 
@@ -37,7 +39,11 @@ CommThread::~CommThread() {
 
 CommThread::Job CommThread::submit(std::function<void()> work) {
   auto state = std::make_shared<Job::State>();
-  state->work = std::move(work);
+  // The job issues its collectives under the outer step and fragment it was submitted for.
+  state->work = [context = payload_context(), work = std::move(work)] {
+    ScopedPayloadContext scope(context);
+    work();
+  };
   state->owner = this;
   {
     std::lock_guard<std::mutex> lock(mutex_);

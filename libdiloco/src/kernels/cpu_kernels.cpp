@@ -11,7 +11,6 @@ namespace kernels {
 namespace {
 
 // 2048 floats per buffer: four buffers fit in a 32 KiB L1 data cache.
-constexpr std::int64_t kBlock = 2048;
 
 using Array = Eigen::Map<Eigen::ArrayXf>;
 using ConstArray = Eigen::Map<const Eigen::ArrayXf>;
@@ -42,7 +41,8 @@ std::int64_t first_nonfinite(const float* x, std::int64_t n) {
 }
 
 std::int64_t outer_sgd(float* global, float* momentum, const float* delta_sum, float* write_back,
-                       std::int64_t n, float scale, float lr, float mu, bool nesterov) {
+                       std::int64_t n, float scale, float lr, float mu, bool nesterov,
+                       const BlockVisitor* visit) {
   Eigen::ArrayXf d(kBlock);
   std::int64_t first_bad = -1;
   for (std::int64_t i = 0; i < n; i += kBlock) {
@@ -54,6 +54,10 @@ std::int64_t outer_sgd(float* global, float* momentum, const float* delta_sum, f
       // The scaled values decide (delta_sum may be finite and only overflow when scaled).
       if (first_bad < 0) first_bad = i + first_nonfinite(d.data(), len);
       Array(write_back + i, len) = g;
+      if (visit != nullptr) {
+        (*visit)(global + i, len);
+        if (mu != 0.f) (*visit)(momentum + i, len);
+      }
       continue;
     }
     if (mu == 0.f) {
@@ -68,6 +72,10 @@ std::int64_t outer_sgd(float* global, float* momentum, const float* delta_sum, f
       }
     }
     Array(write_back + i, len) = g;
+    if (visit != nullptr) {
+      (*visit)(global + i, len);
+      if (mu != 0.f) (*visit)(momentum + i, len);
+    }
   }
   return first_bad;
 }

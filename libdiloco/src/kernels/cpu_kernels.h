@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 namespace diloco {
 namespace kernels {
@@ -17,12 +18,20 @@ bool pseudo_gradient_inplace(float* local, const float* global, std::int64_t n);
 // Index of the first NaN or infinity, or -1 when all are finite.
 std::int64_t first_nonfinite(const float* x, std::int64_t n);
 
+// The blocks the fused loops walk, in elements.
+constexpr std::int64_t kBlock = 2048;
+
+// Sees a block of a buffer just written (it is still in L1): the state hash of an outer step.
+using BlockVisitor = std::function<void(const float* data, std::int64_t n)>;
+
 // torch.optim.SGD's update with d = delta_sum * scale, then write_back <- global.
 // write_back may alias delta_sum. A block of kBlock elements whose delta_sum holds a NaN or an
 // infinity is not applied (global and momentum keep their values there); returns the index of the
-// first such element, or -1.
+// first such element, or -1. `visit`, when given, sees each block of the new global weights and
+// then of the momentum (when mu != 0), block after block.
 std::int64_t outer_sgd(float* global, float* momentum, const float* delta_sum, float* write_back,
-               std::int64_t n, float scale, float lr, float mu, bool nesterov);
+                       std::int64_t n, float scale, float lr, float mu, bool nesterov,
+                       const BlockVisitor* visit = nullptr);
 
 }  // namespace kernels
 }  // namespace diloco

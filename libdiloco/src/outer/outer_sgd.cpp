@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <sstream>
 
 #include "diloco/errors.h"
@@ -60,18 +61,43 @@ bool cuda_fusable(const at::Tensor& t, const at::Device& device) {
 }  // namespace
 
 std::int64_t OuterSGD::step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
-                    double delta_scale, at::Tensor& write_back) const {
+                            double delta_scale, at::Tensor& write_back,
+                            const BlockVisitor* visit) const {
+  const std::int64_t bad = apply(global, momentum, delta_sum, delta_scale, write_back, visit);
+  if (visit != nullptr && !fused_on_cpu(global, momentum, delta_sum, write_back)) {
+    // The order of the fused loop's visits, from host copies.
+    const at::Tensor g = global.to(at::kCPU, at::kFloat).contiguous();
+    const bool with_momentum = options_.momentum != 0.0;
+    const at::Tensor m =
+        with_momentum ? momentum.to(at::kCPU, at::kFloat).contiguous() : at::Tensor();
+    for (std::int64_t i = 0; i < g.numel(); i += kernels::kBlock) {
+      const std::int64_t len = std::min(kernels::kBlock, g.numel() - i);
+      (*visit)(g.data_ptr<float>() + i, len);
+      if (with_momentum) (*visit)(m.data_ptr<float>() + i, len);
+    }
+  }
+  return bad;
+}
+
+bool OuterSGD::fused_on_cpu(const at::Tensor& global, const at::Tensor& momentum,
+                            const at::Tensor& delta_sum, const at::Tensor& write_back) const {
+  return fusable(global) && fusable(delta_sum) && fusable(write_back) &&
+         (options_.momentum == 0.0 || fusable(momentum));
+}
+
+std::int64_t OuterSGD::apply(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
+                             double delta_scale, at::Tensor& write_back,
+                             const BlockVisitor* visit) const {
   const double mu = options_.momentum;
   const bool need_momentum = mu != 0.0;
   TORCH_CHECK(global.numel() == delta_sum.numel() && global.numel() == write_back.numel(),
               "[OuterSGD] buffer sizes differ: global ", global.numel(), ", delta ",
               delta_sum.numel(), ", write_back ", write_back.numel());
-  if (fusable(global) && fusable(delta_sum) && fusable(write_back) &&
-      (!need_momentum || fusable(momentum))) {
+  if (fused_on_cpu(global, momentum, delta_sum, write_back)) {
     return kernels::outer_sgd(global.data_ptr<float>(), need_momentum ? momentum.data_ptr<float>() : nullptr,
                        delta_sum.data_ptr<float>(), write_back.data_ptr<float>(), global.numel(),
                        static_cast<float>(delta_scale), static_cast<float>(options_.lr),
-                       static_cast<float>(mu), options_.nesterov);
+                       static_cast<float>(mu), options_.nesterov, visit);
   }
 #ifdef DILOCO_WITH_CUDA_KERNELS
   const at::Device device = global.device();

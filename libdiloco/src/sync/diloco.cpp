@@ -19,6 +19,7 @@
 #include <sstream>
 
 #include "audit/auditor.h"
+#include "diloco/comm/auth.h"
 #include "diloco/comm/group.h"
 #include "diloco/compress/codec_params.h"
 #include "diloco/elastic/membership.h"
@@ -33,6 +34,33 @@
 
 namespace diloco {
 namespace {
+
+// XXH3-128 of an outer step's new global state (compare_states), fed block by block by the
+// outer step itself (OuterSGD::step's visitor), after the step's counters.
+class StateHasher {
+ public:
+  StateHasher(std::int64_t outer_step, std::int64_t fragment) : state_(XXH3_createState()) {
+    if (state_ == nullptr) throw Error("[DiLoCo] out of memory for the state hash");
+    XXH3_128bits_reset(state_);
+    const std::int64_t counters[2] = {outer_step, fragment};
+    XXH3_128bits_update(state_, counters, sizeof counters);
+    visit_ = [this](const float* data, std::int64_t n) {
+      XXH3_128bits_update(state_, data, static_cast<std::size_t>(n) * sizeof(float));
+    };
+  }
+  ~StateHasher() { XXH3_freeState(state_); }
+  StateHasher(const StateHasher&) = delete;
+  StateHasher& operator=(const StateHasher&) = delete;
+  const OuterSGD::BlockVisitor* visitor() const { return &visit_; }
+  std::pair<std::uint64_t, std::uint64_t> digest() const {
+    const XXH128_hash_t h = XXH3_128bits_digest(state_);
+    return {h.high64, h.low64};
+  }
+
+ private:
+  XXH3_state_t* state_;
+  OuterSGD::BlockVisitor visit_;
+};
 
 // The model's own storage can carry the pseudo-gradient when it already has the layout of the
 // global weights: float32 on the outer device.
@@ -437,6 +465,7 @@ void DiLoCo::throw_if_not_finite(std::int64_t fragment, const std::vector<int>& 
 
 void DiLoCo::start_sync(std::int64_t fragment) {
   settle_state_check();
+  const ScopedPayloadContext context({state_.outer_step + 1, fragment});
   auto& buckets = params_.buckets();
   started_at_[static_cast<std::size_t>(fragment)] = state_.inner_step;
   pending_.clear();
@@ -491,6 +520,7 @@ void DiLoCo::start_sync(std::int64_t fragment) {
 }
 
 void DiLoCo::finish_sync(std::int64_t fragment) {
+  const ScopedPayloadContext context({state_.outer_step + 1, fragment});
   // Everything of the fragment arrives before anything is applied: a peer lost in flight leaves
   // the global weights as they were, never half a fragment applied.
   try {
@@ -508,6 +538,10 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
   auto& buckets = params_.buckets();
   const double alpha = options_.mixing;
   std::int64_t bad_bucket = -1, bad_index = -1;
+  // The state comparison's hash is taken as the outer step writes the state, block by block
+  // while each is still in cache, rather than in a pass of its own afterwards.
+  std::optional<StateHasher> hasher;
+  if (options_.compare_states) hasher.emplace(state_.outer_step + 1, fragment);
   for (auto& p : pending_) {
     at::NoGradGuard no_grad;
     const std::size_t i = p.bucket;
@@ -521,8 +555,8 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
     // Streaming: the model trained on while the exchange travelled, so the new global weights go
     // to the staging buffer first and are mixed into the model below.
     at::Tensor& write_back = staged() ? summed : model;
-    const std::int64_t bad =
-        outer_.step(state_.global[i], state_.momentum[i], summed, scale, write_back);
+    const std::int64_t bad = outer_.step(state_.global[i], state_.momentum[i], summed, scale,
+                                         write_back, hasher ? hasher->visitor() : nullptr);
     if (staged()) {
       if (alpha == 0.0) {
         model.copy_(state_.global[i]);
@@ -536,6 +570,7 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
     }
   }
   pending_.clear();
+  if (hasher && bad_bucket < 0) state_hash_ = hasher->digest();
   // Elastic runs audit and compare once the outer step is committed (elastic_outer_step).
   if (auditor_ && !membership_ && bad_bucket < 0) {
     auditor_->audit(*group_, state_.global, state_.inner_step);
@@ -687,26 +722,13 @@ void DiLoCo::report_refusals(std::int64_t fragment, std::size_t bucket,
 
 void DiLoCo::start_state_check(std::int64_t fragment) {
   settle_state_check();  // one in flight at a time
-  XXH3_state_t* hasher = XXH3_createState();
-  if (hasher == nullptr) throw Error("[DiLoCo] out of memory for the state hash");
-  XXH3_128bits_reset(hasher);
-  const std::int64_t counters[2] = {state_.outer_step, fragment};
-  XXH3_128bits_update(hasher, counters, sizeof counters);
-  const auto& buckets = params_.buckets();
-  for (std::size_t i = 0; i < buckets.size(); ++i) {
-    if (buckets[i].fragment != fragment) continue;
-    for (const at::Tensor* t : {&state_.global[i], &state_.momentum[i]}) {
-      if (!t->defined()) continue;
-      const at::Tensor host = t->is_cpu() ? t->contiguous() : t->cpu().contiguous();
-      XXH3_128bits_update(hasher, host.data_ptr(), host.nbytes());
-    }
-  }
-  const XXH128_hash_t h = XXH3_128bits_digest(hasher);
-  XXH3_freeState(hasher);
+  if (!state_hash_) throw Error("[DiLoCo] internal: no state hash from the outer step to compare");
+  const auto [high, low] = *state_hash_;
+  state_hash_.reset();
   auto check = std::make_unique<StateCheck>();
-  check->mine = at::tensor({static_cast<std::int64_t>(h.high64), static_cast<std::int64_t>(h.low64)},
+  check->mine = at::tensor({static_cast<std::int64_t>(high), static_cast<std::int64_t>(low)},
                            at::kLong);
-  check->outer_step = state_.outer_step;
+  check->outer_step = state_.outer_step + (membership_ ? 0 : 1);
   check->fragment = fragment;
   check->collective = group_->allgather_async(check->mine, check->hashes, "state_check");
   state_check_ = std::move(check);
@@ -796,6 +818,8 @@ void DiLoCo::elastic_outer_step() {
   const std::int64_t target = state_.outer_step + 1;
   for (int attempt = 1;; ++attempt) {
     try {
+      // The audits and the state comparison after the step belong to it too.
+      const ScopedPayloadContext context({target, 0});
       membership_->before_exchange();
       if (state_.outer_step < target) {
         exchange_snapshot_ = snapshot_exchanges();
@@ -851,6 +875,8 @@ void DiLoCo::elastic_audit() {
 }
 
 bool DiLoCo::recover() {
+  // Reached from an outer step or between inner steps: the same context on every survivor.
+  const ScopedPayloadContext context({});
   wait_in_flight();
   if (!exchange_snapshot_.empty()) {
     restore_exchanges(exchange_snapshot_);

@@ -8,8 +8,9 @@
 //   joining    Group::create answers a random challenge that rank 0 writes; a process with no
 //              key or another key fails on its own, before it claims a rank (rendezvous.cpp).
 //   payloads   every payload a rank sends another carries a 32-byte tag (make_authenticated_
-//              backend): HMAC-SHA256 over the group's session, the operation, its sequence
-//              number, the sender and receiver, and the bytes. A bad tag is an
+//              backend): HMAC-SHA256 over the group's session (the run and the epoch), the
+//              operation, its sequence number, the outer step and fragment it belongs to
+//              (PayloadContext), the sender and receiver, and the bytes. A bad tag is an
 //              AuthenticationError naming the sender; a replayed payload has a stale sequence
 //              number or session and fails the same way. The uncompressed all-reduce becomes a
 //              ring over byte payloads with a tag per hop (Gloo's own sums in flight could not be
@@ -45,6 +46,28 @@ class Store;
 namespace diloco {
 
 using MacTag = std::array<std::uint8_t, 32>;
+
+// The outer step and fragment that the collectives a thread issues belong to; -1 outside an
+// outer step (the constructor's checks, a reform). Authenticated payloads bind them into their
+// tags, so a payload of another outer step or fragment fails authentication on its own, not only
+// through the sequence number. DiLoCo sets it around each outer step (ScopedPayloadContext), and
+// CommThread jobs run under the context they were submitted in. Every rank must issue each
+// collective under the same context, as it issues them in the same order.
+struct PayloadContext {
+  std::int64_t outer_step = -1;
+  std::int64_t fragment = -1;
+};
+PayloadContext payload_context();  // this thread's
+class ScopedPayloadContext {
+ public:
+  explicit ScopedPayloadContext(PayloadContext context);
+  ~ScopedPayloadContext();
+  ScopedPayloadContext(const ScopedPayloadContext&) = delete;
+  ScopedPayloadContext& operator=(const ScopedPayloadContext&) = delete;
+
+ private:
+  PayloadContext saved_;
+};
 
 // HMAC-SHA256 of `data` under `key` (one shot; RunKey::mac for many messages under one key).
 MacTag hmac_sha256(const std::string& key, const void* data, std::size_t size);

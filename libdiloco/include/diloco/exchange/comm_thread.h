@@ -48,6 +48,7 @@ class CommThread {
     std::shared_ptr<State> state_;
   };
 
+  // The job runs under the PayloadContext of the submitting thread (diloco/comm/auth.h).
   Job submit(std::function<void()> work);
   // After a failure: later jobs run again.
   void clear_error();

@@ -16,6 +16,8 @@
 
 #include <ATen/Tensor.h>
 
+#include <cstdint>
+#include <functional>
 #include <string>
 
 namespace diloco {
@@ -50,10 +52,20 @@ class OuterSGD {
   // Non-finite sums never reach the state: a block of delta_sum holding a NaN or an infinity is
   // skipped (the fused CPU and CUDA kernels skip 2048-element blocks, the ATen path the whole
   // call), and the index of the first such element is returned; -1 when all was applied.
+  // `visit`, when given, is called with each 2048-element block of the new global weights, then
+  // of the new momentum (when momentum != 0), block after block, in host memory: on the fused CPU
+  // path while the block is still in cache, on the others from host copies afterwards, in the same
+  // order.
+  using BlockVisitor = std::function<void(const float* data, std::int64_t n)>;
   std::int64_t step(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
-            double delta_scale, at::Tensor& write_back) const;
+                    double delta_scale, at::Tensor& write_back,
+                    const BlockVisitor* visit = nullptr) const;
 
  private:
+  bool fused_on_cpu(const at::Tensor& global, const at::Tensor& momentum,
+                    const at::Tensor& delta_sum, const at::Tensor& write_back) const;
+  std::int64_t apply(at::Tensor& global, at::Tensor& momentum, const at::Tensor& delta_sum,
+                     double delta_scale, at::Tensor& write_back, const BlockVisitor* visit) const;
   OuterSGDOptions options_;
 };
 

@@ -67,6 +67,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -262,8 +263,8 @@ class DiLoCo {
   void start_sync(std::int64_t fragment);
   void finish_sync(std::int64_t fragment);
   // options_.compare_states: the islands compare the fragment's global state (see the option).
-  // start_state_check() hashes it and issues the comparison (an asynchronous all-gather of
-  // 16 bytes per rank) right after the outer step; settle_state_check() waits for it and throws when
+  // The outer step hashes the state as it writes it (state_hash_); start_state_check() issues
+  // the comparison (an asynchronous all-gather of 16 bytes per rank) right after the outer step; settle_state_check() waits for it and throws when
   // the states differ. Plain runs settle it at the next exchange's start (or sync(),
   // load_state(), or the destructor, which reports a difference on stderr), so the training in
   // between never waits on it; elastic runs settle it at once.
@@ -316,6 +317,8 @@ class DiLoCo {
     std::int64_t fragment = 0;
   };
   std::unique_ptr<StateCheck> state_check_;  // the comparison in flight, if any
+  // XXH3-128 of the state the last outer step wrote (compare_states), until it is compared.
+  std::optional<std::pair<std::uint64_t, std::uint64_t>> state_hash_;
   CommThread::Job finite_check_;   // its finiteness check (compressed exchanges)
   std::int64_t in_flight_ = -1;    // the fragment whose exchange is in flight, or -1
   std::vector<std::int64_t> started_at_;  // per fragment: the inner step its last exchange started
