@@ -9,7 +9,9 @@
 //   3. Memory held by DiLoCo beyond the model: global weights + outer momentum, in parameters.
 //   4. What the trust checks cost (the state comparison after the outer step, the screening of
 //      norms before it): DiLoCo::sync() with both on (the default) against DiLoCo over the same
-//      ranks with compare_states off, and with screen_factor 0 too, rounds interleaved.
+//      ranks with compare_states off, and with screen_factor 0 too, in an order that rotates
+//      from round to round; and the state hash alone, as a one-rank outer step with and without
+//      the comparison, interleaved (what the island itself spends on it).
 //
 // Usage (4 local ranks):
 //   build/libdiloco/diloco-run -n 4 -- build/benchmarks/outer_sync_bench --out results/outer_sync
@@ -128,26 +130,26 @@ int main(int argc, char** argv) {
       for (auto& w : works) w->wait();
     }
     const double bs = seconds_since(t);
-    {
-      at::NoGradGuard g;
-      for (auto& p : model) p.tensor.add_(0.001);  // some local progress to sync
-    }
-    group->barrier("bench");
-    t = Clock::now();
-    sync.sync();
-    const double s = seconds_since(t);
     const auto timed_sync = [&](std::vector<diloco::NamedParameter>& m, diloco::DiLoCo& d) {
       {
         at::NoGradGuard g;
-        for (auto& p : m) p.tensor.add_(0.001);
+        for (auto& p : m) p.tensor.add_(0.001);  // some local progress to sync
       }
       group->barrier("bench");
       const auto start = Clock::now();
       d.sync();
       return seconds_since(start);
     };
-    const double nc = timed_sync(model2, no_compare);
-    const double u = timed_sync(model3, unchecked);
+    // The three variants in an order that rotates from round to round, so that none always
+    // runs first after the bare all-reduces (or right after another's state comparison).
+    double s = 0, nc = 0, u = 0;
+    for (int k = 0; k < 3; ++k) {
+      switch ((r + k) % 3) {
+        case 0: s = timed_sync(model, sync); break;
+        case 1: nc = timed_sync(model2, no_compare); break;
+        default: u = timed_sync(model3, unchecked); break;
+      }
+    }
     if (r > 0) {
       bare_s.push_back(b);
       bare_seg_s.push_back(bs);
@@ -158,7 +160,7 @@ int main(int argc, char** argv) {
   }
 
   // 2. inner-step overhead (rank 0 trains alone; the others wait at the barrier)
-  double plain_s = 0, wrapped_s = 0, step_call_s = 0, compute_only_s = 0;
+  double plain_s = 0, wrapped_s = 0, step_call_s = 0, compute_only_s = 0, compute_no_compare_s = 0;
   const int step_calls = 1'000'000;
   group->barrier("bench");
   if (rank == 0) {
@@ -200,13 +202,24 @@ int main(int argc, char** argv) {
       solo_model.push_back({"w" + std::to_string(i), at::randn({params / tensors}).set_requires_grad(true)});
     }
     diloco::DiLoCo solo_sync(diloco::ModelTensors{solo_model, {}, {}}, solo, dopts);
-    std::vector<double> c;
+    // The same without the state comparison, interleaved: the difference is what hashing the
+    // state costs on the outer step's critical path (the one-rank all-gather is a copy).
+    auto solo_model2 = copy_of(solo_model);
+    auto solo_no_compare_group =
+        std::make_shared<diloco::Group>(c10::make_intrusive<c10d::PrefixStore>("solo2", store), 0, 1);
+    diloco::DiLoCo solo_no_compare(diloco::ModelTensors{solo_model2, {}, {}}, solo_no_compare_group,
+                                   no_compare_opts);
+    std::vector<double> c, c_no_compare;
     for (int r = 0; r < rounds + 1; ++r) {
       auto t0 = Clock::now();
       solo_sync.sync();
       if (r > 0) c.push_back(seconds_since(t0));
+      t0 = Clock::now();
+      solo_no_compare.sync();
+      if (r > 0) c_no_compare.push_back(seconds_since(t0));
     }
     compute_only_s = median(c);
+    compute_no_compare_s = median(c_no_compare);
   }
   group->barrier("bench_done");
 
@@ -220,6 +233,7 @@ int main(int argc, char** argv) {
     const double state_ratio = 2.0 * static_cast<double>(global_numel) / static_cast<double>(params);
     const double compare_pct = 100.0 * (sync_med - median(no_compare_s)) / sync_med;
     const double screen_pct = 100.0 * (median(no_compare_s) - median(unchecked_s)) / sync_med;
+    const double hash_pct = 100.0 * (compute_only_s - compute_no_compare_s) / sync_med;
     nlohmann::json j = {
         {"world_size", world},
         {"params", params},
@@ -233,6 +247,8 @@ int main(int argc, char** argv) {
         {"sync_ratio", sync_med / bare_med},
         {"sync_ratio_target", 1.15},
         {"outer_step_compute_only_median_s", compute_only_s},
+        {"outer_step_compute_without_state_comparison_median_s", compute_no_compare_s},
+        {"state_hash_pct_of_sync", hash_pct},
         {"inner_steps_timed", inner_steps},
         {"plain_loop_s", plain_s},
         {"wrapped_loop_s", wrapped_s},
@@ -255,7 +271,7 @@ int main(int argc, char** argv) {
     csv << "round,bare_allreduce_s,diloco_sync_s\n";
     for (std::size_t i = 0; i < bare_s.size(); ++i) csv << i << "," << bare_s[i] << "," << sync_s[i] << "\n";
     std::ofstream md(out + ".md");
-    char line[1024];
+    char line[2048];
     md << "| measure | value | target |\n|---|---|---|\n";
     std::snprintf(line, sizeof line,
                   "| bare Gloo all-reduce, %lld float32, %d ranks (median of %d) | %.1f ms | |\n"
@@ -268,12 +284,13 @@ int main(int argc, char** argv) {
                   "| DiLoCo state beyond the model (global + momentum) | %.2fx parameters | 2x |\n"
                   "| DiLoCo outer sync without the state comparison / without it and the screening (median) | %.1f / %.1f ms | |\n"
                   "| state comparison (hash, asynchronous all-gather), share of the sync | %.2f %% | <= 1 %% |\n"
-                  "| screening (norms all-gathered before the exchange), share of the sync | %.2f %% | |\n",
+                  "| screening (norms all-gathered before the exchange), share of the sync | %.2f %% | |\n"
+                  "| state hash on the critical path: one-rank outer step with / without the comparison (median) | %.3f / %.3f ms = %.2f %% of the sync | <= 1 %% |\n",
                   static_cast<long long>(params), world, rounds, bare_med * 1e3,
                   static_cast<long long>(segment), median(bare_seg_s) * 1e3, sync_med * 1e3,
                   sync_med / bare_med, compute_only_s * 1e3, overhead_pct, step_call_s * 1e9, inner_step_s * 1e3, call_pct,
                   state_ratio, median(no_compare_s) * 1e3, median(unchecked_s) * 1e3, compare_pct,
-                  screen_pct);
+                  screen_pct, compute_only_s * 1e3, compute_no_compare_s * 1e3, hash_pct);
     md << line;
     std::printf("%s", line);
     std::printf("wrote %s.json, %s.csv, %s.md\n", out.c_str(), out.c_str(), out.c_str());

@@ -27,40 +27,11 @@
 #include "diloco/exchange/aggregator.h"
 #include "diloco/sync/fingerprint.h"
 #include "kernels/cpu_kernels.h"
+#include "sync/state_hash.h"
 
-// Header-only: no library to link, for this package or for its users.
-#define XXH_INLINE_ALL
-#include <xxhash.h>
 
 namespace diloco {
 namespace {
-
-// XXH3-128 of an outer step's new global state (compare_states), fed block by block by the
-// outer step itself (OuterSGD::step's visitor), after the step's counters.
-class StateHasher {
- public:
-  StateHasher(std::int64_t outer_step, std::int64_t fragment) : state_(XXH3_createState()) {
-    if (state_ == nullptr) throw Error("[DiLoCo] out of memory for the state hash");
-    XXH3_128bits_reset(state_);
-    const std::int64_t counters[2] = {outer_step, fragment};
-    XXH3_128bits_update(state_, counters, sizeof counters);
-    visit_ = [this](const float* data, std::int64_t n) {
-      XXH3_128bits_update(state_, data, static_cast<std::size_t>(n) * sizeof(float));
-    };
-  }
-  ~StateHasher() { XXH3_freeState(state_); }
-  StateHasher(const StateHasher&) = delete;
-  StateHasher& operator=(const StateHasher&) = delete;
-  const OuterSGD::BlockVisitor* visitor() const { return &visit_; }
-  std::pair<std::uint64_t, std::uint64_t> digest() const {
-    const XXH128_hash_t h = XXH3_128bits_digest(state_);
-    return {h.high64, h.low64};
-  }
-
- private:
-  XXH3_state_t* state_;
-  OuterSGD::BlockVisitor visit_;
-};
 
 // The model's own storage can carry the pseudo-gradient when it already has the layout of the
 // global weights: float32 on the outer device.
