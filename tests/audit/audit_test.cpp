@@ -319,15 +319,8 @@ TEST_CASE("elastic runs: an island that fails its audit is removed, the others g
     threads.emplace_back([&, slot] {
       Result& out = results[static_cast<std::size_t>(slot)];
       try {
-        diloco::ElasticOptions e;
-        e.store_port = port;
-        e.slot = slot;
-        e.world_size = world;
-        e.hostname = "127.0.0.1";
-        e.heartbeat_interval = 50ms;
-        e.heartbeat_timeout = 500ms;
-        e.timeout = 10000ms;
-        e.rendezvous_timeout = 20000ms;
+        diloco::ElasticOptions e = diloco_test::fast_elastic_options(port, slot, world);
+        e.timeout = 10000ms;  // replays run inside the audits' collectives
         auto membership = diloco::Membership::join(e);
         torch::manual_seed(0);
         TinyNet net, replica;

@@ -25,19 +25,6 @@ namespace {
 
 using namespace std::chrono_literals;
 
-diloco::ElasticOptions options_for(int port, int slot, int world_size) {
-  diloco::ElasticOptions o;
-  o.store_port = port;
-  o.slot = slot;
-  o.world_size = world_size;
-  o.hostname = "127.0.0.1";
-  o.heartbeat_interval = 50ms;
-  o.heartbeat_timeout = 500ms;
-  o.timeout = 5000ms;
-  o.rendezvous_timeout = 20000ms;
-  return o;
-}
-
 // One parameter of 10 elements, the same on every island.
 diloco::ModelTensors model_of(at::Tensor& w) {
   diloco::ModelTensors m;
@@ -59,7 +46,7 @@ at::Tensor first_outer_step(const at::Tensor& theta, const std::vector<at::Tenso
 
 TEST_CASE("ElasticOptions: every option is validated, naming it and its range", "[elastic]") {
   const auto bad = [](auto change, const std::string& names) {
-    diloco::ElasticOptions o = options_for(29500, 0, 4);
+    diloco::ElasticOptions o = diloco_test::fast_elastic_options(29500, 0, 4);
     change(o);
     CHECK_THROWS_WITH(o.validate(), Contains(names));
   };
@@ -70,7 +57,8 @@ TEST_CASE("ElasticOptions: every option is validated, naming it and its range", 
   bad([](auto& o) { o.heartbeat_timeout = 60ms; }, "heartbeat_timeout must be >= 2 x heartbeat_interval");
   bad([](auto& o) { o.timeout = 400ms; }, "timeout (the collective timeout) must be above heartbeat_timeout");
   bad([](auto& o) { o.rendezvous_timeout = 1000ms; }, "rendezvous_timeout must be >= timeout");
-  diloco::ElasticOptions fine = options_for(29500, 7, 4);  // a slot beyond WORLD_SIZE joins
+  // A slot beyond WORLD_SIZE joins.
+  diloco::ElasticOptions fine = diloco_test::fast_elastic_options(29500, 7, 4);
   CHECK_NOTHROW(fine.validate());
 }
 
@@ -191,7 +179,7 @@ TEST_CASE("Elastic DiLoCo: an island that exits mid-round is dropped, the surviv
     Result& out = results[static_cast<std::size_t>(index)];
     try {
       at::Tensor w = theta0.clone();
-      auto membership = diloco::Membership::join(options_for(port, slot, 3));
+      auto membership = diloco::Membership::join(diloco_test::fast_elastic_options(port, slot, 3));
       diloco::DiLoCo outer(model_of(w), membership, options);
       for (std::int64_t t = outer.state().inner_step; t < 4 * H; ++t) {
         inner_step(w, slot, t);
@@ -261,7 +249,7 @@ TEST_CASE("Elastic DiLoCo: an island whose global state differs from the majorit
     threads.emplace_back([&, slot] {
       try {
         at::Tensor w = at::linspace(-1.0, 1.0, 10);
-        auto membership = diloco::Membership::join(options_for(port, slot, 3));
+        auto membership = diloco::Membership::join(diloco_test::fast_elastic_options(port, slot, 3));
         diloco::DiLoCo outer(model_of(w), membership, options);
         for (std::int64_t t = 0; t < 8; ++t) {
           {
@@ -303,7 +291,7 @@ TEST_CASE("Elastic DiLoCo with a run key: the store's values and the groups' pay
                                             /*is_server=*/false, 20000ms);
   const std::string key = "the run's key, 16+ bytes";
   const auto keyed = [&](int slot, const std::string& k) {
-    auto o = options_for(port, slot, 2);
+    auto o = diloco_test::fast_elastic_options(port, slot, 2);
     o.run_key = k;
     return o;
   };
@@ -349,7 +337,7 @@ TEST_CASE("Elastic DiLoCo with a run key: the store's values and the groups' pay
   for (int s = 0; s < 2; ++s) threads.emplace_back(island, s);
   while (!raw->check({"diloco-elastic/started"})) std::this_thread::sleep_for(10ms);
   // Processes without the key, or with another, fail on their own, before taking an incarnation.
-  CHECK_THROWS_WITH(diloco::Membership::join(options_for(port, 5, 2)),
+  CHECK_THROWS_WITH(diloco::Membership::join(diloco_test::fast_elastic_options(port, 5, 2)),
                     Contains("requires a run key and this process has none"));
   CHECK_THROWS_WITH(diloco::Membership::join(keyed(6, "another key, 16+ bytes")),
                     Contains("run key does not match the run's"));

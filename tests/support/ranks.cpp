@@ -71,4 +71,17 @@ Listener::~Listener() {
   if (fd >= 0) ::close(fd);
 }
 
+diloco::ElasticOptions fast_elastic_options(int port, int slot, int world_size) {
+  diloco::ElasticOptions o;
+  o.store_port = port;
+  o.slot = slot;
+  o.world_size = world_size;
+  o.hostname = "127.0.0.1";
+  o.heartbeat_interval = std::chrono::milliseconds(50);
+  o.heartbeat_timeout = std::chrono::milliseconds(500);
+  o.timeout = std::chrono::milliseconds(5000);
+  o.rendezvous_timeout = std::chrono::milliseconds(20000);
+  return o;
+}
+
 }  // namespace diloco_test

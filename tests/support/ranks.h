@@ -15,6 +15,7 @@
 #include <ATen/Tensor.h>
 
 #include "diloco/comm/group.h"
+#include "diloco/elastic/membership.h"
 
 namespace diloco_test {
 
@@ -34,6 +35,10 @@ void seed_parameters(const std::vector<at::Tensor>& params, std::uint64_t seed);
 
 // A free TCP port on 127.0.0.1 (bound to port 0 and released).
 int free_port();
+
+// Elastic islands as threads of a test, against a store served on 127.0.0.1:port: heartbeats
+// every 50 ms, lost after 500 ms of silence, collectives 5 s, rendezvous 20 s.
+diloco::ElasticOptions fast_elastic_options(int port, int slot, int world_size);
 
 // A socket listening on 127.0.0.1 that never accepts (the kernel still completes connections):
 // a port in use, or another program on MASTER_PORT. Closes on destruction.

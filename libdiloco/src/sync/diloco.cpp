@@ -29,7 +29,6 @@
 #include "kernels/cpu_kernels.h"
 #include "sync/state_hash.h"
 
-
 namespace diloco {
 namespace {
 
