@@ -7,6 +7,8 @@
 //              MAC is refused, naming the entry. Counters (Store::add) cannot carry one.
 //   joining    Group::create answers a random challenge that rank 0 writes; a process with no
 //              key or another key fails on its own, before it claims a rank (rendezvous.cpp).
+//              Elastic runs (ElasticOptions::run_key) prove the key against the run's challenge
+//              before an island takes an incarnation (elastic/membership.h, "Run keys").
 //   payloads   every payload a rank sends another carries a 32-byte tag (make_authenticated_
 //              backend): HMAC-SHA256 over the group's session (the run and the epoch), the
 //              operation, its sequence number, the outer step and fragment it belongs to
