@@ -5,6 +5,7 @@
 #include <ATen/core/grad_mode.h>
 #include <openssl/rand.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -118,7 +119,6 @@ void Auditor::fail(int island, std::int64_t outer_step, const std::string& repor
   ++stats_.failed;
   if (!excluded_[static_cast<std::size_t>(island)]) {
     excluded_[static_cast<std::size_t>(island)] = true;
-    excluded_names_.insert(names_[static_cast<std::size_t>(island)]);
     stats_.excluded.push_back(island);
     stats_.excluded_names.push_back(names_[static_cast<std::size_t>(island)]);
     stats_.excluded_at.push_back(outer_step);
@@ -140,9 +140,10 @@ void Auditor::commit(Group& group, std::int64_t outer_step, std::int64_t inner_s
   names_ = names;
   for (int r = 0; !named_ && r < n; ++r) names_.push_back(std::to_string(r));
   excluded_.assign(static_cast<std::size_t>(n), false);
+  const auto& gone = stats_.excluded_names;  // across groups: names, not ranks
   for (int r = 0; r < n; ++r) {
     excluded_[static_cast<std::size_t>(r)] =
-        excluded_names_.count(names_[static_cast<std::size_t>(r)]) != 0;
+        std::find(gone.begin(), gone.end(), names_[static_cast<std::size_t>(r)]) != gone.end();
   }
   if (stats_.audits_of.size() < static_cast<std::size_t>(n)) {
     stats_.audits_of.resize(static_cast<std::size_t>(n), 0);

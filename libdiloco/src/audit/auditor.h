@@ -11,7 +11,6 @@
 
 #include <cstdint>
 #include <map>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -65,7 +64,6 @@ class Auditor {
   double tolerance_;
   FlatParameters replica_;
   std::vector<bool> excluded_;             // by rank in the current group
-  std::set<std::string> excluded_names_;  // by name, across groups
   std::vector<std::string> names_;        // the current group's islands, in rank order
   bool named_ = false;                    // names_ came from a membership
   AuditStats stats_;

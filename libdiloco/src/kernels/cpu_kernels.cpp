@@ -10,8 +10,6 @@ namespace diloco {
 namespace kernels {
 namespace {
 
-// 2048 floats per buffer: four buffers fit in a 32 KiB L1 data cache.
-
 using Array = Eigen::Map<Eigen::ArrayXf>;
 using ConstArray = Eigen::Map<const Eigen::ArrayXf>;
 
@@ -53,14 +51,7 @@ std::int64_t outer_sgd(float* global, float* momentum, const float* delta_sum, f
     if ((dv * 0.f).sum() != 0.f) {  // not finite: keep this block's state, restore the model
       // The scaled values decide (delta_sum may be finite and only overflow when scaled).
       if (first_bad < 0) first_bad = i + first_nonfinite(d.data(), len);
-      Array(write_back + i, len) = g;
-      if (visit != nullptr) {
-        (*visit)(global + i, len);
-        if (mu != 0.f) (*visit)(momentum + i, len);
-      }
-      continue;
-    }
-    if (mu == 0.f) {
+    } else if (mu == 0.f) {
       g -= lr * dv;
     } else {
       Array m(momentum + i, len);
