@@ -196,12 +196,13 @@ keyed)
   echo "== a keyed run: keyless and wrong-key processes are refused; island $victim is killed and" \
        "rejoins with the key"
   export DILOCO_RUN_KEY="elastic test run key, 16+ bytes"
+  # Long enough to outlive two intruder processes' start-up on a loaded machine.
   launch keyed -n 4 --max-restarts 1 --restart-delay 0 --master-port "$port" -- \
-    "$train_lm" "${model[@]}" --steps 1000 --inner-steps 50
+    "$train_lm" "${model[@]}" --steps 3000 --inner-steps 50
   unset DILOCO_RUN_KEY
   wait_for_line "$tmp/keyed.txt" "step [0-9]+/[0-9]+ outer 2 " 120
   intruder=(env MASTER_ADDR=127.0.0.1 MASTER_PORT="$port" WORLD_SIZE=4 DILOCO_ELASTIC=1 RANK=4
-            "$train_lm" "${model[@]}" --steps 1000 --inner-steps 50)
+            "$train_lm" "${model[@]}" --steps 3000 --inner-steps 50)
   "${intruder[@]}" > "$tmp/keyless.txt" 2>&1 && fail "a process without the key joined"
   grep -q "requires a run key and this process has none" "$tmp/keyless.txt" ||
     fail "the keyless process's error does not say why"
