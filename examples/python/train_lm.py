@@ -676,6 +676,10 @@ def train(f):
             evaluate_now = True
         if evaluate_now:
             report(step)
+    if outer:
+        # The last outer step's global state is compared too (the others' rode on the next
+        # exchange), as the C++ example does.
+        outer.check_state()
 
     elapsed = time.perf_counter() - start
     stats = comm_stats()

@@ -892,6 +892,8 @@ int train(const Flags& f, bool timeout_given) {
     }
     if (evaluate_now) report(step);
   }
+  // The last outer step's global state is compared too (the others' rode on the next exchange).
+  if (sync) sync->check_state();
 
   const double elapsed = seconds_since(start);
   const auto stats = comm_stats();

@@ -406,9 +406,11 @@ class DiLoCo(_C.DiLoCo):
             Exchanges that decode each island's payload (gathered codecs, robust aggregators)
             also refuse one that does not decode or decodes to a NaN or an infinity.
         compare_states: after every outer step the islands compare a 128-bit hash of the global
-            state (16 bytes each, compared while the islands train on; settled when the next
-            exchange starts); a difference raises diloco.Error naming the ranks that
-            disagree with the majority.
+            state, compared before the next exchange sends anything (with screening it rides
+            on the screening's all-gather; else 32 bytes each in an all-gather of its own that
+            completes while the islands train on); call check_state() after the last outer
+            step to compare that one too. A difference raises diloco.Error naming the ranks
+            that disagree with the majority.
         audit_rate: replay audits of claimed work, in [0, 1] (0 = off): at every outer step
             each island is audited with this probability by another island, which replays
             its round from the committed start state through enable_audits()'s step function

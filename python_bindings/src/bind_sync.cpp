@@ -362,6 +362,11 @@ void bind_sync(py::module_& m) {
           "Run an outer step now, whatever the inner step count (all ranks together), e.g. to "
           "end training on the global weights.")
       .def(
+          "check_state", [](PyDiLoCo& d) { d.impl().check_state(); }, Release(),
+          "compare_states: compare the last outer step's global state now if it was not compared "
+          "yet (all ranks together). The comparison after an outer step otherwise rides on the "
+          "next exchange's screening; call this once after the last outer step.")
+      .def(
           "_time_syncs",
           [](PyDiLoCo& d, int count) {
             std::vector<double> seconds;

@@ -31,13 +31,13 @@ assert last["val_loss"] < 0.6 * first["val_loss"], (first["val_loss"], last["val
 # Each outer sync is one ring all-reduce of the float32 parameters, 2(N-1)/N * 4 * P bytes, plus
 # the buffers' check: the model's only buffer is its causal mask (bool), so an all-gather of an
 # 8-byte digest, (N-1) * 8 bytes, and nothing else while the islands' masks agree; before it the
-# contributions' screening: an all-gather of an 8-byte norm, (N-1) * 8 bytes. After it the
-# islands compare their global state: an asynchronous all-gather of a 16-byte hash, (N-1) * 16
-# bytes, counted when it is settled at the next exchange (so the last step's falls after the last
-# metrics line: 9 of the 10).
+# contributions' screening: an all-gather of an 8-byte norm and the state comparison's 32-byte
+# row riding on it (outer step, fragment and the 128-bit hash of the global state after the last
+# outer step; "none" at the first), (N-1) * 40 bytes. The last outer step's comparison
+# (check_state, its own all-gather) comes after the last metrics line.
 steps = last["outer_step"]
 per_sync = (last["bytes_sent"] - first["bytes_sent"]) / steps
-expect = 2 * 3 * 4 * last["parameters"] // 4 + 3 * 8 + 3 * 8 + 3 * 16 * (steps - 1) / steps
+expect = 2 * 3 * 4 * last["parameters"] // 4 + 3 * 8 + 3 * 40
 assert abs(per_sync - expect) <= 8, (per_sync, expect)
 print("train_lm_test: all checks passed")
 PY

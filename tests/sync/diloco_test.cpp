@@ -330,6 +330,70 @@ TEST_CASE("islands compare their global state after every outer step; one that d
   for (const auto& e : quiet) CHECK(e.empty());
 }
 
+TEST_CASE("the state comparison rides on the screening all-gather, travels alone without "
+          "screening, and check_state() compares the last outer step", "[diloco][gloo]") {
+  // Rank 2's global weights are corrupted after outer step 1; outer step 2's state then differs.
+  // With screening (3 ranks, the default screen_factor) no comparison has been sent on its own
+  // when the loop ends (outer step 2 is the last), and check_state() finds the difference.
+  // Without screening, the comparison is its own all-gather and fails at outer step 3's start.
+  for (const double screen_factor : {100.0, 0.0}) {
+    INFO("screen_factor " << screen_factor);
+    const int steps = screen_factor > 0.0 ? 4 : 6;
+    const auto errors =
+        diloco_test::run_ranks_collect(3, [&](int rank, std::shared_ptr<diloco::Group> g) {
+          torch::manual_seed(0);
+          TinyNet net;
+          torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
+          diloco::DiLoCoOptions options;
+          options.inner_steps = 2;
+          options.screen_factor = screen_factor;
+          diloco::DiLoCo outer(net, opt, g, options);
+          for (int step = 0; step < steps; ++step) {
+            inner_step(net, opt, rank, step);
+            outer.step();
+            if (step == 1 && rank == 2) {
+              at::NoGradGuard no_grad;
+              outer.global_weights()[0].view(-1)[3] += 1e-3f;
+            }
+          }
+          const auto alone = g->stats().ops.count("allgather:state_check");
+          if (screen_factor > 0.0 && alone != 0) {
+            throw std::runtime_error("a state comparison was sent on its own with screening");
+          }
+          outer.check_state();
+          throw std::runtime_error("check_state() found no difference");
+        });
+    for (int r = 0; r < 3; ++r) {
+      INFO("rank " << r << ": " << errors[static_cast<std::size_t>(r)]);
+      CHECK_THAT(errors[static_cast<std::size_t>(r)],
+                 Contains("outer step 2, fragment 0] rank " + std::to_string(r) +
+                          ": the islands' global states differ after the outer step: rank(s) 2 "
+                          "disagree with the majority"));
+    }
+  }
+  // Honest islands: check_state() passes (a second call compares again, with no hash left on any
+  // rank), each call one all-gather of its own.
+  const auto honest = diloco_test::run_ranks_collect(3, [](int rank, std::shared_ptr<diloco::Group> g) {
+    torch::manual_seed(0);
+    TinyNet net;
+    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
+    diloco::DiLoCoOptions options;
+    options.inner_steps = 2;
+    diloco::DiLoCo outer(net, opt, g, options);
+    for (int step = 0; step < 6; ++step) {
+      inner_step(net, opt, rank, step);
+      outer.step();
+    }
+    outer.check_state();
+    outer.check_state();
+    const auto ops = g->stats().ops;
+    if (ops.count("allgather:state_check") == 0 || ops.at("allgather:state_check").calls != 2) {
+      throw std::runtime_error("expected two state comparisons of their own (check_state's)");
+    }
+  });
+  for (const auto& e : honest) CHECK(e.empty());
+}
+
 TEST_CASE("a pseudo-gradient far above the others' is refused, named on every rank, and the outer "
           "step averages the rest", "[diloco][gloo]") {
   // Rank 3 adds 1e6 to its weights before the outer step (a hostile or broken island): its

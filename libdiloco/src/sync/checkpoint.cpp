@@ -260,6 +260,7 @@ std::map<std::string, std::string> DiLoCo::load(
   torch::serialize::InputArchive outer;
   content.read("outer", outer);
   state_.load(outer);  // checks shapes and exchange specs before it changes anything
+  state_hash_.reset();  // the state it described is gone
   at::NoGradGuard no_grad;
   for (std::size_t i = 0; i < buckets.size(); ++i) buckets[i].flat.copy_(local[i]);
   for (std::size_t k = 0; k < inner.size(); ++k) {

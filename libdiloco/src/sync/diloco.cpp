@@ -445,8 +445,7 @@ void DiLoCo::start_sync(std::int64_t fragment) {
   declared_norms_ = -1.0;
   // Exchanges that see each contribution screen what they decode (ContributionScreen); the
   // others screen the norms the islands declare, before anything is sent.
-  const bool sees = state_.exchanges.front()->sees_contributions();
-  const bool screen = options_.screen_factor > 0.0 && group_->world_size() >= 3 && !sees;
+  const bool screen = screens();
   try {
     if (compressed_ || screen) {
       // A codec may not survive a NaN (its scales would be NaN), and screening needs the norm:
@@ -540,12 +539,18 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
     }
   }
   pending_.clear();
-  if (hasher && bad_bucket < 0) state_hash_ = hasher->digest();
+  if (hasher && bad_bucket < 0) {
+    const auto [high, low] = hasher->digest();
+    state_hash_ = StateHash{high, low, state_.outer_step + 1, fragment};
+  }
   // Elastic runs audit and compare once the outer step is committed (elastic_outer_step).
   if (auditor_ && !membership_ && bad_bucket < 0) {
     auditor_->audit(*group_, state_.global, state_.inner_step);
   }
-  if (options_.compare_states && !membership_ && bad_bucket < 0) start_state_check(fragment);
+  // With screening the comparison rides on the next exchange's screening all-gather.
+  if (options_.compare_states && !membership_ && bad_bucket < 0 && !screens()) {
+    start_state_check();
+  }
   if (bad_bucket >= 0) {
     const auto i = static_cast<std::size_t>(bad_bucket);
     std::ostringstream m;
@@ -600,11 +605,27 @@ void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite) {
     squares += n * n;
   }
   const double mine = mine_finite ? std::sqrt(squares) : std::nan("");
-  const auto all = group_->allgather(at::full({1}, mine, at::kDouble), "outer_sync_screen");
+  // One row per island: its norm (the double's bits), and in static runs comparing states the
+  // last outer step's state hash (outer step, fragment, 128 bits; -1, -1, 0, 0 when there is
+  // none to compare), so that the comparison needs no collective of its own.
+  const bool carries_hash = options_.compare_states && !membership_;
+  std::int64_t bits = 0;
+  std::memcpy(&bits, &mine, sizeof mine);
+  at::Tensor row = at::full({1}, bits, at::kLong);
+  if (carries_hash) row = at::cat({row, take_state_row()});
+  const auto all = group_->allgather(row, "outer_sync_screen");
+  if (carries_hash) {
+    std::vector<at::Tensor> hashes;
+    for (const auto& t : all) hashes.push_back(t.narrow(0, 1, 4));
+    compare_state_rows(hashes);
+  }
   std::vector<double> norms, finite_norms;
   std::vector<int> not_finite;
   for (const auto& t : all) {
-    norms.push_back(t.item<double>());
+    double norm = 0.0;
+    const std::int64_t word = t[0].item<std::int64_t>();
+    std::memcpy(&norm, &word, sizeof norm);
+    norms.push_back(norm);
     if (std::isfinite(norms.back())) {
       finite_norms.push_back(norms.back());
     } else {
@@ -690,16 +711,10 @@ void DiLoCo::report_refusals(std::int64_t fragment, std::size_t bucket,
   std::fprintf(stderr, "%s\n", last_screening_.c_str());
 }
 
-void DiLoCo::start_state_check(std::int64_t fragment) {
+void DiLoCo::start_state_check() {
   settle_state_check();  // one in flight at a time
-  if (!state_hash_) throw Error("[DiLoCo] internal: no state hash from the outer step to compare");
-  const auto [high, low] = *state_hash_;
-  state_hash_.reset();
   auto check = std::make_unique<StateCheck>();
-  check->mine = at::tensor({static_cast<std::int64_t>(high), static_cast<std::int64_t>(low)},
-                           at::kLong);
-  check->outer_step = state_.outer_step + (membership_ ? 0 : 1);
-  check->fragment = fragment;
+  check->mine = take_state_row();
   check->collective = group_->allgather_async(check->mine, check->hashes, "state_check");
   state_check_ = std::move(check);
 }
@@ -708,9 +723,34 @@ void DiLoCo::settle_state_check() {
   if (!state_check_) return;
   const std::unique_ptr<StateCheck> check = std::move(state_check_);
   check->collective.wait();
-  const std::int64_t fragment = check->fragment;
-  const std::vector<at::Tensor>& all = check->hashes;
-  // The majority's hash (a strict majority, or none).
+  compare_state_rows(check->hashes);
+}
+
+void DiLoCo::check_state() {
+  if (membership_) return;
+  settle_state_check();
+  if (!options_.compare_states) return;
+  // Always a collective, with or without a hash left to compare (a rank that has none, e.g.
+  // after a load_state() of its own, is then named by the others rather than left waiting).
+  start_state_check();
+  settle_state_check();
+}
+
+at::Tensor DiLoCo::take_state_row() {
+  const StateHash h = state_hash_.value_or(StateHash{0, 0, -1, -1});
+  state_hash_.reset();
+  return at::tensor({h.outer_step, h.fragment, static_cast<std::int64_t>(h.high),
+                     static_cast<std::int64_t>(h.low)},
+                    at::kLong);
+}
+
+bool DiLoCo::screens() const {
+  return options_.screen_factor > 0.0 && group_->world_size() >= 3 &&
+         !state_.exchanges.front()->sees_contributions();
+}
+
+void DiLoCo::compare_state_rows(const std::vector<at::Tensor>& all) {
+  // The majority's row (a strict majority, or none).
   const int n = static_cast<int>(all.size());
   const auto same = [&](int a, int b) { return at::equal(all[a], all[b]); };
   int majority = -1;
@@ -725,15 +765,20 @@ void DiLoCo::settle_state_check() {
   }
   if (differing.empty()) return;
   const auto hex = [&](int r) {
+    if (all[r][0].item<std::int64_t>() < 0) return std::string("none");
     char text[40];
     std::snprintf(text, sizeof text, "%016llx%016llx",
-                  static_cast<unsigned long long>(all[r][0].item<std::int64_t>()),
-                  static_cast<unsigned long long>(all[r][1].item<std::int64_t>()));
+                  static_cast<unsigned long long>(all[r][2].item<std::int64_t>()),
+                  static_cast<unsigned long long>(all[r][3].item<std::int64_t>()));
     return std::string(text);
   };
+  // The outer step and fragment compared: the majority's (a rank without a hash has -1), else
+  // this rank's.
+  const at::Tensor& named = all[majority >= 0 ? majority : group_->rank()];
   std::ostringstream m;
-  m << "[DiLoCo outer step " << check->outer_step << ", fragment " << fragment << "] rank "
-    << group_->rank() << ": the islands' global states differ after the outer step: ";
+  m << "[DiLoCo outer step " << named[0].item<std::int64_t>() << ", fragment "
+    << named[1].item<std::int64_t>() << "] rank " << group_->rank()
+    << ": the islands' global states differ after the outer step: ";
   if (majority < 0) {
     m << "no majority (";
     for (int r = 0; r < n; ++r) m << (r ? ", " : "") << "rank " << r << " " << hex(r);
@@ -799,7 +844,7 @@ void DiLoCo::elastic_outer_step() {
         ++state_.outer_step;
         if (auditor_) elastic_audit();
         if (options_.compare_states) {
-          start_state_check(0);
+          start_state_check();
           settle_state_check();
         }
       }
@@ -971,6 +1016,7 @@ void DiLoCo::save_state(const std::string& path) const {
 void DiLoCo::load_state(const std::string& path) {
   check_nothing_in_flight("load_state");
   state_.load(path);
+  state_hash_.reset();  // the state it described is gone
   reset_model_to_global();
   if (auditor_) auditor_->begin_round(state_.global, state_.inner_step);
 }

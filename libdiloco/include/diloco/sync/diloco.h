@@ -119,13 +119,15 @@ struct DiLoCoOptions {
   std::int64_t overlap_steps = 0;
   double mixing = 0.0;
   // After every applied fragment the islands compare a 128-bit XXH3 hash of its global weights,
-  // outer momentum and the outer step (16 bytes per rank, in an all-gather issued right after the
-  // outer step and settled when the next exchange starts, or at sync()). A difference is an
+  // outer momentum and the outer step, compared before the next exchange sends anything: with
+  // screening it rides on the screening's all-gather (32 more bytes per rank), else it travels
+  // in an all-gather of its own (32 bytes per rank) issued right after the outer step and
+  // settled when the next exchange starts; check_state() compares the last one. A difference is an
   // Error on every rank naming the ranks that disagree with the majority; in elastic runs those
   // get RemovedError (started again, they rejoin with the run's state) and the others go on.
   bool compare_states = true;
   // Contributions are screened before each exchange (with 3 or more islands): the islands
-  // all-gather their pseudo-gradients' norms (8 bytes each), and one more than screen_factor x
+  // all-gather their pseudo-gradients' norms (8 bytes each, 40 with compare_states), and one more than screen_factor x
   // the median norm is refused: its island sends zeros, the outer step averages the others, and
   // every rank names it on stderr (refused_contributions() counts them). 0 = off; else in
   // [1, 1e12].
@@ -194,6 +196,14 @@ class DiLoCo {
   // one applied, when its exchange started after the last inner step: it has nothing left to
   // send, and the island takes its global weights).
   void sync();
+  // options.compare_states, static runs: compares the global state of the last outer step now,
+  // if it was not compared yet (all ranks together: a collective). After an outer step the
+  // comparison rides on the next exchange's screening all-gather (with screening: world size
+  // >= 3, screen_factor > 0, an exchange that does not see each contribution) or else travels in
+  // an asynchronous all-gather of its own; call this after the last outer step so that the last
+  // state is compared too. Throws Error naming the ranks that differ from the majority. Nothing
+  // to do in elastic runs, which compare before an outer step is committed.
+  void check_state();
 
   const DiLoCoOptions& options() const { return options_; }
   SyncStats stats() const;
@@ -263,13 +273,25 @@ class DiLoCo {
   void start_sync(std::int64_t fragment);
   void finish_sync(std::int64_t fragment);
   // options_.compare_states: the islands compare the fragment's global state (see the option).
-  // The outer step hashes the state as it writes it (state_hash_); start_state_check() issues
-  // the comparison (an asynchronous all-gather of 16 bytes per rank) right after the outer step; settle_state_check() waits for it and throws when
-  // the states differ. Plain runs settle it at the next exchange's start (or sync(),
-  // load_state(), or the destructor, which reports a difference on stderr), so the training in
-  // between never waits on it; elastic runs settle it at once.
-  void start_state_check(std::int64_t fragment);
+  // The outer step hashes the state as it writes it (state_hash_). With screening (screens())
+  // the hash rides on the next exchange's screening all-gather (screen_contributions), which
+  // compares it before anything of that exchange is sent: no collective of its own. Otherwise
+  // start_state_check() issues the comparison (an asynchronous all-gather of 32 bytes per rank)
+  // right after the outer step, and settle_state_check() waits for it and throws when the states
+  // differ: plain runs settle it at the next exchange's start (or sync(), check_state(), or the
+  // destructor, which reports a difference on stderr), so the training in between never waits
+  // on it; elastic runs settle it at once.
+  void start_state_check();
   void settle_state_check();
+  // This rank's row for the comparison (outer step, fragment, the hash as 2 int64; -1, -1, 0, 0
+  // when there is no hash), after which the hash is no longer pending.
+  at::Tensor take_state_row();
+  // Every rank's row: Error (RemovedError / PeerLostError in an elastic run) naming the ranks
+  // that differ from a strict majority.
+  void compare_state_rows(const std::vector<at::Tensor>& rows);
+  // The islands screen the norms they declare before an exchange (screen_factor > 0, world size
+  // >= 3, an exchange that does not see each contribution; constant over a static run).
+  bool screens() const;
   // Audits: this island's commitment for the fragment's outer step (audit/auditor.h).
   void commit_for_audit(std::int64_t fragment);
   // Elastic runs: the audits of the committed outer step; islands that failed are removed (see
@@ -311,14 +333,16 @@ class DiLoCo {
   std::vector<InFlight> pending_;  // the exchanges of the fragment in flight
   struct StateCheck {
     PendingCollective collective;
-    at::Tensor mine;                  // this rank's 128-bit hash, 2 int64
+    at::Tensor mine;                  // this rank's row (take_state_row)
     std::vector<at::Tensor> hashes;   // every rank's, after the all-gather
-    std::int64_t outer_step = 0;
-    std::int64_t fragment = 0;
   };
   std::unique_ptr<StateCheck> state_check_;  // the comparison in flight, if any
   // XXH3-128 of the state the last outer step wrote (compare_states), until it is compared.
-  std::optional<std::pair<std::uint64_t, std::uint64_t>> state_hash_;
+  struct StateHash {
+    std::uint64_t high = 0, low = 0;
+    std::int64_t outer_step = 0, fragment = 0;
+  };
+  std::optional<StateHash> state_hash_;
   CommThread::Job finite_check_;   // its finiteness check (compressed exchanges)
   std::int64_t in_flight_ = -1;    // the fragment whose exchange is in flight, or -1
   std::vector<std::int64_t> started_at_;  // per fragment: the inner step its last exchange started
