@@ -1,5 +1,5 @@
-"""Helpers of the Python bindings' tests: free ports, one-rank groups, and runs of real island
-processes (Python worker.py and the C++ cpp_peer) over loopback Gloo with torchrun's variables.
+"""Helpers of the Python bindings' tests: free ports, one-rank groups, islands as threads of the
+test's process, and runs of real island processes (Python worker.py and the C++ cpp_peer) over loopback Gloo with torchrun's variables.
 
 ctest sets PYTHONPATH to the built package and DILOCO_CPP_PEER to the C++ island; run the suite
 with `ctest --test-dir build -R python_bindings` (see README.md).
@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,25 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_threads(count, body, timeout=120):
+    """Runs body(i) for i in range(count), each on a thread of this process (islands over
+    loopback Gloo); returns {i: the exception body(i) raised}."""
+    errors = {}
+
+    def run(i):
+        try:
+            body(i)
+        except Exception as e:  # noqa: BLE001 - returned to the caller
+            errors[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
 
 
 def python_island():

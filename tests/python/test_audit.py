@@ -3,13 +3,11 @@ function): three islands (threads of this process, Gloo on loopback) audit each 
 outer step; honest rounds pass bit for bit, an island that scales its update is caught, named
 on every rank and left out of later outer steps."""
 
-import threading
-
 import pytest
 import torch
 
 import diloco
-from conftest import free_port
+from conftest import free_port, run_threads
 
 
 def net():
@@ -28,40 +26,33 @@ def inner_step(model, optimizer, island, t):
 
 def islands(cheat, rounds=3, world=3, h=3):
     port = free_port()
-    out, errors = {}, {}
+    out = {}
 
     def island(rank):
-        try:
-            group = diloco.init_process_group(master_port=port, rank=rank, world_size=world,
-                                              timeout=30)
-            torch.manual_seed(0)
-            model, replica = net(), net()
-            inner = torch.optim.AdamW(model.parameters(), lr=0.01)
-            replica_inner = torch.optim.AdamW(replica.parameters(), lr=0.01)
-            outer = diloco.DiLoCo(model, inner, group, inner_steps=h, audit_rate=1.0,
-                                  screen_factor=0)
-            outer.enable_audits(replica, replica_inner,
-                                lambda island, t: inner_step(replica, replica_inner, island, t),
-                                data_seed=7)
-            for t in range(h * rounds):
-                inner_step(model, inner, rank, t)
-                if cheat and rank == 2 and t % h == h - 1:
-                    with torch.no_grad():
-                        flat, g = outer.flat_parameters()[0], outer.global_weights()[0]
-                        if t == h - 1:
-                            flat.copy_(g - 2.0 * (g - flat))  # its update x2
-                        else:
-                            flat.add_(1e3)  # would show in the global weights if averaged
-                outer.step()
-            out[rank] = (outer.audits(), outer.global_weights()[0].clone())
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors[rank] = e
+        group = diloco.init_process_group(master_port=port, rank=rank, world_size=world,
+                                          timeout=30)
+        torch.manual_seed(0)
+        model, replica = net(), net()
+        inner = torch.optim.AdamW(model.parameters(), lr=0.01)
+        replica_inner = torch.optim.AdamW(replica.parameters(), lr=0.01)
+        outer = diloco.DiLoCo(model, inner, group, inner_steps=h, audit_rate=1.0,
+                              screen_factor=0)
+        outer.enable_audits(replica, replica_inner,
+                            lambda island, t: inner_step(replica, replica_inner, island, t),
+                            data_seed=7)
+        for t in range(h * rounds):
+            inner_step(model, inner, rank, t)
+            if cheat and rank == 2 and t % h == h - 1:
+                with torch.no_grad():
+                    flat, g = outer.flat_parameters()[0], outer.global_weights()[0]
+                    if t == h - 1:
+                        flat.copy_(g - 2.0 * (g - flat))  # its update x2
+                    else:
+                        flat.add_(1e3)  # would show in the global weights if averaged
+            outer.step()
+        out[rank] = (outer.audits(), outer.global_weights()[0].clone())
 
-    threads = [threading.Thread(target=island, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = run_threads(world, island)
     assert not errors, errors
     return out
 
@@ -114,45 +105,38 @@ def test_elastic_run_removes_an_island_that_fails_its_audit():
                                        timeout=torch.distributed.constants.default_pg_timeout,
                                        wait_for_workers=False)
     h, rounds, world = 3, 3, 3
-    out, errors = {}, {}
+    out = {}
 
     def stream_of(name):
         slot, incarnation = name.split(".")
         return int(slot) * 10 + int(incarnation)
 
     def island(slot):
-        try:
-            membership = diloco.join_elastic(store_port=port, slot=slot, world_size=world,
-                                             hostname="127.0.0.1", heartbeat_timeout=0.5,
-                                             heartbeat_interval=0.05, timeout=10,
-                                             rendezvous_timeout=30)
-            torch.manual_seed(0)
-            model, replica = net(), net()
-            inner = torch.optim.AdamW(model.parameters(), lr=0.01)
-            replica_inner = torch.optim.AdamW(replica.parameters(), lr=0.01)
-            outer = diloco.DiLoCo(model, inner, membership, inner_steps=h, audit_rate=1.0)
-            step = lambda stream, t: inner_step(replica, replica_inner, stream, t)  # noqa: E731
-            with pytest.raises(diloco.OptionError, match="needs AuditHooks::stream_of"):
-                outer.enable_audits(replica, replica_inner, step, data_seed=7)
-            outer.enable_audits(replica, replica_inner, step, data_seed=7, stream_of=stream_of)
-            mine = stream_of(membership.island)
-            for t in range(h * rounds):
-                inner_step(model, inner, mine, t)
-                if slot == 2 and t == h - 1:
-                    with torch.no_grad():
-                        flat, g = outer.flat_parameters()[0], outer.global_weights()[0]
-                        flat.copy_(g - 2.0 * (g - flat))  # its update x2
-                outer.step()
-            out[slot] = (outer.audits(), outer.state_sha256(), outer.group.world_size)
-            membership.leave()
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors[slot] = e
+        membership = diloco.join_elastic(store_port=port, slot=slot, world_size=world,
+                                         hostname="127.0.0.1", heartbeat_timeout=0.5,
+                                         heartbeat_interval=0.05, timeout=10,
+                                         rendezvous_timeout=30)
+        torch.manual_seed(0)
+        model, replica = net(), net()
+        inner = torch.optim.AdamW(model.parameters(), lr=0.01)
+        replica_inner = torch.optim.AdamW(replica.parameters(), lr=0.01)
+        outer = diloco.DiLoCo(model, inner, membership, inner_steps=h, audit_rate=1.0)
+        step = lambda stream, t: inner_step(replica, replica_inner, stream, t)  # noqa: E731
+        with pytest.raises(diloco.OptionError, match="needs AuditHooks::stream_of"):
+            outer.enable_audits(replica, replica_inner, step, data_seed=7)
+        outer.enable_audits(replica, replica_inner, step, data_seed=7, stream_of=stream_of)
+        mine = stream_of(membership.island)
+        for t in range(h * rounds):
+            inner_step(model, inner, mine, t)
+            if slot == 2 and t == h - 1:
+                with torch.no_grad():
+                    flat, g = outer.flat_parameters()[0], outer.global_weights()[0]
+                    flat.copy_(g - 2.0 * (g - flat))  # its update x2
+            outer.step()
+        out[slot] = (outer.audits(), outer.state_sha256(), outer.group.world_size)
+        membership.leave()
 
-    threads = [threading.Thread(target=island, args=(s,)) for s in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = run_threads(world, island)
     assert set(errors) == {2}, errors
     assert isinstance(errors[2], diloco.RemovedError)
     assert "rank 2 (island 2.0) failed its audit" in str(errors[2])

@@ -2,12 +2,10 @@
 compare their global state after every outer step; check_state() compares the last one, and an
 island whose state is not the others' is named on every rank."""
 
-import threading
-
 import torch
 
 import diloco
-from conftest import free_port
+from conftest import free_port, run_threads
 
 
 def net():
@@ -26,34 +24,25 @@ def islands(tmp_path, reload_rank=None, world=3, h=2, rounds=2):
     """`reload_rank` loads the state it saved after outer step 1 once the last outer step is done
     (a state of its own, and no hash of the last outer step)."""
     port = free_port()
-    errors = {}
 
     def island(rank):
-        try:
-            group = diloco.init_process_group(master_port=port, rank=rank, world_size=world,
-                                              timeout=30)
-            torch.manual_seed(0)
-            model = net()
-            inner = torch.optim.SGD(model.parameters(), lr=0.05)
-            outer = diloco.DiLoCo(model, inner, group, inner_steps=h)
-            saved = str(tmp_path / ("rank%d.pt" % rank))
-            for t in range(h * rounds):
-                inner_step(model, inner, rank, t)
-                outer.step()
-                if t == h - 1:
-                    outer.save_state(saved)
-            if rank == reload_rank:
-                outer.load_state(saved)
-            outer.check_state()
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors[rank] = e
+        group = diloco.init_process_group(master_port=port, rank=rank, world_size=world,
+                                          timeout=30)
+        torch.manual_seed(0)
+        model = net()
+        inner = torch.optim.SGD(model.parameters(), lr=0.05)
+        outer = diloco.DiLoCo(model, inner, group, inner_steps=h)
+        saved = str(tmp_path / ("rank%d.pt" % rank))
+        for t in range(h * rounds):
+            inner_step(model, inner, rank, t)
+            outer.step()
+            if t == h - 1:
+                outer.save_state(saved)
+        if rank == reload_rank:
+            outer.load_state(saved)
+        outer.check_state()
 
-    threads = [threading.Thread(target=island, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return errors
+    return run_threads(world, island)
 
 
 def test_check_state_passes_when_the_islands_agree(tmp_path):

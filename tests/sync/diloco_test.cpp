@@ -6,6 +6,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
 
 #include "diloco/diloco.h"
 #include "support/codec_helpers.h"
@@ -284,110 +287,94 @@ TEST_CASE("global weights and momentum offloaded to the CPU for a CUDA model", "
   CHECK((model[0] - global[0]).abs().max().item<double>() == 0.0);
 }
 
-TEST_CASE("islands compare their global state after every outer step; one that differs is named",
-          "[diloco][gloo]") {
-  // Rank 2's global weights are corrupted between two outer steps (a bit flip in memory, a
-  // hostile island): the states compared after the next outer step differ, and every rank fails
-  // when that comparison is settled, at the start of the exchange after it, naming rank 2
-  // against the majority.
-  const auto errors = diloco_test::run_ranks_collect(3, [](int rank, std::shared_ptr<diloco::Group> g) {
+namespace {
+
+// Three islands of TinyNet, H = 2, `steps` inner steps under `options`; with `corrupt`, rank 2's
+// global weights are changed after outer step 1 (a bit flip in memory, a hostile island), so the
+// state of every later outer step differs from the others'. Then `after` runs on each rank.
+// Returns each rank's error, "" for none.
+std::vector<std::string> state_comparison_run(
+    diloco::DiLoCoOptions options, int steps, bool corrupt,
+    const std::function<void(diloco::Group&, diloco::DiLoCo&)>& after = {}) {
+  options.inner_steps = 2;
+  return diloco_test::run_ranks_collect(3, [&](int rank, std::shared_ptr<diloco::Group> g) {
     torch::manual_seed(0);
     TinyNet net;
     torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
-    diloco::DiLoCoOptions options;
-    options.inner_steps = 2;
     diloco::DiLoCo outer(net, opt, g, options);
-    for (int step = 0; step < 6; ++step) {
+    for (int step = 0; step < steps; ++step) {
       inner_step(net, opt, rank, step);
       outer.step();
-      if (step == 1 && rank == 2) {
+      if (corrupt && step == 1 && rank == 2) {
         at::NoGradGuard no_grad;
         outer.global_weights()[0].view(-1)[3] += 1e-3f;
       }
     }
+    if (after) after(*g, outer);
   });
+}
+
+std::uint64_t state_checks_sent(diloco::Group& g) {
+  const auto ops = g.stats().ops;
+  const auto it = ops.find("allgather:state_check");
+  return it == ops.end() ? 0 : it->second.calls;
+}
+
+// Every rank's error names rank 2 against the majority after outer step 2.
+void check_rank_2_named(const std::vector<std::string>& errors) {
   for (int r = 0; r < 3; ++r) {
     INFO("rank " << r << ": " << errors[static_cast<std::size_t>(r)]);
     CHECK_THAT(errors[static_cast<std::size_t>(r)],
-               Contains("global states differ after the outer step: rank(s) 2 disagree with the "
-                        "majority"));
+               Contains("[DiLoCo outer step 2, fragment 0] rank " + std::to_string(r) +
+                        ": the islands' global states differ after the outer step: rank(s) 2 "
+                        "disagree with the majority"));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("islands compare their global state after every outer step; one that differs is named",
+          "[diloco][gloo]") {
+  // The states compared after outer step 2 differ, and every rank fails when that comparison
+  // is made, at the start of outer step 3's exchange, naming rank 2 against the majority: with
+  // screening (3 ranks, the default screen_factor) it rides on the screening's all-gather,
+  // without it it is an all-gather of its own.
+  for (const double screen_factor : {100.0, 0.0}) {
+    INFO("screen_factor " << screen_factor);
+    diloco::DiLoCoOptions options;
+    options.screen_factor = screen_factor;
+    const auto errors = state_comparison_run(options, 6, true);
+    check_rank_2_named(errors);
   }
   // Off, nothing is compared (and nothing is sent for it).
-  const auto quiet = diloco_test::run_ranks_collect(3, [](int rank, std::shared_ptr<diloco::Group> g) {
-    torch::manual_seed(0);
-    TinyNet net;
-    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
-    diloco::DiLoCoOptions options;
-    options.inner_steps = 2;
-    options.compare_states = false;
-    diloco::DiLoCo outer(net, opt, g, options);
-    for (int step = 0; step < 4; ++step) {
-      inner_step(net, opt, rank, step);
-      outer.step();
-    }
-    if (g->stats().ops.count("allgather:state_check") != 0) throw std::runtime_error("state_check sent");
+  diloco::DiLoCoOptions off;
+  off.compare_states = false;
+  const auto quiet = state_comparison_run(off, 6, true, [](diloco::Group& g, diloco::DiLoCo& d) {
+    d.check_state();
+    if (state_checks_sent(g) != 0) throw std::runtime_error("state_check sent");
   });
   for (const auto& e : quiet) CHECK(e.empty());
 }
 
-TEST_CASE("the state comparison rides on the screening all-gather, travels alone without "
-          "screening, and check_state() compares the last outer step", "[diloco][gloo]") {
-  // Rank 2's global weights are corrupted after outer step 1; outer step 2's state then differs.
-  // With screening (3 ranks, the default screen_factor) no comparison has been sent on its own
-  // when the loop ends (outer step 2 is the last), and check_state() finds the difference.
-  // Without screening, the comparison is its own all-gather and fails at outer step 3's start.
-  for (const double screen_factor : {100.0, 0.0}) {
-    INFO("screen_factor " << screen_factor);
-    const int steps = screen_factor > 0.0 ? 4 : 6;
-    const auto errors =
-        diloco_test::run_ranks_collect(3, [&](int rank, std::shared_ptr<diloco::Group> g) {
-          torch::manual_seed(0);
-          TinyNet net;
-          torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
-          diloco::DiLoCoOptions options;
-          options.inner_steps = 2;
-          options.screen_factor = screen_factor;
-          diloco::DiLoCo outer(net, opt, g, options);
-          for (int step = 0; step < steps; ++step) {
-            inner_step(net, opt, rank, step);
-            outer.step();
-            if (step == 1 && rank == 2) {
-              at::NoGradGuard no_grad;
-              outer.global_weights()[0].view(-1)[3] += 1e-3f;
-            }
-          }
-          const auto alone = g->stats().ops.count("allgather:state_check");
-          if (screen_factor > 0.0 && alone != 0) {
-            throw std::runtime_error("a state comparison was sent on its own with screening");
-          }
-          outer.check_state();
-          throw std::runtime_error("check_state() found no difference");
-        });
-    for (int r = 0; r < 3; ++r) {
-      INFO("rank " << r << ": " << errors[static_cast<std::size_t>(r)]);
-      CHECK_THAT(errors[static_cast<std::size_t>(r)],
-                 Contains("outer step 2, fragment 0] rank " + std::to_string(r) +
-                          ": the islands' global states differ after the outer step: rank(s) 2 "
-                          "disagree with the majority"));
-    }
-  }
+TEST_CASE("with screening the state comparison sends nothing of its own, and check_state() "
+          "compares the last outer step", "[diloco][gloo]") {
+  // Outer step 2 is the last: with screening nothing was compared on its own when the loop
+  // ends, and check_state() finds the difference.
+  const auto errors =
+      state_comparison_run({}, 4, true, [](diloco::Group& g, diloco::DiLoCo& d) {
+        if (state_checks_sent(g) != 0) {
+          throw std::runtime_error("a state comparison was sent on its own with screening");
+        }
+        d.check_state();
+        throw std::runtime_error("check_state() found no difference");
+      });
+  check_rank_2_named(errors);
   // Honest islands: check_state() passes (a second call compares again, with no hash left on any
   // rank), each call one all-gather of its own.
-  const auto honest = diloco_test::run_ranks_collect(3, [](int rank, std::shared_ptr<diloco::Group> g) {
-    torch::manual_seed(0);
-    TinyNet net;
-    torch::optim::SGD opt(net.parameters(), torch::optim::SGDOptions(0.05));
-    diloco::DiLoCoOptions options;
-    options.inner_steps = 2;
-    diloco::DiLoCo outer(net, opt, g, options);
-    for (int step = 0; step < 6; ++step) {
-      inner_step(net, opt, rank, step);
-      outer.step();
-    }
-    outer.check_state();
-    outer.check_state();
-    const auto ops = g->stats().ops;
-    if (ops.count("allgather:state_check") == 0 || ops.at("allgather:state_check").calls != 2) {
+  const auto honest = state_comparison_run({}, 6, false, [](diloco::Group& g, diloco::DiLoCo& d) {
+    d.check_state();
+    d.check_state();
+    if (state_checks_sent(g) != 2) {
       throw std::runtime_error("expected two state comparisons of their own (check_state's)");
     }
   });
