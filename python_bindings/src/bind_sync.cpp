@@ -218,8 +218,9 @@ void bind_sync(py::module_& m) {
       "What an island's audits came to: audits (run anywhere in the group), failed, audits_of "
       "(per rank, its audits so far), "
       "replayed_steps and replay_seconds (this island's replays as an auditor), excluded (the "
-      "ranks excluded, in order) with excluded_at (the outer step of each), last_failure (the "
-      "last failed audit's report, with its evidence).")
+      "ranks excluded, in order) with excluded_names, excluded_at (the outer step of each) and "
+      "excluded_reasons (the failed audit's report that excluded each), last_failure (the last "
+      "failed audit's report, with its evidence).")
       .def_readonly("audits", &diloco::AuditStats::audits)
       .def_readonly("failed", &diloco::AuditStats::failed)
       .def_readonly("audits_of", &diloco::AuditStats::audits_of)
@@ -229,6 +230,7 @@ void bind_sync(py::module_& m) {
       .def_readonly("excluded_names", &diloco::AuditStats::excluded_names)
       .def_readonly("excluded_at", &diloco::AuditStats::excluded_at)
       .def_readonly("last_failure", &diloco::AuditStats::last_failure)
+      .def_readonly("excluded_reasons", &diloco::AuditStats::excluded_reasons)
       .def("__repr__", [](const diloco::AuditStats& a) {
         std::ostringstream out;
         out << "AuditStats(audits=" << a.audits << ", failed=" << a.failed

@@ -222,14 +222,17 @@ TEST_CASE("Muon's state digests by content too", "[audit]") {
 
 TEST_CASE("honest islands pass every audit, bit for bit", "[audit][gloo]") {
   const auto out = run_audited(3, 3, "");
+  std::int64_t replayed = 0;
   for (int r = 0; r < 3; ++r) {
     INFO("rank " << r << ": " << out[r].audits.last_failure);
     CHECK(out[r].audits.audits == 9);  // every island, every outer step
     CHECK(out[r].audits.failed == 0);
     CHECK(out[r].audits.excluded.empty());
-    CHECK(out[r].audits.replayed_steps > 0);
     CHECK(at::equal(out[r].global, out[0].global));
+    replayed += out[r].audits.replayed_steps;
   }
+  // The auditors are drawn at random: together they replayed the 9 audited rounds of 3 steps.
+  CHECK(replayed == 9 * 3);
 }
 
 TEST_CASE("with a tolerance, honest replays pass too", "[audit][gloo]") {
@@ -294,14 +297,14 @@ TEST_CASE("audit options are validated by name", "[audit][gloo]") {
   for (const auto& e : errors) CHECK_THAT(e, Contains("call enable_audits()"));
 }
 
-TEST_CASE("elastic runs: an island that fails its audit is removed, the others go on in a new "
-          "epoch and keep auditing each other",
+TEST_CASE("elastic runs: islands that fail their audits are removed, each told its own failure; "
+          "the others go on in a new epoch and keep auditing each other",
           "[audit][elastic]") {
   using namespace std::chrono_literals;
   const int port = diloco_test::free_port();
   auto server = diloco::compat::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(port),
                                                /*is_server=*/true, 20000ms);
-  const int world = 3;
+  const int world = 4;
   const int rounds = 4;
   // An island's data stream from its name "<slot>.<incarnation>".
   const auto stream_of = [](const std::string& island) -> std::int64_t {
@@ -342,8 +345,9 @@ TEST_CASE("elastic runs: an island that fails its audit is removed, the others g
         sync.enable_audits(hooks);
         const std::int64_t mine = stream_of(membership->island());
         for (int t = 0; t < 3 * rounds; ++t) {
-          // The cheater (slot 2) skips one inner step of its second round and claims it.
-          if (!(slot == 2 && t == 4)) inner_step(net, opt, mine, t);
+          // The cheaters (slots 2 and 3) skip one inner step of their second round and claim
+          // it.
+          if (!(slot >= 2 && t == 4)) inner_step(net, opt, mine, t);
           sync.step();
         }
         out.audits = sync.audits();
@@ -358,21 +362,31 @@ TEST_CASE("elastic runs: an island that fails its audit is removed, the others g
     });
   }
   for (auto& t : threads) t.join();
-  INFO("0: " << results[0].error << "\n1: " << results[1].error << "\n2: " << results[2].error);
+  INFO("0: " << results[0].error << "\n1: " << results[1].error << "\n2: " << results[2].error
+               << "\n3: " << results[3].error);
   CHECK(results[0].error.empty());
   CHECK(results[1].error.empty());
-  CHECK_THAT(results[2].error, Contains("removed: ") && Contains("(island 2.0) failed its audit") &&
-                                   Contains("leaves the run"));
+  // Each cheater is told its own failed audit, not the other's.
+  for (int slot : {2, 3}) {
+    const std::string mine = "(island " + std::to_string(slot) + ".0) failed its audit";
+    const std::string other = "(island " + std::to_string(5 - slot) + ".0) failed its audit";
+    CHECK_THAT(results[static_cast<std::size_t>(slot)].error,
+               Contains("removed: ") && Contains(mine) && Contains("leaves the run") &&
+                   !Contains(other));
+  }
   CHECK(results[0].sha == results[1].sha);
   CHECK(results[0].world == 2);
   for (int r : {0, 1}) {
     const auto& a = results[static_cast<std::size_t>(r)].audits;
-    // Only the cheater failed, at outer step 2; the two survivors audited each other in the
+    // Only the cheaters failed, at outer step 2; the two survivors audited each other in the
     // new epoch through outer steps 3 and 4 (their chains of states followed them there).
-    CHECK(a.failed == 1);
-    REQUIRE(a.excluded_names.size() == 1);
-    CHECK(a.excluded_names[0] == "2.0");
-    CHECK(a.excluded_at[0] == 2);
-    CHECK(a.audits == 3 + 3 + 2 + 2);
+    CHECK(a.failed == 2);
+    REQUIRE(a.excluded_names.size() == 2);
+    CHECK(a.excluded_names == std::vector<std::string>{"2.0", "3.0"});
+    CHECK(a.excluded_at == std::vector<std::int64_t>{2, 2});
+    REQUIRE(a.excluded_reasons.size() == 2);
+    CHECK_THAT(a.excluded_reasons[0], Contains("(island 2.0) failed its audit"));
+    CHECK_THAT(a.excluded_reasons[1], Contains("(island 3.0) failed its audit"));
+    CHECK(a.audits == 4 + 4 + 2 + 2);
   }
 }

@@ -122,6 +122,7 @@ void Auditor::fail(int island, std::int64_t outer_step, const std::string& repor
     stats_.excluded.push_back(island);
     stats_.excluded_names.push_back(names_[static_cast<std::size_t>(island)]);
     stats_.excluded_at.push_back(outer_step);
+    stats_.excluded_reasons.push_back(report);
   }
   stats_.last_failure = report;
   std::fprintf(stderr, "%s\n", report.c_str());

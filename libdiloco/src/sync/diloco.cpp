@@ -874,19 +874,19 @@ void DiLoCo::elastic_audit() {
   // remembers them (no epoch takes them back), and the others form a new epoch without them.
   const AuditStats& audits = auditor_->stats();
   if (audits.excluded.size() <= removals_) return;
-  const std::vector<int> ranks(audits.excluded.begin() + static_cast<std::ptrdiff_t>(removals_),
-                               audits.excluded.end());
-  const std::vector<std::string> names(
-      audits.excluded_names.begin() + static_cast<std::ptrdiff_t>(removals_),
-      audits.excluded_names.end());
+  const std::size_t first = removals_;
   removals_ = audits.excluded.size();
-  const std::string why = audits.last_failure;
-  if (std::find(ranks.begin(), ranks.end(), group_->rank()) != ranks.end()) {
-    throw RemovedError(why + "; this island leaves the run");
+  // Each island removed with its own failed audit's report.
+  for (std::size_t k = first; k < audits.excluded.size(); ++k) {
+    if (audits.excluded[k] == group_->rank()) {
+      throw RemovedError(audits.excluded_reasons[k] + "; this island leaves the run");
+    }
   }
-  membership_->remove(names, why);
-  for (int r : ranks) membership_->report_failure(why, r);
-  throw PeerLostError(why, ranks.front());
+  for (std::size_t k = first; k < audits.excluded.size(); ++k) {
+    membership_->remove({audits.excluded_names[k]}, audits.excluded_reasons[k]);
+    membership_->report_failure(audits.excluded_reasons[k], audits.excluded[k]);
+  }
+  throw PeerLostError(audits.excluded_reasons[first], audits.excluded[first]);
 }
 
 bool DiLoCo::recover() {

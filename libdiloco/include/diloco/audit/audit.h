@@ -185,6 +185,7 @@ struct AuditStats {
                                           // they failed
   std::vector<std::string> excluded_names;  // the same islands' names (elastic: "<slot>.<inc>")
   std::vector<std::int64_t> excluded_at;  // the outer step each was excluded at
+  std::vector<std::string> excluded_reasons;  // the failed audit's report that excluded each
   std::string last_failure;               // the last failed audit's report, as on stderr
 };
 
