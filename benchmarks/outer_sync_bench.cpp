@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 #include <cstdio>
 #include <fstream>
 #include <numeric>
@@ -269,6 +270,7 @@ int main(int argc, char** argv) {
         {"sync_without_comparison_and_screening_median_s", median(unchecked_s)},
         {"state_comparison_pct_of_sync", compare_pct},
         {"state_comparison_paired_pct_of_sync", compare_paired_pct},
+        {"cores", std::thread::hardware_concurrency()},
         {"state_comparison_pct_target", 1.0},
         {"screening_pct_of_sync", screen_pct},
     };
@@ -289,14 +291,14 @@ int main(int argc, char** argv) {
                   "| DiLoCo::step() between syncs: %.1f ns per call / %.2f ms per inner step | %.5f %% | < 1 %% |\n"
                   "| DiLoCo state beyond the model (global + momentum) | %.2fx parameters | 2x |\n"
                   "| DiLoCo outer sync without the state comparison / without it and the screening (median) | %.1f / %.1f ms | |\n"
-                  "| state comparison (hash; it rides on the next screening all-gather), share of the sync: difference of the medians / median of the paired differences | %.2f %% / %.2f %% | <= 1 %% |\n"
+                  "| state comparison (hash; it rides on the next screening all-gather), share of the sync end to end, %d ranks on %u cores: difference of the medians / median of the paired differences | %.2f %% / %.2f %% | <= 1 %% |\n"
                   "| screening (norms all-gathered before the exchange), share of the sync | %.2f %% | |\n"
                   "| state hash on the critical path: one-rank outer step with / without the comparison (median) | %.3f / %.3f ms = %.2f %% of the sync | <= 1 %% |\n",
                   static_cast<long long>(params), world, rounds, bare_med * 1e3,
                   static_cast<long long>(segment), median(bare_seg_s) * 1e3, sync_med * 1e3,
                   sync_med / bare_med, compute_only_s * 1e3, overhead_pct, step_call_s * 1e9, inner_step_s * 1e3, call_pct,
-                  state_ratio, median(no_compare_s) * 1e3, median(unchecked_s) * 1e3, compare_pct,
-                  compare_paired_pct,                  screen_pct, compute_only_s * 1e3, compute_no_compare_s * 1e3, hash_pct);
+                  state_ratio, median(no_compare_s) * 1e3, median(unchecked_s) * 1e3, world,
+                  std::thread::hardware_concurrency(), compare_pct, compare_paired_pct,                  screen_pct, compute_only_s * 1e3, compute_no_compare_s * 1e3, hash_pct);
     md << line;
     std::printf("%s", line);
     std::printf("wrote %s.json, %s.csv, %s.md\n", out.c_str(), out.c_str(), out.c_str());
