@@ -298,7 +298,7 @@ int main(int argc, char** argv) {
                   static_cast<long long>(segment), median(bare_seg_s) * 1e3, sync_med * 1e3,
                   sync_med / bare_med, compute_only_s * 1e3, overhead_pct, step_call_s * 1e9, inner_step_s * 1e3, call_pct,
                   state_ratio, median(no_compare_s) * 1e3, median(unchecked_s) * 1e3, world,
-                  std::thread::hardware_concurrency(), compare_pct, compare_paired_pct,                  screen_pct, compute_only_s * 1e3, compute_no_compare_s * 1e3, hash_pct);
+                  std::thread::hardware_concurrency(), compare_pct, compare_paired_pct, screen_pct, compute_only_s * 1e3, compute_no_compare_s * 1e3, hash_pct);
     md << line;
     std::printf("%s", line);
     std::printf("wrote %s.json, %s.csv, %s.md\n", out.c_str(), out.c_str(), out.c_str());

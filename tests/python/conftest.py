@@ -1,5 +1,6 @@
 """Helpers of the Python bindings' tests: free ports, one-rank groups, islands as threads of the
-test's process, and runs of real island processes (Python worker.py and the C++ cpp_peer) over loopback Gloo with torchrun's variables.
+test's process, and runs of real island processes (Python worker.py and the C++ cpp_peer) over
+loopback Gloo with torchrun's variables.
 
 ctest sets PYTHONPATH to the built package and DILOCO_CPP_PEER to the C++ island; run the suite
 with `ctest --test-dir build -R python_bindings` (see README.md).

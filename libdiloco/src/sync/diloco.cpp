@@ -727,11 +727,10 @@ void DiLoCo::settle_state_check() {
 }
 
 void DiLoCo::check_state() {
-  if (membership_) return;
-  settle_state_check();
-  if (!options_.compare_states) return;
-  // Always a collective, with or without a hash left to compare (a rank that has none, e.g.
-  // after a load_state() of its own, is then named by the others rather than left waiting).
+  if (membership_ || !options_.compare_states) return;
+  // start_state_check() settles the comparison in flight first. Always a collective, with or
+  // without a hash left to compare (a rank that has none, e.g. after a load_state() of its own,
+  // is then named by the others rather than left waiting).
   start_state_check();
   settle_state_check();
 }

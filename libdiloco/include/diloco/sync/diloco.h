@@ -122,14 +122,16 @@ struct DiLoCoOptions {
   // outer momentum and the outer step, compared before the next exchange sends anything: with
   // screening it rides on the screening's all-gather (32 more bytes per rank), else it travels
   // in an all-gather of its own (32 bytes per rank) issued right after the outer step and
-  // settled when the next exchange starts; check_state() compares the last one. A difference is an
-  // Error on every rank naming the ranks that disagree with the majority; in elastic runs those
-  // get RemovedError (started again, they rejoin with the run's state) and the others go on.
+  // settled when the next exchange starts; check_state() compares the last one. A difference is
+  // an Error on every rank naming the ranks that disagree with the majority; in elastic runs
+  // those get RemovedError (started again, they rejoin with the run's state) and the others go
+  // on.
   bool compare_states = true;
   // Contributions are screened before each exchange (with 3 or more islands): the islands
-  // all-gather their pseudo-gradients' norms (8 bytes each, 40 with compare_states), and one more than screen_factor x
-  // the median norm is refused: its island sends zeros, the outer step averages the others, and
-  // every rank names it on stderr (refused_contributions() counts them). 0 = off; else in
+  // all-gather their pseudo-gradients' norms (8 bytes each, 40 with compare_states), and one
+  // more than screen_factor x the median norm is refused: its island sends zeros, the outer step
+  // averages the others, and every rank names it on stderr (refused_contributions() counts
+  // them). 0 = off; else in
   // [1, 1e12].
   // The pseudo-gradient is then produced whole before its exchange starts (no segment overlap).
   // Exchanges that see each contribution (gathered codecs such as topk and sign, and every
