@@ -21,14 +21,19 @@ Bytes are this island's (rank 0's) from the library's accounting, counted from t
 the one-time model check and broadcast at start-up are the same for every method and left out.
 
 Compute utilization is time in forward, backward and the inner optimizer step over the wall time
-of training (evaluations left out), averaged over the islands, measured with the library's link
-emulation (train_lm --link-mbps/--link-latency-ms) on the links of --links.
+of training (evaluations and the end-of-run sync left out, the latter reported apart), measured
+with the library's link emulation (train_lm --link-mbps/--link-latency-ms) on the links of
+--links (0 = loopback), with --link-islands islands each pinned to a core of its own
+(diloco-run --bind-cores): the mean over the islands, each island's, and the slowest island's,
+which sets the run's pace (the faster islands wait for it at every exchange).
 
 Usage:
   python3 benchmarks/wan_bench.py --quick          # 300 steps, 4 compressors
   python3 benchmarks/wan_bench.py                  # the full set, 2,000 steps: about 5 min per
                                                    # 4-island run on 2 cores, 2.5 hours in all
   python3 benchmarks/wan_bench.py --only dp,single,h100_fp32,h100_p4_t5 --no-scaling
+  python3 benchmarks/wan_bench.py --steps 300 --only h100_fp32,h100_p4_t5,h100_p4_t5_fp4 \
+      --no-scaling --link-steps 1200               # the streaming utilization runs alone
 """
 import argparse
 import csv
@@ -134,22 +139,28 @@ def run(cmd, env_extra, log_path, timeout_s):
 
 UTIL_RE = re.compile(r"compute ([0-9.]+) s of ([0-9.]+) s training, utilization ([0-9.]+)")
 # Time each island was blocked in DiLoCo's outer steps (pseudo-gradients, outer step, waiting for
-# an exchange that was due), as a share of its training time.
+# an exchange that was due), as a share of its training time; of that, the time it waited for
+# exchanges to complete (the link, or a slower island); and the end-of-run sync, timed apart.
 SYNC_RE = re.compile(r"in outer steps ([0-9.]+) s \(([0-9.]+)% of training\)")
+WAIT_RE = re.compile(r"waiting for exchanges ([0-9.]+) s \(([0-9.]+)% of training\)")
+END_RE = re.compile(r"end-of-run sync ([0-9.]+) s")
 
 
 def read_run(metrics_path, log_path):
     records = [json.loads(line) for line in open(metrics_path) if line.strip()]
     first, last = records[0], records[-1]
-    utils, train_s, sync_pct = [], [], []
+    utils, compute_s, train_s, sync_pct, wait_pct, end_s = [], [], [], [], [], []
     for line in open(log_path):
         m = UTIL_RE.search(line)
         if m:
+            compute_s.append(float(m.group(1)))
             train_s.append(float(m.group(2)))
             utils.append(float(m.group(3)))
-        m = SYNC_RE.search(line)
-        if m:
-            sync_pct.append(float(m.group(2)))
+        for regex, values, group in ((SYNC_RE, sync_pct, 2), (WAIT_RE, wait_pct, 2),
+                                     (END_RE, end_s, 1)):
+            m = regex.search(line)
+            if m:
+                values.append(float(m.group(group)))
     return {
         "val_loss": last["val_loss"],
         "initial_val_loss": first["val_loss"],
@@ -158,20 +169,29 @@ def read_run(metrics_path, log_path):
         "train_s": max(train_s) if train_s else None,
         "utilization": sum(utils) / len(utils) if utils else None,
         "in_outer_steps_pct": sum(sync_pct) / len(sync_pct) if sync_pct else None,
+        # Per island: the islands differ in speed on a shared host, and the faster ones wait
+        # for the slowest at every exchange; the slowest island's figure is the run's pace.
+        "utilization_per_island": utils,
+        "utilization_of_slowest": (utils[compute_s.index(max(compute_s))] if compute_s
+                                   else None),
+        "waiting_pct_per_island": wait_pct,
+        "end_of_run_sync_s": max(end_s) if end_s else None,
         "parameters": last.get("parameters"),
         "curve": [(r["step"], r["val_loss"]) for r in records],
     }
 
 
-def train_cmd(args, name, flags, steps, metrics, islands):
+def train_cmd(args, name, flags, steps, metrics, islands, bind_cores=False):
     train_lm = os.path.join(args.build, "examples", "train_lm")
     common = ["--data", args.data, "--steps", str(steps), "--metrics", metrics,
               "--eval-every", str(args.eval_every), "--seed", str(args.seed),
               "--clip", f"{args.clip:g}"]
     if "single" in flags:
         return [train_lm] + flags + common
-    launcher = os.path.join(args.build, "libdiloco", "diloco-run")
-    return [launcher, "-n", str(islands), "--", train_lm] + flags + common
+    launcher = [os.path.join(args.build, "libdiloco", "diloco-run"), "-n", str(islands)]
+    if bind_cores:
+        launcher.append("--bind-cores")
+    return launcher + ["--", train_lm] + flags + common
 
 
 def fmt_bytes(b):
@@ -190,11 +210,19 @@ def main():
     p.add_argument("--data", default=os.path.join(ROOT, "data", "brown"))
     p.add_argument("--out", default=os.path.join(ROOT, "results", "wan"))
     p.add_argument("--only", help="comma-separated run names (baselines single and dp always run)")
-    p.add_argument("--links", default="100,10", help="emulated links in Mbit/s for utilization")
+    p.add_argument("--links", default="0,100,10",
+                   help="emulated links in Mbit/s for utilization; 0 = loopback, no emulation")
     p.add_argument("--latency-ms", type=float, default=10.0, help="one-way latency of each link")
     p.add_argument("--link-steps", type=int, help="steps of each link run (default steps / 3)")
     p.add_argument("--link-runs", default="dp,h100_fp32,h100_p4_t5,h100_p4_t5_fp4",
                    help="runs repeated on each emulated link")
+    p.add_argument("--dp-link-steps", type=int, default=60,
+                   help="steps of data-parallel's link runs, at most (every step crosses the "
+                        "link: 60 steps measure it, 600 would take 15 min at 10 Mbit/s)")
+    p.add_argument("--link-islands", type=int,
+                   help="islands of the link runs, each pinned to a core of its own (diloco-run "
+                        "--bind-cores) so that utilization measures the link rather than the "
+                        "islands' competition for cores (default: the cores here, at least 2)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", type=float, default=CLIP,
@@ -207,9 +235,12 @@ def main():
     if steps < 10:
         p.error("--steps must be >= 10")
     link_steps = args.link_steps or max(30, steps // (5 if args.quick else 3))
+    link_islands = args.link_islands or max(2, os.cpu_count() or 2)
+    if link_islands < 2:
+        p.error("--link-islands must be >= 2")
     links = [float(x) for x in args.links.split(",") if x.strip()]
-    if any(not (x > 0) for x in links):
-        p.error("--links must be positive Mbit/s values")
+    if any(not (x >= 0) for x in links):
+        p.error("--links must be Mbit/s values >= 0 (0 = loopback)")
     for exe in ("examples/train_lm", "libdiloco/diloco-run"):
         if not os.path.exists(os.path.join(args.build, exe)):
             p.error(f"{exe} not found under --build {args.build}: build first (libdiloco/scripts/build.sh)")
@@ -257,23 +288,48 @@ def main():
             tag = f"{name}_link{mbps:g}"
             metrics = os.path.join(args.out, "logs", f"{tag}.jsonl")
             log = os.path.join(args.out, "logs", f"{tag}.log")
-            cmd = train_cmd(args, name, flags + ["--link-mbps", f"{mbps:g}", "--link-latency-ms",
-                                                 f"{args.latency_ms:g}"], link_steps, metrics,
-                            args.islands)
+            shaped = (["--link-mbps", f"{mbps:g}", "--link-latency-ms", f"{args.latency_ms:g}"]
+                      if mbps > 0 else [])
+            n_steps = min(link_steps, args.dp_link_steps) if name == "dp" else link_steps
+            cmd = train_cmd(args, name, flags + shaped, n_steps, metrics, link_islands,
+                            bind_cores=True)
             run(cmd, {}, log, 3600)
             lr = read_run(metrics, log)
-            by_name[name]["links"][f"{mbps:g}"] = {"utilization": lr["utilization"],
-                                                   "in_outer_steps_pct": lr["in_outer_steps_pct"],
-                                                   "train_s": lr["train_s"], "steps": link_steps,
-                                                   "latency_ms": args.latency_ms}
-            print(f"link {mbps:g} Mbit/s {name:28s} utilization {lr['utilization']:.3f}"
-                  f"  train {lr['train_s']:.1f} s for {link_steps} steps", flush=True)
+            by_name[name]["links"][f"{mbps:g}"] = link_record(lr, n_steps, link_islands, args)
+            print(f"link {link_name(mbps)} {name:28s} utilization {lr['utilization']:.3f} (per island "
+                  + " ".join(f"{u:.3f}" for u in lr["utilization_per_island"])
+                  + f")  train {lr['train_s']:.1f} s for {n_steps} steps", flush=True)
 
     scaling = [] if args.no_scaling else run_scaling(args, 262144 if args.quick else 1048576)
     elapsed = time.time() - started
     write_outputs(args.out, results, scaling, links, steps, elapsed, args)
     print(f"\nwan_bench: {len(results)} runs in {elapsed / 60:.1f} min; results in {args.out}/"
           f"{{results.json,results.csv,table.md,loss_vs_bytes.png,loss_vs_step.png}}")
+
+
+def link_steps_text(linked):
+    steps = sorted({k["steps"] for r in linked for k in r["links"].values()})
+    return " or ".join(f"{n:,}" for n in steps)
+
+
+def link_name(mbps):
+    return "loopback" if mbps == 0 else f"{mbps:g} Mbit/s"
+
+
+def link_record(lr, steps, islands, args):
+    """What a link run reports: the islands' mean utilization and the slowest island's (the pace
+    of the run: the others wait for it), the time waiting for exchanges, the end-of-run sync."""
+    per_island = lr["utilization_per_island"]
+    waiting = lr["waiting_pct_per_island"]
+    return {"utilization": lr["utilization"],
+            "utilization_per_island": per_island,
+            "utilization_of_slowest": lr["utilization_of_slowest"],
+            "in_outer_steps_pct": lr["in_outer_steps_pct"],
+            "waiting_pct_per_island": waiting,
+            "waiting_pct_max": max(waiting) if waiting else None,
+            "end_of_run_sync_s": lr["end_of_run_sync_s"],
+            "train_s": lr["train_s"], "steps": steps, "islands": islands,
+            "latency_ms": args.latency_ms}
 
 
 def run_scaling(args, params):
@@ -314,9 +370,10 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
 
     lines = [f"# Bandwidth against loss: {args.islands} islands, {steps} steps per island",
              "", f"Model: {results[0].get('parameters')} parameters. Links for utilization: "
-             + ", ".join(f"{m:g} Mbit/s" for m in links) + f", {args.latency_ms:g} ms latency.", "",
-             "| run | bytes sent per island | fewer bytes than DP | val loss | gap to DP | gain recovered | wall s | utilization (loopback) | "
-             + " | ".join(f"utilization {m:g} Mbit/s" for m in links) + " |",
+             + ", ".join(link_name(m) for m in links) + f" ({args.latency_ms:g} ms latency on the "
+             "emulated ones), islands pinned to cores of their own (table below).", "",
+             "| run | bytes sent per island | fewer bytes than DP | val loss | gap to DP | gain recovered | wall s | utilization (these runs) | "
+             + " | ".join(f"utilization {link_name(m)}" for m in links) + " |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(links)]
     for r in slim:
         red = "—" if r["reduction_vs_dp"] is None else f"{r['reduction_vs_dp']:.0f}x"
@@ -328,6 +385,28 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
         lines.append(f"| {r['name']} | {fmt_bytes(r['bytes_sent'])} | {red} | {r['val_loss']:.4f} | "
                      f"{r['gap_to_dp_pct']:+.1f}% | {pct(r['gain_recovered_pct'])} | {r['wall_s']:.0f} | "
                      f"{util} | " + " | ".join(link_cells) + " |")
+    linked = [r for r in slim if r["links"]]
+    if linked:
+        first = next(iter(linked[0]["links"].values()))
+        lines += ["", f"## Link runs: {first['islands']} islands, {link_steps_text(linked)} "
+                  "steps, each island on a core of its own", "",
+                  "Utilization is compute time over training time (evaluations and the end-of-run "
+                  "sync, which has no training left to hide behind, left out). The islands of a "
+                  "host differ in speed; the faster ones wait for the slowest at every exchange, "
+                  "so the slowest island's utilization is what the link costs the run.", "",
+                  "| run | link | utilization, mean | per island | slowest island's | waiting for "
+                  "exchanges, most | end-of-run sync |", "|---|---|---|---|---|---|---|"]
+        for r in linked:
+            for m in links:
+                k = r["links"].get(f"{m:g}")
+                if not k:
+                    continue
+                per = " / ".join(f"{u:.3f}" for u in k["utilization_per_island"])
+                wait = "—" if k["waiting_pct_max"] is None else f"{k['waiting_pct_max']:.2f}%"
+                end = "—" if k["end_of_run_sync_s"] is None else f"{k['end_of_run_sync_s']:.2f} s"
+                slow = "—" if k["utilization_of_slowest"] is None else f"{k['utilization_of_slowest']:.3f}"
+                lines.append(f"| {r['name']} | {link_name(m)} | {k['utilization']:.3f} | {per} | "
+                             f"{slow} | {wait} | {end} |")
     if scaling:
         lines += ["", "## Scaling with the number of islands "
                   f"({scaling[0]['params']} float32 values per island)", "",
@@ -385,12 +464,13 @@ def plot(out, results, scaling):
     linked = [r for r in results if r["links"]]
     if linked:
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        # Loopback (0) is drawn at 10 Gbit/s, the right end of the axis.
         for r in linked:
-            rates = sorted(r["links"], key=float)
-            ax.plot([float(m) for m in rates], [r["links"][m]["utilization"] for m in rates],
-                    marker="o", label=r["name"])
+            rates = sorted(r["links"], key=lambda m: float(m) if float(m) > 0 else 1e4)
+            ax.plot([float(m) if float(m) > 0 else 1e4 for m in rates],
+                    [r["links"][m]["utilization"] for m in rates], marker="o", label=r["name"])
         ax.set_xscale("log")
-        ax.set_xlabel("emulated link (Mbit/s per island, log)")
+        ax.set_xlabel("emulated link (Mbit/s per island, log; 10^4 = loopback)")
         ax.set_ylabel("compute utilization")
         ax.set_ylim(0, 1.02)
         ax.axhline(0.99, color="gray", ls=":", lw=1)

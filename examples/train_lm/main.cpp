@@ -762,6 +762,8 @@ int train(const Flags& f, bool timeout_given) {
   // time of training (evaluations left out).
   double compute_seconds = 0.0;
   double eval_seconds = 0.0;
+  double end_seconds = 0.0;  // the end-of-run sync: the last step's outer step, fold-in, check
+  diloco::SyncStats before_end;  // DiLoCo's counters before it
 
   auto report = [&](std::int64_t step) {
     const auto report_start = Clock::now();
@@ -864,7 +866,12 @@ int train(const Flags& f, bool timeout_given) {
       ++train_loss_count;
     }
     if (hostile && step % f.inner_steps == 0) hostile->before_outer_step(*sync);
+    // The end of the run: its last outer step (or the fold-in below) and the state comparison
+    // have no training left to overlap with; timed apart as a one-time cost, like the start-up.
+    if (sync && step == f.steps) before_end = sync->stats();
+    const auto step_start = Clock::now();
     const bool outer_step = sync && sync->step();
+    if (step == f.steps) end_seconds += seconds_since(step_start);
     if (diloco_mode && data_parallel && step == f.warm_start_steps) {
       data_parallel.reset();
       start_diloco();
@@ -887,13 +894,17 @@ int train(const Flags& f, bool timeout_given) {
       // Fold the inner steps since the last outer step into the global model, so every island
       // ends with the same weights and the reported loss is the global model's.
       if (hostile) hostile->before_outer_step(*sync);
+      const auto fold_start = Clock::now();
       if (sync) sync->sync();
+      end_seconds += seconds_since(fold_start);
       evaluate_now = true;
     }
     if (evaluate_now) report(step);
   }
   // The last outer step's global state is compared too (the others' rode on the next exchange).
+  const auto check_start = Clock::now();
   if (sync) sync->check_state();
+  end_seconds += seconds_since(check_start);
 
   const double elapsed = seconds_since(start);
   const auto stats = comm_stats();
@@ -904,17 +915,22 @@ int train(const Flags& f, bool timeout_given) {
       format_bytes(stats.bytes_sent()).c_str(), format_bytes(stats.bytes_received()).c_str());
   // Exact figures, one line per rank, for scripts (benchmarks/netns_link.sh compares the bytes
   // with the network interfaces' counters).
-  const double train_seconds = elapsed - eval_seconds;
-  // Time the island spent blocked in DiLoCo's outer steps: computing pseudo-gradients, applying
-  // the outer step, and waiting for exchanges that were due (streaming hides the rest).
-  const double sync_seconds = sync ? sync->stats().sync_seconds : 0.0;
+  // Training time: evaluations and the end-of-run sync left out (both reported apart).
+  const double train_seconds = elapsed - eval_seconds - end_seconds;
+  // Time the island spent blocked in DiLoCo's outer steps before the end of the run: computing
+  // pseudo-gradients, applying the outer step, and waiting for exchanges that were due
+  // (streaming hides the rest); and, of that, the time it waited for exchanges to complete.
+  const double sync_seconds = before_end.sync_seconds;
+  const double wait_seconds = before_end.wait_seconds;
+  const auto percent = [&](double s) { return train_seconds > 0 ? 100.0 * s / train_seconds : 0.0; };
   std::printf(
       "rank %d/%d: bytes_sent %llu bytes_received %llu | compute %.3f s of %.3f s training, "
-      "utilization %.3f | link emulated %.3f s | in outer steps %.3f s (%.2f%% of training)\n",
+      "utilization %.3f | link emulated %.3f s | in outer steps %.3f s (%.2f%% of training) | "
+      "waiting for exchanges %.3f s (%.2f%% of training) | end-of-run sync %.3f s\n",
       rank, world_size, static_cast<unsigned long long>(stats.bytes_sent()),
       static_cast<unsigned long long>(stats.bytes_received()), compute_seconds, train_seconds,
       train_seconds > 0 ? compute_seconds / train_seconds : 0.0, stats.link_seconds(),
-      sync_seconds, train_seconds > 0 ? 100.0 * sync_seconds / train_seconds : 0.0);
+      sync_seconds, percent(sync_seconds), wait_seconds, percent(wait_seconds), end_seconds);
   if (sync && f.audit_rate > 0.0) {
     // Audits: the group's count, this island's replays, and who was excluded when.
     const auto audits = sync->audits();

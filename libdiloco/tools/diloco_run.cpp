@@ -29,6 +29,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
@@ -104,6 +105,7 @@ struct Options {
   double kill_after_s = kDefaultKillAfterSeconds;
   double timeout_s = 0.0;  // 0 = no timeout
   bool no_prefix = false;
+  bool bind_cores = false;  // --bind-cores: local rank r runs on the r-th allowed CPU (mod count)
   bool elastic = false;  // --elastic, or implied by --max-restarts > 0 or --coordinator
   int max_restarts = 0;
   double restart_delay_s = kDefaultRestartDelaySeconds;
@@ -311,6 +313,9 @@ void configure_command_line(CLI::App& app, Options& options) {
                  "Stop all and exit 124 after this many seconds (default 0 = never)")
       ->option_text("SECONDS");
   app.add_flag("--no-prefix", options.no_prefix, "Do not prefix output lines with `[rank R] `");
+  app.add_flag("--bind-cores", options.bind_cores,
+               "Pin local rank R to the R-th CPU this launcher may use (modulo their count), so "
+               "that islands sharing a host each keep a core of their own");
   app.add_flag("--elastic", options.elastic,
                "Elastic mode: a failed process stops no other; ranks use a coordinator's store");
   app.add_option("--max-restarts", options.max_restarts,
@@ -542,6 +547,7 @@ class Launcher {
   void close_stream(const Child& child, OutputStream& stream);
 
   Options options_;
+  std::vector<int> allowed_cpus_;  // --bind-cores: the CPUs this launcher may use, in order
   std::vector<Child> children_;
   std::optional<Child> coordinator_;   // the one diloco-run started (elastic, no --coordinator)
   bool coordinator_ready_ = false;     // it printed kCoordinatorReadyLine
@@ -578,6 +584,14 @@ Launcher::Launcher(Options options) : options_(std::move(options)), buffer_(kRea
   }
   null_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
   if (null_fd_ < 0) throw errno_error("open /dev/null");
+  if (options_.bind_cores) {
+    cpu_set_t mask;
+    CPU_ZERO(&mask);
+    if (::sched_getaffinity(0, sizeof mask, &mask) != 0) throw errno_error("sched_getaffinity");
+    for (int c = 0; c < CPU_SETSIZE; ++c) {
+      if (CPU_ISSET(c, &mask)) allowed_cpus_.push_back(c);
+    }
+  }
   install_signal_handling();
 }
 
@@ -788,6 +802,13 @@ int Launcher::spawn(Child& child, const std::vector<std::string>& args_in,
   std::vector<char*> argv = to_c_array(args);
   std::vector<char*> envp = to_c_array(env);
   const pid_t parent = ::getpid();
+  // --bind-cores: the child's CPU, chosen before the fork (only syscalls after it).
+  cpu_set_t cpu;
+  CPU_ZERO(&cpu);
+  const bool bind = options_.bind_cores && !child.is_coordinator && !allowed_cpus_.empty();
+  if (bind) {
+    CPU_SET(allowed_cpus_[static_cast<std::size_t>(child.local_rank) % allowed_cpus_.size()], &cpu);
+  }
 
   const pid_t pid = ::fork();
   if (pid < 0) throw errno_error("fork");
@@ -803,6 +824,7 @@ int Launcher::spawn(Child& child, const std::vector<std::string>& args_in,
     ::sigaction(SIGCHLD, &inherited_sigchld_, nullptr);
     ::sigprocmask(SIG_SETMASK, &original_mask_, nullptr);
     int ok = ::dup2(null_fd_, STDIN_FILENO) >= 0;
+    if (bind) ::sched_setaffinity(0, sizeof cpu, &cpu);  // a CPU of our own mask: cannot fail
     if (prefix) {
       ok = ok && ::dup2(out_pipe[1], STDOUT_FILENO) >= 0 && ::dup2(err_pipe[1], STDERR_FILENO) >= 0;
     }

@@ -193,7 +193,8 @@ diloco::DiLoCoOptions make_options(std::int64_t inner_steps, double outer_lr, do
 std::string repr(const diloco::SyncStats& s) {
   std::ostringstream out;
   out << "SyncStats(inner_steps=" << s.inner_steps << ", outer_steps=" << s.outer_steps
-      << ", sync_seconds=" << s.sync_seconds << ", bytes_sent=" << s.bytes_sent
+      << ", sync_seconds=" << s.sync_seconds << ", wait_seconds=" << s.wait_seconds
+      << ", bytes_sent=" << s.bytes_sent
       << ", bytes_received=" << s.bytes_received << ")";
   return out.str();
 }
@@ -243,11 +244,14 @@ void bind_sync(py::module_& m) {
   py::class_<diloco::SyncStats>(
       m, "SyncStats",
       "What a synchronizer reports: inner_steps (step() calls), outer_steps (completed syncs), "
-      "sync_seconds (wall time inside syncs, compute and communication), bytes_sent and "
+      "sync_seconds (wall time inside syncs, compute and communication), wait_seconds (of "
+      "that, the time blocked until exchanges completed: the link and the other islands), "
+      "bytes_sent and "
       "bytes_received (by this rank, all collectives of its group).")
       .def_readonly("inner_steps", &diloco::SyncStats::inner_steps)
       .def_readonly("outer_steps", &diloco::SyncStats::outer_steps)
       .def_readonly("sync_seconds", &diloco::SyncStats::sync_seconds)
+      .def_readonly("wait_seconds", &diloco::SyncStats::wait_seconds)
       .def_readonly("bytes_sent", &diloco::SyncStats::bytes_sent)
       .def_readonly("bytes_received", &diloco::SyncStats::bytes_received)
       .def(
@@ -257,6 +261,7 @@ void bind_sync(py::module_& m) {
             d["inner_steps"] = s.inner_steps;
             d["outer_steps"] = s.outer_steps;
             d["sync_seconds"] = s.sync_seconds;
+            d["wait_seconds"] = s.wait_seconds;
             d["bytes_sent"] = s.bytes_sent;
             d["bytes_received"] = s.bytes_received;
             return d;

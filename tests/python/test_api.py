@@ -83,8 +83,9 @@ def test_step_syncs_every_inner_steps_and_reports_stats(solo_group):
     s = outer.stats()
     assert (s.inner_steps, s.outer_steps) == (5, 2)
     assert s.sync_seconds > 0
+    assert 0 <= s.wait_seconds <= s.sync_seconds  # one island: nothing to wait for
     assert isinstance(s, diloco.SyncStats) and "outer_steps=2" in repr(s)
-    assert s._asdict()["inner_steps"] == 5
+    assert s._asdict()["inner_steps"] == 5 and "wait_seconds" in s._asdict()
     assert (outer.inner_steps, outer.outer_lr, outer.outer_momentum, outer.nesterov) == (
         2, 0.5, 0.0, False)
     assert outer.outer_device == "cpu" and outer.compression == "none"

@@ -147,3 +147,67 @@ TEST_CASE("buffers: a non-finite buffer is refused on every rank, naming it", "[
   }
   CHECK_THROWS_WITH(diloco::parse_buffer_sync("mean"), Contains("buffers") && Contains("average, rank0, local"));
 }
+
+namespace {
+
+// A model whose only buffer is an integer one, as a causal mask or a step counter: DiLoCo then
+// compares the buffers' digests after an outer step without waiting for it, and settles the
+// comparison (rank 0's values when they differ) at the next exchange or at check_state().
+struct Counted : torch::nn::Module {
+  Counted() {
+    fc = register_module("fc", torch::nn::Linear(4, 1));
+    seen = register_buffer("seen", torch::zeros({2}, at::kLong));
+  }
+  torch::nn::Linear fc{nullptr};
+  at::Tensor seen;
+};
+
+}  // namespace
+
+TEST_CASE("buffers: integer buffers alone are compared in the background and settled at the next exchange", "[buffers][gloo]") {
+  constexpr int kWorld2 = 3;
+  std::vector<std::int64_t> after_step(kWorld2), after_next(kWorld2), after_check(kWorld2);
+  std::vector<std::uint64_t> digests(kWorld2), broadcasts(kWorld2);
+  diloco_test::run_ranks(kWorld2, [&](int rank, std::shared_ptr<diloco::Group> g) {
+    auto net = std::make_shared<Counted>();
+    torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.05));
+    diloco::DiLoCoOptions o;
+    o.inner_steps = 2;
+    diloco::DiLoCo sync(*net, opt, g, o);
+    REQUIRE(sync.buffers().digest_only(o.buffers));
+    const auto train_step = [&] {
+      opt.zero_grad();
+      net->fc->forward(at::ones({3, 4}) * (rank + 1)).pow(2).mean().backward();
+      opt.step();
+    };
+    // Each island counts differently: the digests differ at every outer step.
+    net->seen[0] += rank + 1;
+    train_step();
+    CHECK_FALSE(sync.step());
+    train_step();
+    REQUIRE(sync.step());
+    after_step[rank] = net->seen[0].item<std::int64_t>();  // not settled yet: its own count
+    net->seen[1] += 1;
+    train_step();
+    CHECK_FALSE(sync.step());
+    train_step();
+    REQUIRE(sync.step());  // the exchange's start settled the first comparison: rank 0's
+    after_next[rank] = net->seen[0].item<std::int64_t>();
+    // The second comparison saw equal buffers (the first was settled before it was taken);
+    // what changes after it is not compared, and check_state() settles it with no broadcast.
+    net->seen[0] += rank + 1;
+    sync.check_state();
+    after_check[rank] = net->seen[0].item<std::int64_t>();
+    const auto ops = g->stats().ops;
+    digests[rank] = ops.at("allgather:buffers_digest").calls;
+    broadcasts[rank] = ops.count("broadcast:buffers") ? ops.at("broadcast:buffers").calls : 0;
+  });
+  for (int r = 0; r < kWorld2; ++r) {
+    INFO("rank " << r);
+    CHECK(after_step[r] == r + 1);
+    CHECK(after_next[r] == 1);           // rank 0's count, taken at the next exchange
+    CHECK(after_check[r] == 1 + r + 1);  // its own: nothing differed when compared
+    CHECK(digests[r] == 2);              // one per outer step, both settled (counted on wait)
+    CHECK(broadcasts[r] == 1 + 1);       // construction, then the first comparison's
+  }
+}

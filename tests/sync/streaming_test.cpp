@@ -10,6 +10,7 @@
 #include <chrono>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "diloco/diloco.h"
@@ -390,4 +391,38 @@ TEST_CASE("sync() with a fragment in flight applies it and does not send it agai
     CHECK(settled_is_global[r]);
     CHECK(mixed_differs[r]);
   }
+}
+
+TEST_CASE("wait_seconds counts the time an island is blocked until an exchange completes",
+          "[streaming][gloo]") {
+  // Rank 1 is late to start the exchange by 0.5 s; rank 0 started it and trained on for tau = 2
+  // steps, then had to wait for rank 1's contribution: at least most of the delay. Waiting is a
+  // part of the time in outer steps. The 3-rank case screens the norms first, which with tau > 0
+  // runs on the communication thread: the delay is waited for at the same place.
+  const int world = GENERATE(2, 3);
+  INFO("world " << world);
+  constexpr double kDelay = 0.5;
+  std::vector<diloco::SyncStats> stats(static_cast<std::size_t>(world));
+  diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> group) {
+    diloco::ModelTensors model;
+    model.parameters.push_back({"w", at::zeros({64})});
+    at::Tensor w = model.parameters.front().tensor;
+    diloco::DiLoCoOptions o;
+    o.inner_steps = 4;
+    o.overlap_steps = 2;
+    diloco::DiLoCo sync(std::move(model), group, o);
+    for (int s = 1; s <= 8; ++s) {
+      w.add_(0.01 * (rank + 1));
+      if (rank == 1 && s == 4) {
+        std::this_thread::sleep_for(std::chrono::duration<double>(kDelay));
+      }
+      sync.step();
+    }
+    sync.sync();
+    stats[static_cast<std::size_t>(rank)] = sync.stats();
+  });
+  INFO("rank 0 waited " << stats[0].wait_seconds << " s of " << stats[0].sync_seconds
+                        << " s in outer steps");
+  CHECK(stats[0].wait_seconds >= 0.8 * kDelay);
+  for (const auto& s : stats) CHECK(s.wait_seconds <= s.sync_seconds);
 }

@@ -141,6 +141,21 @@ expect_line "$work/out" '^plain-0$' "--no-prefix, rank 0"
 expect_line "$work/out" '^plain-1$' "--no-prefix, rank 1"
 
 # ------------------------------------------------------------------------------------------------
+check "--bind-cores pins local rank R to the R-th allowed CPU (modulo their count)"
+allowed=$(sed -n "s/^Cpus_allowed_list:[[:space:]]*//p" /proc/$$/status)
+cpus=()
+for range in ${allowed//,/ }; do
+  if [[ $range == *-* ]]; then cpus+=($(seq "${range%-*}" "${range#*-}")); else cpus+=("$range"); fi
+done
+launch -n 3 --bind-cores -- bash -c 'echo "cpus $RANK $(sed -n "s/^Cpus_allowed_list:[[:space:]]*//p" /proc/self/status)"'
+expect_rc 0 "-n 3 --bind-cores"
+for r in 0 1 2; do
+  expect_line "$work/out" "^\[rank $r\] cpus $r ${cpus[$(( r % ${#cpus[@]} ))]}\$" "rank $r's CPU"
+done
+launch -n 2 -- bash -c 'echo "cpus $RANK $(sed -n "s/^Cpus_allowed_list:[[:space:]]*//p" /proc/self/status)"'
+expect_line "$work/out" "^\[rank 1\] cpus 1 $allowed\$" "without --bind-cores, rank 1 keeps every CPU"
+
+# ------------------------------------------------------------------------------------------------
 check "a rank exiting with 3 makes diloco-run exit 3 and stops a rank sleeping 60 s"
 launch -n 2 -- bash -c '
   if [[ $RANK == 1 ]]; then

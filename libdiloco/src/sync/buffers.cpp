@@ -149,6 +149,28 @@ void ModelBuffers::sync(Group& group, BufferSync mode, const std::string& who, s
   // steps, so only a digest of them crosses the link; rank 0's values are sent only when the
   // digests differ (every rank sees the same digests, so all decide alike).
   if (integral_.empty()) return;
+  const auto all = group.allgather(integral_digest(), "buffers_digest");
+  if (digests_differ(all)) broadcast_from_rank0(group, buffers_, integral_);
+}
+
+bool ModelBuffers::digest_only(BufferSync mode) const {
+  return mode == BufferSync::kAverage && floating_.empty() && !integral_.empty();
+}
+
+std::unique_ptr<ModelBuffers::PendingDigest> ModelBuffers::start_digest(Group& group) {
+  auto pending = std::make_unique<PendingDigest>();
+  pending->mine = integral_digest();
+  pending->collective = group.allgather_async(pending->mine, pending->all, "buffers_digest");
+  return pending;
+}
+
+void ModelBuffers::finish_digest(Group& group, PendingDigest& pending) {
+  pending.collective.wait();
+  at::NoGradGuard no_grad;
+  if (digests_differ(pending.all)) broadcast_from_rank0(group, buffers_, integral_);
+}
+
+at::Tensor ModelBuffers::integral_digest() const {
   std::uint64_t digest = 1469598103934665603ull;  // FNV-1a over the bytes
   for (std::size_t i : integral_) {
     const at::Tensor t = buffers_[i].tensor.to(at::kCPU).contiguous();
@@ -157,11 +179,13 @@ void ModelBuffers::sync(Group& group, BufferSync mode, const std::string& who, s
   }
   at::Tensor mine = at::empty({1}, at::kLong);
   mine[0] = static_cast<std::int64_t>(digest);
-  const std::vector<at::Tensor> all = group.allgather(mine, "buffers_digest");
-  const bool differ = std::any_of(all.begin(), all.end(), [&](const at::Tensor& d) {
+  return mine;
+}
+
+bool ModelBuffers::digests_differ(const std::vector<at::Tensor>& all) {
+  return std::any_of(all.begin(), all.end(), [&](const at::Tensor& d) {
     return d.item<std::int64_t>() != all[0].item<std::int64_t>();
   });
-  if (differ) broadcast_from_rank0(group, buffers_, integral_);
 }
 
 }  // namespace diloco

@@ -105,6 +105,19 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+// Adds the wall time of its scope to a counter, also when the scope is left by an exception.
+class ScopedTimer {
+ public:
+  explicit ScopedTimer(double& total) : total_(total) {}
+  ~ScopedTimer() { total_ += seconds_since(start_); }
+  ScopedTimer(const ScopedTimer&) = delete;
+  ScopedTimer& operator=(const ScopedTimer&) = delete;
+
+ private:
+  double& total_;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
+
 // Elastic runs: recoveries in a row (each a new epoch) before a lost peer is given up on.
 constexpr int kMaxRecoveries = 8;
 
@@ -246,6 +259,7 @@ std::vector<at::Tensor> DiLoCo::views_over(std::size_t i) const {
 DiLoCo::~DiLoCo() {
   wait_in_flight();
   try {
+    settle_buffers_digest();
     settle_state_check();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());
@@ -255,18 +269,19 @@ DiLoCo::~DiLoCo() {
 void DiLoCo::wait_in_flight() noexcept {
   // What has not started is dropped (this rank sends nothing more); what runs is waited for.
   comm_->discard_queued();
+  // The start job first: one that runs may still be starting the fragment's exchanges.
+  try {
+    start_job_.wait();
+  } catch (const std::exception&) {
+  }
   for (auto& p : pending_) {
     try {
       p.exchange.wait();
     } catch (const std::exception&) {
     }
   }
-  try {
-    finite_check_.wait();
-  } catch (const std::exception&) {
-  }
   pending_.clear();
-  finite_check_ = CommThread::Job();
+  start_job_ = CommThread::Job();
   comm_->clear_error();
   in_flight_ = -1;
 }
@@ -386,7 +401,21 @@ void DiLoCo::sync() {
 
 void DiLoCo::end_round() {
   ++state_.outer_step;
+  // Buffers that only need their digests compared (integer and bool ones) are compared in the
+  // background and settled at the next exchange; averaging floating ones blocks.
+  if (buffers_.digest_only(options_.buffers) && group_->world_size() > 1) {
+    settle_buffers_digest();
+    buffers_digest_ = buffers_.start_digest(*group_);
+    return;
+  }
   buffers_.sync(*group_, options_.buffers, "DiLoCo outer", state_.outer_step - 1);
+}
+
+void DiLoCo::settle_buffers_digest() {
+  if (!buffers_digest_) return;
+  const std::unique_ptr<ModelBuffers::PendingDigest> pending = std::move(buffers_digest_);
+  const ScopedTimer waiting(wait_seconds_);
+  buffers_.finish_digest(*group_, *pending);
 }
 
 at::Tensor& DiLoCo::delta(std::size_t i) {
@@ -434,6 +463,7 @@ void DiLoCo::throw_if_not_finite(std::int64_t fragment, const std::vector<int>& 
 }
 
 void DiLoCo::start_sync(std::int64_t fragment) {
+  settle_buffers_digest();
   settle_state_check();
   const ScopedPayloadContext context({state_.outer_step + 1, fragment});
   auto& buckets = params_.buckets();
@@ -459,32 +489,48 @@ void DiLoCo::start_sync(std::int64_t fragment) {
       if (options_.audit_rate > 0.0) commit_for_audit(fragment);
       // The islands agree it is finite ahead of the exchanges: the screening's norms say it (a
       // NaN norm), or else a small all-reduce of flags.
-      if (screen) screen_contributions(fragment, finite);
+      if (screen && comm_->background()) {
+        // Streaming (tau > 0): the screening all-gather and the exchanges it lets through run
+        // on the communication thread, so that the island trains on while the islands meet.
+        // The staging buffers, not the model, are what they read and may zero.
+        start_job_ = comm_->submit([this, fragment, finite] {
+          screen_contributions(fragment, finite, nullptr);
+          start_exchanges(fragment, /*produced=*/true);
+        });
+        return;
+      }
+      if (screen) screen_contributions(fragment, finite, &wait_seconds_);
       if (compressed_ && !screen) {
-        finite_check_ = comm_->submit([this, fragment, finite] { check_finite(fragment, finite); });
+        start_job_ = comm_->submit([this, fragment, finite] { check_finite(fragment, finite); });
       }
     }
-    for (std::size_t i = 0; i < buckets.size(); ++i) {
-      if (buckets[i].fragment != fragment) continue;
-      ExchangeRequest request;
-      request.flat = delta(i);
-      request.views = views_[i];
-      request.label = "outer_sync";
-      if (!compressed_ && !screen) {
-        request.produce = [this, i](std::int64_t offset, std::int64_t length) {
-          produce(i, offset, length);
-        };
-      }
-      auto verdict = std::make_shared<ContributionScreen>();
-      verdict->factor = options_.screen_factor;
-      if (auditor_) verdict->excluded = auditor_->excluded_ranks();
-      request.screen = verdict;
-      PendingExchange exchange = state_.exchanges[i]->start(*group_, std::move(request), *comm_);
-      pending_.push_back({i, std::move(exchange), std::move(verdict)});
-    }
+    start_exchanges(fragment, compressed_ || screen);
   } catch (...) {
     drain_and_reset();
     throw;
+  }
+}
+
+void DiLoCo::start_exchanges(std::int64_t fragment, bool produced) {
+  auto& buckets = params_.buckets();
+  for (std::size_t i = 0; i < buckets.size(); ++i) {
+    if (buckets[i].fragment != fragment) continue;
+    ExchangeRequest request;
+    request.flat = delta(i);
+    request.views = views_[i];
+    request.label = "outer_sync";
+    if (!produced) {
+      // Each segment's pseudo-gradient is produced as the exchange reaches it.
+      request.produce = [this, i](std::int64_t offset, std::int64_t length) {
+        produce(i, offset, length);
+      };
+    }
+    auto verdict = std::make_shared<ContributionScreen>();
+    verdict->factor = options_.screen_factor;
+    if (auditor_) verdict->excluded = auditor_->excluded_ranks();
+    request.screen = verdict;
+    PendingExchange exchange = state_.exchanges[i]->start(*group_, std::move(request), *comm_);
+    pending_.push_back({i, std::move(exchange), std::move(verdict)});
   }
 }
 
@@ -493,13 +539,14 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
   // Everything of the fragment arrives before anything is applied: a peer lost in flight leaves
   // the global weights as they were, never half a fragment applied.
   try {
-    finite_check_.wait();
+    const ScopedTimer waiting(wait_seconds_);
+    start_job_.wait();
     for (auto& p : pending_) state_.exchanges[p.bucket]->finish(p.exchange);
   } catch (...) {
     drain_and_reset();
     throw;
   }
-  finite_check_ = CommThread::Job();
+  start_job_ = CommThread::Job();
   in_flight_ = -1;
   check_declared_norms(fragment);
   // The sums are bit-identical on every rank, so every rank applies exactly the same update,
@@ -596,7 +643,7 @@ void DiLoCo::commit_for_audit(std::int64_t fragment) {
                    membership_ ? membership_->members() : std::vector<std::string>{});
 }
 
-void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite) {
+void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite, double* waited) {
   auto& buckets = params_.buckets();
   double squares = 0.0;
   for (std::size_t i = 0; i < buckets.size(); ++i) {
@@ -613,7 +660,12 @@ void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite) {
   std::memcpy(&bits, &mine, sizeof mine);
   at::Tensor row = at::full({1}, bits, at::kLong);
   if (carries_hash) row = at::cat({row, take_state_row()});
-  const auto all = group_->allgather(row, "outer_sync_screen");
+  std::vector<at::Tensor> all;
+  {
+    const auto start = std::chrono::steady_clock::now();
+    all = group_->allgather(row, "outer_sync_screen");
+    if (waited != nullptr) *waited += seconds_since(start);
+  }
   if (carries_hash) {
     std::vector<at::Tensor> hashes;
     for (const auto& t : all) hashes.push_back(t.narrow(0, 1, 4));
@@ -722,11 +774,17 @@ void DiLoCo::start_state_check() {
 void DiLoCo::settle_state_check() {
   if (!state_check_) return;
   const std::unique_ptr<StateCheck> check = std::move(state_check_);
-  check->collective.wait();
+  {
+    const ScopedTimer waiting(wait_seconds_);
+    check->collective.wait();
+  }
   compare_state_rows(check->hashes);
 }
 
 void DiLoCo::check_state() {
+  // A screening running on the communication thread takes the pending hash itself.
+  if (in_flight_ >= 0) start_job_.wait();
+  settle_buffers_digest();
   if (membership_ || !options_.compare_states) return;
   // start_state_check() settles the comparison in flight first. Always a collective, with or
   // without a hash left to compare (a rank that has none, e.g. after a load_state() of its own,
@@ -1021,7 +1079,8 @@ void DiLoCo::load_state(const std::string& path) {
 }
 
 SyncStats DiLoCo::stats() const {
-  return make_sync_stats(*group_, state_.inner_step, state_.outer_step, sync_seconds_);
+  return make_sync_stats(*group_, state_.inner_step, state_.outer_step, sync_seconds_,
+                         wait_seconds_);
 }
 
 }  // namespace diloco

@@ -11,20 +11,23 @@
 //   local    buffers stay as each island computed them (they still start equal).
 // All modes start every island from rank 0's buffers at construction. Bytes are counted under
 // "allreduce:buffers", "allgather:buffers_digest" and "broadcast:buffers".
+// DiLoCo starts the digest comparison after an outer step and settles it at the next exchange
+// (digest_only, start_digest, finish_digest), so only averaging floating buffers blocks.
 #pragma once
 
 #include <ATen/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "diloco/comm/group.h"
 #include "diloco/sync/parameters.h"
 
 namespace diloco {
 
 class Fingerprint;
-class Group;
 
 enum class BufferSync { kAverage, kRank0, kLocal };
 
@@ -49,7 +52,23 @@ class ModelBuffers {
   // keeps its own values.
   void sync(Group& group, BufferSync mode, const std::string& who, std::int64_t step);
 
+  // When `mode` is average and every buffer is an integer or bool one (a causal mask, step
+  // counters), sync() is only the digest comparison: then it can be started now and settled later
+  // (finish_digest, at the same point on every rank), so that no island waits for it.
+  bool digest_only(BufferSync mode) const;
+  struct PendingDigest {
+    PendingCollective collective;
+    at::Tensor mine;              // this rank's digest
+    std::vector<at::Tensor> all;  // every rank's, once the all-gather completed
+  };
+  std::unique_ptr<PendingDigest> start_digest(Group& group);
+  // Collective when the digests differ: every rank's integer buffers become rank 0's.
+  void finish_digest(Group& group, PendingDigest& pending);
+
  private:
+  at::Tensor integral_digest() const;
+  static bool digests_differ(const std::vector<at::Tensor>& all);
+
   std::vector<NamedParameter> buffers_;
   std::vector<std::size_t> floating_;  // indices of floating-point buffers
   std::vector<std::size_t> integral_;  // the others

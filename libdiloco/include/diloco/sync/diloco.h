@@ -204,7 +204,8 @@ class DiLoCo {
   // >= 3, screen_factor > 0, an exchange that does not see each contribution) or else travels in
   // an asynchronous all-gather of its own; call this after the last outer step so that the last
   // state is compared too. Throws Error naming the ranks that differ from the majority. Nothing
-  // to do in elastic runs, which compare before an outer step is committed.
+  // to do in elastic runs, which compare before an outer step is committed. It also settles the
+  // last round's comparison of integer and bool buffers (see ModelBuffers::digest_only).
   void check_state();
 
   const DiLoCoOptions& options() const { return options_; }
@@ -273,6 +274,9 @@ class DiLoCo {
   // Throws NonFiniteError naming `ranks` unless it is empty.
   void throw_if_not_finite(std::int64_t fragment, const std::vector<int>& ranks) const;
   void start_sync(std::int64_t fragment);
+  // Starts the exchange of each of the fragment's buckets (pending_); `produced`: the
+  // pseudo-gradients are already in delta(), else each exchange produces its segments.
+  void start_exchanges(std::int64_t fragment, bool produced);
   void finish_sync(std::int64_t fragment);
   // options_.compare_states: the islands compare the fragment's global state (see the option).
   // The outer step hashes the state as it writes it (state_hash_). With screening (screens())
@@ -285,6 +289,7 @@ class DiLoCo {
   // on it; elastic runs settle it at once.
   void start_state_check();
   void settle_state_check();
+  void settle_buffers_digest();  // the buffers digest in flight, if any: wait and act on it
   // This rank's row for the comparison (outer step, fragment, the hash as 2 int64; -1, -1, 0, 0
   // when there is no hash), after which the hash is no longer pending.
   at::Tensor take_state_row();
@@ -300,7 +305,8 @@ class DiLoCo {
   // diloco/audit/audit.h): RemovedError on them, PeerLostError (a new epoch) on the others.
   void elastic_audit();
   // options_.screen_factor: the islands share their norms and refuse outliers (see the option).
-  void screen_contributions(std::int64_t fragment, bool mine_finite);
+  // The all-gather's time is added to *waited when given (not on the communication thread).
+  void screen_contributions(std::int64_t fragment, bool mine_finite, double* waited);
   // The uncompressed sum against the norms the islands declared (an Error when it is longer).
   void check_declared_norms(std::int64_t fragment);
   // What an exchange that sees each contribution refused: counted and named on stderr.
@@ -339,16 +345,22 @@ class DiLoCo {
     std::vector<at::Tensor> hashes;   // every rank's, after the all-gather
   };
   std::unique_ptr<StateCheck> state_check_;  // the comparison in flight, if any
+  // The buffers' digest comparison after the last round, settled at the next exchange.
+  std::unique_ptr<ModelBuffers::PendingDigest> buffers_digest_;
   // XXH3-128 of the state the last outer step wrote (compare_states), until it is compared.
   struct StateHash {
     std::uint64_t high = 0, low = 0;
     std::int64_t outer_step = 0, fragment = 0;
   };
   std::optional<StateHash> state_hash_;
-  CommThread::Job finite_check_;   // its finiteness check (compressed exchanges)
+  // The fragment's job on the communication thread ahead of its exchanges: the finiteness check
+  // (compressed exchanges without screening), or, streaming with screening, the screening and
+  // the start of the exchanges themselves (pending_ is filled when it has run).
+  CommThread::Job start_job_;
   std::int64_t in_flight_ = -1;    // the fragment whose exchange is in flight, or -1
   std::vector<std::int64_t> started_at_;  // per fragment: the inner step its last exchange started
   double sync_seconds_ = 0.0;
+  double wait_seconds_ = 0.0;      // of sync_seconds_: blocked until exchanges completed
   std::string fingerprint_text_;   // elastic: what a joiner's configuration must equal
   std::string exchange_snapshot_;  // elastic: exchange state at the start of the outer step
   int contributors_ = 1;            // islands averaged in the fragment's outer step
