@@ -172,6 +172,7 @@ def read_run(metrics_path, log_path):
         # Per island: the islands differ in speed on a shared host, and the faster ones wait
         # for the slowest at every exchange; the slowest island's figure is the run's pace.
         "utilization_per_island": utils,
+        "compute_s_per_island": compute_s,
         "utilization_of_slowest": (utils[compute_s.index(max(compute_s))] if compute_s
                                    else None),
         "waiting_pct_per_island": wait_pct,
@@ -323,6 +324,7 @@ def link_record(lr, steps, islands, args):
     waiting = lr["waiting_pct_per_island"]
     return {"utilization": lr["utilization"],
             "utilization_per_island": per_island,
+            "compute_s_per_island": lr["compute_s_per_island"],
             "utilization_of_slowest": lr["utilization_of_slowest"],
             "in_outer_steps_pct": lr["in_outer_steps_pct"],
             "waiting_pct_per_island": waiting,
@@ -394,19 +396,21 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
                   "sync, which has no training left to hide behind, left out). The islands of a "
                   "host differ in speed; the faster ones wait for the slowest at every exchange, "
                   "so the slowest island's utilization is what the link costs the run.", "",
-                  "| run | link | utilization, mean | per island | slowest island's | waiting for "
-                  "exchanges, most | end-of-run sync |", "|---|---|---|---|---|---|---|"]
+                  "| run | link | utilization, mean | per island | compute s per island | slowest "
+                  "island's | waiting for exchanges, most | end-of-run sync |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in linked:
             for m in links:
                 k = r["links"].get(f"{m:g}")
                 if not k:
                     continue
                 per = " / ".join(f"{u:.3f}" for u in k["utilization_per_island"])
+                compute = " / ".join(f"{c:.1f}" for c in k["compute_s_per_island"])
                 wait = "—" if k["waiting_pct_max"] is None else f"{k['waiting_pct_max']:.2f}%"
                 end = "—" if k["end_of_run_sync_s"] is None else f"{k['end_of_run_sync_s']:.2f} s"
                 slow = "—" if k["utilization_of_slowest"] is None else f"{k['utilization_of_slowest']:.3f}"
                 lines.append(f"| {r['name']} | {link_name(m)} | {k['utilization']:.3f} | {per} | "
-                             f"{slow} | {wait} | {end} |")
+                             f"{compute} | {slow} | {wait} | {end} |")
     if scaling:
         lines += ["", "## Scaling with the number of islands "
                   f"({scaling[0]['params']} float32 values per island)", "",
@@ -463,20 +467,26 @@ def plot(out, results, scaling):
 
     linked = [r for r in results if r["links"]]
     if linked:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        # Left: the slowest island's utilization (the run's pace: what the link costs it); right:
+        # the mean over the islands, which also holds the faster islands' waiting for the slowest.
         # Loopback (0) is drawn at 10 Gbit/s, the right end of the axis.
-        for r in linked:
-            rates = sorted(r["links"], key=lambda m: float(m) if float(m) > 0 else 1e4)
-            ax.plot([float(m) if float(m) > 0 else 1e4 for m in rates],
-                    [r["links"][m]["utilization"] for m in rates], marker="o", label=r["name"])
-        ax.set_xscale("log")
-        ax.set_xlabel("emulated link (Mbit/s per island, log; 10^4 = loopback)")
-        ax.set_ylabel("compute utilization")
-        ax.set_ylim(0, 1.02)
-        ax.axhline(0.99, color="gray", ls=":", lw=1)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title("Compute utilization against link rate")
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for ax, key, title in ((axes[0], "utilization_of_slowest", "slowest island (the run's pace)"),
+                               (axes[1], "utilization", "mean over the islands")):
+            for r in linked:
+                rates = sorted(r["links"], key=lambda m: float(m) if float(m) > 0 else 1e4)
+                points = [(float(m) if float(m) > 0 else 1e4, r["links"][m].get(key)) for m in rates]
+                points = [(x, y) for x, y in points if y is not None]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=r["name"])
+            ax.set_xscale("log")
+            ax.set_xlabel("emulated link (Mbit/s per island, log; 10^4 = loopback)")
+            ax.set_ylim(0, 1.02)
+            ax.axhline(0.99, color="gray", ls=":", lw=1)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_title(f"Compute utilization: {title}", fontsize=10)
+        axes[0].set_ylabel("compute utilization")
+        axes[1].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "utilization_vs_link.png"), dpi=120)
         plt.close(fig)

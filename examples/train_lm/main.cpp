@@ -922,7 +922,9 @@ int train(const Flags& f, bool timeout_given) {
   // (streaming hides the rest); and, of that, the time it waited for exchanges to complete.
   const double sync_seconds = before_end.sync_seconds;
   const double wait_seconds = before_end.wait_seconds;
-  const auto percent = [&](double s) { return train_seconds > 0 ? 100.0 * s / train_seconds : 0.0; };
+  const auto percent = [&](double s) {
+    return train_seconds > 0 ? 100.0 * s / train_seconds : 0.0;
+  };
   std::printf(
       "rank %d/%d: bytes_sent %llu bytes_received %llu | compute %.3f s of %.3f s training, "
       "utilization %.3f | link emulated %.3f s | in outer steps %.3f s (%.2f%% of training) | "

@@ -473,6 +473,8 @@ void DiLoCo::start_sync(std::int64_t fragment) {
   in_flight_ = fragment;
   contributors_ = group_->world_size();
   declared_norms_ = -1.0;
+  screened_refused_ = 0;
+  screened_message_.clear();
   // Exchanges that see each contribution screen what they decode (ContributionScreen); the
   // others screen the norms the islands declare, before anything is sent.
   const bool screen = screens();
@@ -548,6 +550,9 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
   }
   start_job_ = CommThread::Job();
   in_flight_ = -1;
+  // The screening's refusals (possibly made on the communication thread) count from here.
+  refused_ += screened_refused_;
+  if (!screened_message_.empty()) last_screening_ = screened_message_;
   check_declared_norms(fragment);
   // The sums are bit-identical on every rank, so every rank applies exactly the same update,
   // and skips exactly the same non-finite blocks, without another collective.
@@ -705,7 +710,7 @@ void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite, doubl
   declared_norms_ = declared;
   if (refused.empty()) return;
   contributors_ = group_->world_size() - static_cast<int>(refused.size());
-  refused_ += static_cast<std::int64_t>(refused.size());
+  screened_refused_ = static_cast<std::int64_t>(refused.size());
   std::ostringstream m;
   m << "[DiLoCo outer step " << state_.outer_step + 1 << ", fragment " << fragment << "] rank "
     << group_->rank() << ": refused the pseudo-gradient of rank(s) ";
@@ -715,8 +720,8 @@ void DiLoCo::screen_contributions(std::int64_t fragment, bool mine_finite, doubl
   }
   m << ": above screen_factor " << options_.screen_factor << " x the median norm " << median
     << "; the outer step averages the other " << contributors_ << " islands";
-  last_screening_ = m.str();
-  std::fprintf(stderr, "%s\n", last_screening_.c_str());
+  screened_message_ = m.str();
+  std::fprintf(stderr, "%s\n", screened_message_.c_str());
   if (std::find(refused.begin(), refused.end(), group_->rank()) != refused.end()) {
     at::NoGradGuard no_grad;
     for (std::size_t i = 0; i < buckets.size(); ++i) {

@@ -226,7 +226,8 @@ class DiLoCo {
   void enable_audits(AuditHooks hooks);
   // What the audits found so far: counts, this island's replays, the islands excluded.
   AuditStats audits() const;
-  // Contributions the screening refused so far (screen_factor), and the last refusal's message.
+  // Contributions the screening refused so far (screen_factor), and the last refusal's message;
+  // a fragment's refusals count once it is applied (with tau > 0, tau steps after its start).
   std::int64_t refused_contributions() const { return refused_; }
   const std::string& last_screening() const { return last_screening_; }
   // Writes the outer state to `path` (sync/outer_state.h), or reads it and sets the model to
@@ -372,6 +373,10 @@ class DiLoCo {
   std::size_t removals_ = 0;          // elastic: excluded islands already removed
   std::int64_t refused_ = 0;        // contributions refused by the screening, in all
   std::string last_screening_;      // the last refusal, as named on stderr
+  // The fragment in flight's screening (written where it ran, possibly the communication
+  // thread), added to the two above when the fragment is applied.
+  std::int64_t screened_refused_ = 0;
+  std::string screened_message_;
 };
 
 }  // namespace diloco
