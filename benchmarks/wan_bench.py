@@ -186,7 +186,7 @@ def train_cmd(args, name, flags, steps, metrics, islands, bind_cores=False):
     train_lm = os.path.join(args.build, "examples", "train_lm")
     common = ["--data", args.data, "--steps", str(steps), "--metrics", metrics,
               "--eval-every", str(args.eval_every), "--seed", str(args.seed),
-              "--clip", f"{args.clip:g}"]
+              "--clip", f"{args.clip:g}", "--d-model", str(args.d_model)]
     if "single" in flags:
         return [train_lm] + flags + common
     launcher = [os.path.join(args.build, "libdiloco", "diloco-run"), "-n", str(islands)]
@@ -225,6 +225,9 @@ def main():
                         "--bind-cores) so that utilization measures the link rather than the "
                         "islands' competition for cores (default: the cores here, at least 2)")
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--d-model", type=int, default=128,
+                   help="model width: 128 is issue 10's benchmark model (470,784 parameters, the "
+                        "recipe's); train_lm's default 96 (279k) ran the streaming results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", type=float, default=CLIP,
                    help="gradient-norm clipping of every run's inner steps (0 = off)")
