@@ -373,23 +373,25 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
     def pct(x):
         return "—" if x is None else f"{x:.0f}%"
 
-    lines = [f"# Bandwidth against loss: {args.islands} islands, {steps} steps per island",
-             "", f"Model: {results[0].get('parameters')} parameters. Links for utilization: "
-             + ", ".join(link_name(m) for m in links) + f" ({args.latency_ms:g} ms latency on the "
-             "emulated ones), islands pinned to cores of their own (table below).", "",
-             "| run | bytes sent per island | fewer bytes than DP | val loss | gap to DP | gain recovered | wall s | utilization (these runs) | "
-             + " | ".join(f"utilization {link_name(m)}" for m in links) + " |",
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(links)]
+    header = ["run", "bytes sent per island", "fewer bytes than DP", "val loss", "gap to DP",
+              "gain recovered", "wall s", "utilization (these runs)"]
+    header += [f"utilization {link_name(m)}" for m in links]
+    links_text = (("Links for utilization: " + ", ".join(link_name(m) for m in links)
+                   + f" ({args.latency_ms:g} ms latency on the emulated ones), islands pinned to "
+                   "cores of their own (table below).") if links else "No link runs.")
+    lines = [f"# Bandwidth against loss: {args.islands} islands, {steps} steps per island", "",
+             f"Model: {results[0].get('parameters')} parameters. {links_text}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in slim:
-        red = "—" if r["reduction_vs_dp"] is None else f"{r['reduction_vs_dp']:.0f}x"
+        red = "—" if r["reduction_vs_dp"] is None else f"{r['reduction_vs_dp']:,.0f}x"
         util = "—" if r["utilization"] is None else f"{r['utilization']:.2f}"
-        link_cells = []
+        cells = [r["name"], fmt_bytes(r["bytes_sent"]), red, f"{r['val_loss']:.4f}",
+                 f"{r['gap_to_dp_pct']:+.1f}%", pct(r["gain_recovered_pct"]), f"{r['wall_s']:.0f}",
+                 util]
         for m in links:
             u = r["links"].get(f"{m:g}", {}).get("utilization")
-            link_cells.append("—" if u is None else f"{u:.2f}")
-        lines.append(f"| {r['name']} | {fmt_bytes(r['bytes_sent'])} | {red} | {r['val_loss']:.4f} | "
-                     f"{r['gap_to_dp_pct']:+.1f}% | {pct(r['gain_recovered_pct'])} | {r['wall_s']:.0f} | "
-                     f"{util} | " + " | ".join(link_cells) + " |")
+            cells.append("—" if u is None else f"{u:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
     linked = [r for r in slim if r["links"]]
     if linked:
         first = next(iter(linked[0]["links"].values()))
@@ -454,16 +456,26 @@ def plot(out, results, scaling):
     fig.savefig(os.path.join(out, "loss_vs_bytes.png"), dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for r in results:
-        steps, losses = zip(*r["curve"])
-        ax.plot(steps, losses, label=r["name"], lw=1.2)
-    ax.set_xlabel("step (per island)")
-    ax.set_ylabel("validation loss")
-    ax.set_ylim(top=min(4.0, max(max(l for _, l in r["curve"]) for r in results)))
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(True, alpha=0.3)
-    ax.set_title("Validation loss against step")
+    # Left: the whole run; right: its second half, where the runs' differences are read.
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    last = max(s for r in results for s, _ in r["curve"])
+    for ax, first in ((axes[0], 0), (axes[1], last // 2)):
+        shown = []
+        for r in results:
+            points = [(s, l) for s, l in r["curve"] if s >= first]
+            if points:
+                ax.plot(*zip(*points), label=r["name"], lw=1.2, marker="." if first else None)
+                shown += [l for _, l in points]
+        if first:
+            ax.set_ylim(min(shown) - 0.01, min(max(shown), min(shown) + 0.4) + 0.01)
+            ax.set_title(f"Validation loss, steps {first}-{last}")
+        else:
+            ax.set_ylim(top=min(4.0, max(shown)))
+            ax.set_title("Validation loss against step")
+            ax.legend(fontsize=7, ncol=2)
+        ax.set_xlabel("step (per island)")
+        ax.set_ylabel("validation loss")
+        ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss_vs_step.png"), dpi=120)
     plt.close(fig)
