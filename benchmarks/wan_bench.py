@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Bandwidth against loss: data-parallel, DiLoCo at several H, and DiLoCo with each compressor.
 
-Trains the example language model (build/examples/train_lm) with 4 islands on this machine for
-the same number of steps per island with every method, then writes
+Trains the example language model (build/examples/train_lm; --d-model 128 by default, the
+470,784-parameter model the recipe was measured on) with 4 islands on this machine for the same
+number of steps per island with every method, then writes
 
   OUT/results.json, OUT/results.csv   one record per run (machine-readable)
   OUT/table.md                        the table: bytes per island, reduction vs data-parallel,
                                       final validation loss, gap to data-parallel, gain recovered,
                                       wall time, compute utilization per emulated link
   OUT/loss_vs_bytes.png               final validation loss against bytes sent (log axis)
-  OUT/loss_vs_step.png                validation loss against step, one curve per run
+  OUT/loss_vs_step.png                validation loss against step, one curve per run (the whole
+                                      run, and its second half)
   OUT/utilization_vs_link.png         compute utilization against the emulated link's rate for
                                       the --link-runs (data-parallel, DiLoCo, streaming DiLoCo)
   OUT/scaling.json, OUT/scaling.md    sync time and bytes per island for 2, 4, 8 islands
