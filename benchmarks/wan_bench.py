@@ -114,8 +114,9 @@ def run_specs(quick):
 
 
 # The best compressed combination at 2,000 steps beyond H=100 with each compressor (h100_int4:
-# about 780x fewer bytes than data-parallel): 4-bit at H=300, about 2,200x. 2-bit with error
-# feedback fails at large H (int2+ef at H=200: 2.135).
+# 778x fewer bytes than data-parallel): 4-bit at H=300, 2,222x (7 rounds of 4 bits: the most that
+# fit in 2,000x). Fewer bits for more rounds lose more than they gain: int2+ef at H=200 2.135,
+# int2 at H=134 1.616, topk(k=128,values=2bit)+ef at H=100 1.753 (one island: 1.551).
 BEST = ((300, "int4"),)
 
 
