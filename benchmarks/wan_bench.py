@@ -32,7 +32,7 @@ which sets the run's pace (the faster islands wait for it at every exchange).
 Usage:
   python3 benchmarks/wan_bench.py --quick          # 300 steps, 4 compressors
   python3 benchmarks/wan_bench.py                  # the full set, 2,000 steps: about 5 min per
-                                                   # 4-island run on 2 cores, 2.5 hours in all
+                                                   # 4-island run on 2 cores, about 3 hours in all
   python3 benchmarks/wan_bench.py --only dp,single,h100_fp32,h100_p4_t5 --no-scaling
   python3 benchmarks/wan_bench.py --steps 300 --only h100_fp32,h100_p4_t5,h100_p4_t5_fp4 \
       --no-scaling --link-steps 1200               # the streaming utilization runs alone
