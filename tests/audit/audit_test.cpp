@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
-#include <catch2/catch.hpp>
 #include <chrono>
 #include <cmath>
 #include <string>
@@ -17,6 +16,7 @@
 #include "comm/c10d_compat.h"
 
 #include "diloco/diloco.h"
+#include "support/catch.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;

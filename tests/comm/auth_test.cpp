@@ -1,7 +1,6 @@
 // Run keys (diloco/comm/auth.h): HMAC against RFC 4231, the MACed store, the authenticated
 // backend over real Gloo on loopback (ranks are threads), a tampered and a replayed payload, and
 // the keyed rendezvous refusing a process with another key or none while the members carry on.
-#include <catch2/catch.hpp>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
@@ -18,6 +17,7 @@
 #include "diloco/elastic/membership.h"
 #include "diloco/errors.h"
 #include "diloco/exchange/comm_thread.h"
+#include "support/catch.h"
 #include "support/env_guard.h"
 #include "support/ranks.h"
 

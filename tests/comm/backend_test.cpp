@@ -4,7 +4,6 @@
 // Ranks are threads of this process over a shared c10d::HashStore, with real Gloo backends on
 // loopback; the counting backend wraps a Gloo one rather than replacing it.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
@@ -22,6 +21,7 @@
 #include "diloco/comm/comm_stats.h"
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
+#include "support/catch.h"
 
 using diloco::Collective;
 

@@ -1,8 +1,8 @@
 // Byte accounting: the formulas, and what a Group records for real Gloo collectives.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 
 #include "diloco/comm/comm_stats.h"
+#include "support/catch.h"
 #include "support/ranks.h"
 
 using diloco::Collective;

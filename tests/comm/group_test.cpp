@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 
 #include <chrono>
 #include <cstdlib>
@@ -15,6 +14,7 @@
 
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
+#include "support/catch.h"
 #include "support/env_guard.h"
 #include "support/ranks.h"
 

@@ -4,7 +4,6 @@
 // Lower bounds on time are strict (the Group must never finish early); upper bounds are generous
 // because the machine is shared and noisy, but still tight enough to tell overlap from no overlap.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -16,6 +15,7 @@
 #include "diloco/comm/comm_stats.h"
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
+#include "support/catch.h"
 #include "support/env_guard.h"
 #include "support/ranks.h"
 

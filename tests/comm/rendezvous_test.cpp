@@ -8,11 +8,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <catch2/catch.hpp>
-
 #include <chrono>
 #include <thread>
 
+#include "support/catch.h"
 #include "support/processes.h"
 #include "support/ranks.h"
 

@@ -1,12 +1,12 @@
 // One suite over every built-in codec: round trip within the documented bound, exact payload
 // size, the spec round trip, and malformed payloads that must raise diloco::Error.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 
 #include <cstring>
 
 #include "diloco/compress/registry.h"
 #include "diloco/errors.h"
+#include "support/catch.h"
 #include "support/codec_helpers.h"
 
 using Catch::Matchers::Contains;

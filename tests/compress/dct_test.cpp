@@ -5,7 +5,6 @@
 
 #include <ATen/ATen.h>
 
-#include <catch2/catch.hpp>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -15,6 +14,7 @@
 
 #include "diloco/compress/registry.h"
 #include "diloco/errors.h"
+#include "support/catch.h"
 #include "support/codec_helpers.h"
 
 using Catch::Matchers::Contains;

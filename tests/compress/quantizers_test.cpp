@@ -3,7 +3,6 @@
 // plain ATen reference implementations (bit for bit), unbiased stochastic rounding, malformed
 // payloads and bad parameters.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 
 #include <cmath>
 #include <cstring>
@@ -20,6 +19,7 @@
 #include "compress/spec_parse.h"
 #include "diloco/compress/registry.h"
 #include "diloco/errors.h"
+#include "support/catch.h"
 #include "support/codec_helpers.h"
 
 using Catch::Matchers::Contains;

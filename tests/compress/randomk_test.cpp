@@ -4,7 +4,6 @@
 
 #include <ATen/ATen.h>
 
-#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -12,6 +11,7 @@
 
 #include "diloco/compress/registry.h"
 #include "diloco/errors.h"
+#include "support/catch.h"
 #include "support/codec_helpers.h"
 
 using Catch::Matchers::Contains;

@@ -4,13 +4,13 @@
 
 #include <ATen/ATen.h>
 
-#include <catch2/catch.hpp>
 #include <cstring>
 #include <limits>
 #include <random>
 
 #include "diloco/compress/registry.h"
 #include "diloco/errors.h"
+#include "support/catch.h"
 #include "support/codec_helpers.h"
 
 using Catch::Matchers::Contains;

@@ -2,7 +2,6 @@
 // heartbeat thread, Gloo groups on loopback) against a TCPStore this test serves. The fault
 // scenarios with real processes (kill -9, SIGSTOP, restarts) are in tests/examples/elastic_test.sh.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include <atomic>
@@ -17,6 +16,7 @@
 #include "diloco/elastic/membership.h"
 #include "diloco/errors.h"
 #include "diloco/sync/diloco.h"
+#include "support/catch.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;

@@ -3,7 +3,6 @@
 // decode, is not finite or is far above the others is refused and its sender named, identically
 // on every rank; robust aggregators through every exchange kind's codec.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -15,6 +14,7 @@
 #include "diloco/errors.h"
 #include "diloco/exchange/aggregator.h"
 #include "diloco/exchange/exchange.h"
+#include "support/catch.h"
 #include "support/codec_helpers.h"
 #include "support/ranks.h"
 

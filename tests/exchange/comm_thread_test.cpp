@@ -1,6 +1,5 @@
 // The communication thread: jobs in submission order, a failure stops the queue until
 // clear_error(), inline threads run jobs on the waiting thread, discarded jobs never run.
-#include <catch2/catch.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -9,6 +8,7 @@
 #include <vector>
 
 #include "diloco/exchange/comm_thread.h"
+#include "support/catch.h"
 
 using Catch::Matchers::Contains;
 

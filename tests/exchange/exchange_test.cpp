@@ -3,16 +3,16 @@
 // codecs register by name; a malformed payload is reported naming the rank that sent it; DiLoCo
 // accepts a compression spec.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
 #include <cstring>
 #include <functional>
 #include <limits>
 
-#include "diloco/exchange/exchange.h"
 #include "diloco/compress/registry.h"
 #include "diloco/diloco.h"
+#include "diloco/exchange/exchange.h"
+#include "support/catch.h"
 #include "support/codec_helpers.h"
 #include "support/ranks.h"
 

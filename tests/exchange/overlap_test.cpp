@@ -3,7 +3,6 @@
 // bit for bit, on every rank.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <catch2/catch.hpp>
 
 #include <chrono>
 #include <string>
@@ -11,6 +10,7 @@
 
 #include "diloco/exchange/error_feedback.h"
 #include "diloco/exchange/exchange.h"
+#include "support/catch.h"
 #include "support/ranks.h"
 
 namespace {

@@ -4,13 +4,13 @@
 // bytes on the wire from the factor shapes; bit-identical results on every rank.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
-#include "diloco/exchange/exchange.h"
-#include "diloco/exchange/powersgd.h"
 #include "diloco/compress/registry.h"
 #include "diloco/diloco.h"
+#include "diloco/exchange/exchange.h"
+#include "diloco/exchange/powersgd.h"
+#include "support/catch.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;

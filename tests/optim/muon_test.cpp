@@ -3,12 +3,11 @@
 // option checks.
 #include <ATen/ATen.h>
 
-#include <catch2/catch.hpp>
-
 #include <cmath>
 
 #include "diloco/errors.h"
 #include "diloco/optim/muon.h"
+#include "support/catch.h"
 
 using Catch::Matchers::Contains;
 

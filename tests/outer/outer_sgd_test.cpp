@@ -1,7 +1,6 @@
 // The outer optimizer against torch.optim.SGD's documented update, computed here by hand in
 // double precision:  b <- mu*b + g;  g' = g + mu*b (nesterov) or b;  p <- p - lr*g'.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -9,6 +8,7 @@
 
 #include "diloco/errors.h"
 #include "diloco/outer/outer_sgd.h"
+#include "support/catch.h"
 
 using Catch::Matchers::Contains;
 

@@ -3,10 +3,10 @@
 
 #include <ATen/ATen.h>
 
-#include <catch2/catch.hpp>
 #include <cstring>
 
 #include "diloco/compress/registry.h"
+#include "support/catch.h"
 
 namespace diloco_test {
 namespace {

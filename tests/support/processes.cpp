@@ -1,4 +1,5 @@
 // Real worker processes for multi-process tests (see processes.h).
+#include "support/catch.h"
 #include "support/processes.h"
 
 #include <fcntl.h>
@@ -6,8 +7,6 @@
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <catch2/catch.hpp>
 
 #include <atomic>
 #include <fstream>

@@ -7,8 +7,6 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/sgd.h>
 
-#include <catch2/catch.hpp>
-
 #include <map>
 #include <vector>
 
@@ -16,6 +14,7 @@
 #include "diloco/sync/buffers.h"
 #include "diloco/sync/data_parallel.h"
 #include "diloco/sync/diloco.h"
+#include "support/catch.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;

@@ -4,7 +4,6 @@
 // configuration is an OptionError naming the field; CheckpointDir keeps the newest K and tells
 // intact checkpoints from broken ones.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -14,6 +13,7 @@
 #include <vector>
 
 #include "diloco/diloco.h"
+#include "support/catch.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;

@@ -1,7 +1,6 @@
 // Islands that differ in one option fail at construction, on every rank, naming the option and
 // every rank's value (sync/fingerprint.h): real worker processes, one case per option the
 // issue's probes varied, and the Fingerprint format itself.
-#include <catch2/catch.hpp>
 
 #include <chrono>
 #include <string>
@@ -10,6 +9,7 @@
 #include "diloco/compress/codec_params.h"
 #include "diloco/errors.h"
 #include "diloco/sync/fingerprint.h"
+#include "support/catch.h"
 #include "support/processes.h"
 #include "support/ranks.h"
 

@@ -1,11 +1,11 @@
 // DataParallel: gradients become the mean over ranks, and non-finite gradients are refused.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
 #include <cmath>
 
 #include "diloco/diloco.h"
+#include "support/catch.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;

@@ -1,7 +1,6 @@
 // DiLoCo over real Gloo ranks (threads on loopback): the outer step's formula, bit-identical
 // global weights, the data-parallel special case, and the errors a user can run into.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -11,6 +10,7 @@
 #include <vector>
 
 #include "diloco/diloco.h"
+#include "support/catch.h"
 #include "support/codec_helpers.h"
 #include "support/ranks.h"
 

@@ -4,7 +4,6 @@
 // an OptionError naming the field; saving while an exchange is in flight is refused.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
 #include <unistd.h>
@@ -18,6 +17,7 @@
 #include "diloco/diloco.h"
 #include "diloco/exchange/error_feedback.h"
 #include "diloco/exchange/powersgd.h"
+#include "support/catch.h"
 #include "support/ranks.h"
 
 using Catch::Matchers::Contains;

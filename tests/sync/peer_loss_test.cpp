@@ -2,10 +2,9 @@
 // timeout instead of hanging.
 #include <unistd.h>
 
-#include <catch2/catch.hpp>
-
 #include <chrono>
 
+#include "support/catch.h"
 #include "support/processes.h"
 #include "support/ranks.h"
 

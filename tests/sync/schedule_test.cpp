@@ -1,7 +1,6 @@
 // Streaming DiLoCo's schedule (sync/schedule.h): over 2H steps every fragment starts every H
 // steps at the documented offset, finishes tau steps later, and no two start together; the
 // default fragments follow the strided pattern.
-#include <catch2/catch.hpp>
 
 #include <map>
 #include <set>
@@ -10,6 +9,7 @@
 
 #include "diloco/errors.h"
 #include "diloco/sync/schedule.h"
+#include "support/catch.h"
 
 using Catch::Matchers::Contains;
 

@@ -3,7 +3,6 @@
 // outer optimizer, P = 1 / tau = 0 / alpha = 0 against plain DiLoCo bit for bit, bytes per
 // fragment, option errors, and a peer lost while an exchange is in flight.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/optim/sgd.h>
 #include <torch/torch.h>
 
@@ -14,6 +13,7 @@
 #include <vector>
 
 #include "diloco/diloco.h"
+#include "support/catch.h"
 #include "support/processes.h"
 #include "support/ranks.h"
 

@@ -332,71 +332,53 @@ bool DiLoCo::step() {
   const bool due = (finishing != StreamingSchedule::kNone && finishing == in_flight_) ||
                    starting != StreamingSchedule::kNone;
   if (!due) return false;
-  const auto start = std::chrono::steady_clock::now();
+  const ScopedTimer syncing(sync_seconds_);
   bool round_done = false;
-  try {
-    // With tau = 0 a fragment finishes after the step it starts; otherwise the one in flight is
-    // applied first (tau is below the gap between starts, so it is never the one starting now).
-    if (finishing != StreamingSchedule::kNone && finishing == in_flight_ &&
-        options_.overlap_steps > 0) {
-      finish_sync(finishing);
-      round_done = finishing == options_.fragments - 1;
-    }
-    if (starting != StreamingSchedule::kNone) {
-      start_sync(starting);
-      if (options_.overlap_steps == 0) {
-        finish_sync(starting);
-        round_done = starting == options_.fragments - 1;
-      }
-    }
-    if (round_done) end_round();
-  } catch (...) {
-    sync_seconds_ += seconds_since(start);
-    throw;
+  // With tau = 0 a fragment finishes after the step it starts; otherwise the one in flight is
+  // applied first (tau is below the gap between starts, so it is never the one starting now).
+  if (finishing != StreamingSchedule::kNone && finishing == in_flight_ &&
+      options_.overlap_steps > 0) {
+    finish_sync(finishing);
+    round_done = finishing == options_.fragments - 1;
   }
-  sync_seconds_ += seconds_since(start);
+  if (starting != StreamingSchedule::kNone) {
+    start_sync(starting);
+    if (options_.overlap_steps == 0) {
+      finish_sync(starting);
+      round_done = starting == options_.fragments - 1;
+    }
+  }
+  if (round_done) end_round();
   return round_done;
 }
 
 void DiLoCo::sync() {
-  const auto start = std::chrono::steady_clock::now();
+  const ScopedTimer syncing(sync_seconds_);
   if (membership_) {
-    try {
-      elastic_outer_step();
-    } catch (...) {
-      sync_seconds_ += seconds_since(start);
-      throw;
-    }
-    sync_seconds_ += seconds_since(start);
+    elastic_outer_step();
     return;
   }
-  try {
-    // A fragment whose exchange started after this very step holds no progress it has not sent:
-    // once applied, the island takes the global fragment as it is (identical everywhere) rather
-    // than exchanging it again.
-    const std::int64_t settled =
-        in_flight_ >= 0 && started_at_[static_cast<std::size_t>(in_flight_)] == state_.inner_step
-            ? in_flight_
-            : -1;
-    if (in_flight_ >= 0) finish_sync(in_flight_);
-    for (std::int64_t f = 0; f < options_.fragments; ++f) {
-      if (f == settled) {
-        at::NoGradGuard no_grad;
-        auto& buckets = params_.buckets();
-        for (std::size_t i = 0; i < buckets.size(); ++i) {
-          if (buckets[i].fragment == f) buckets[i].flat.copy_(state_.global[i]);
-        }
-        continue;
+  // A fragment whose exchange started after this very step holds no progress it has not sent:
+  // once applied, the island takes the global fragment as it is (identical everywhere) rather
+  // than exchanging it again.
+  const std::int64_t settled =
+      in_flight_ >= 0 && started_at_[static_cast<std::size_t>(in_flight_)] == state_.inner_step
+          ? in_flight_
+          : -1;
+  if (in_flight_ >= 0) finish_sync(in_flight_);
+  for (std::int64_t f = 0; f < options_.fragments; ++f) {
+    if (f == settled) {
+      at::NoGradGuard no_grad;
+      auto& buckets = params_.buckets();
+      for (std::size_t i = 0; i < buckets.size(); ++i) {
+        if (buckets[i].fragment == f) buckets[i].flat.copy_(state_.global[i]);
       }
-      start_sync(f);
-      finish_sync(f);
+      continue;
     }
-    end_round();
-  } catch (...) {
-    sync_seconds_ += seconds_since(start);
-    throw;
+    start_sync(f);
+    finish_sync(f);
   }
-  sync_seconds_ += seconds_since(start);
+  end_round();
 }
 
 void DiLoCo::end_round() {
@@ -874,21 +856,12 @@ void DiLoCo::drain_and_reset() {
 
 bool DiLoCo::elastic_step() {
   const std::int64_t t = ++state_.inner_step;
-  const auto start = std::chrono::steady_clock::now();
-  bool outer = false;
-  try {
-    // A peer was lost while this island computed: the others are forming a new epoch now.
-    if (membership_->failed()) recover();
-    if (schedule_.starts_after(t) != StreamingSchedule::kNone) {
-      elastic_outer_step();
-      outer = true;
-    }
-  } catch (...) {
-    sync_seconds_ += seconds_since(start);
-    throw;
-  }
-  sync_seconds_ += seconds_since(start);
-  return outer;
+  const ScopedTimer syncing(sync_seconds_);
+  // A peer was lost while this island computed: the others are forming a new epoch now.
+  if (membership_->failed()) recover();
+  if (schedule_.starts_after(t) == StreamingSchedule::kNone) return false;
+  elastic_outer_step();
+  return true;
 }
 
 void DiLoCo::elastic_outer_step() {
