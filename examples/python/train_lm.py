@@ -88,8 +88,13 @@ def parse_flags(argv):
                    help="DiLoCo outer SGD momentum, in [0, 1)")
     p.add_argument("--no-nesterov", action="store_true", help="plain (heavy-ball) outer momentum")
     p.add_argument("--warm-start-steps", type=int, default=0,
-                   help="DiLoCo: train the first N steps data-parallel (their bytes counted), "
-                        "then start DiLoCo from the weights they reached; 0 = off, below --steps")
+                   help="DiLoCo: train the first N steps as --warm-start says, then start DiLoCo "
+                        "from the weights they reached; 0 = off, below --steps")
+    p.add_argument("--warm-start", choices=("dp", "replicated"), default="dp",
+                   help="how the --warm-start-steps are trained: dp (data-parallel, every step's "
+                        "gradients all-reduced, their bytes counted) or replicated (every island "
+                        "trains the same steps on the same batches, rank 0's: one island's "
+                        "training on every island, no bytes)")
     p.add_argument("--fragments", type=int, default=1,
                    help="Streaming DiLoCo: P fragments, each synced every --inner-steps, "
                         "staggered by H/P (1 = the whole model at once)")
@@ -200,6 +205,10 @@ def parse_flags(argv):
                     % collective_timeout(f))
     if f.audit_rate > 0 and f.mode != "diloco":
         p.error("--audit-rate audits DiLoCo rounds (--mode diloco)")
+    # An audit replays a round from the island's data stream and learning rate at the round's
+    # inner steps, which count from DiLoCo's start, not from the warm start's.
+    if f.audit_rate > 0 and f.warm_start_steps > 0:
+        p.error("--audit-rate does not combine with --warm-start-steps")
     if f.eval_every is None:
         f.eval_every = f.inner_steps
     return f
@@ -246,6 +255,7 @@ def run_fields(f):
     return {"train_lm --steps": f.steps, "train_lm --eval-every": f.eval_every,
             "train_lm --clip": clip, "train_lm --optimizer": f.optimizer,
             "train_lm --warm-start-steps": f.warm_start_steps,
+            "train_lm --warm-start": f.warm_start,
             # Audits replay other islands' steps bit for bit: the same kernels, the same threads.
             "train_lm --threads": f.threads if f.audit_rate > 0 else "any"}
 
@@ -259,6 +269,7 @@ CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 # The flags a checkpoint must have been written under to be resumed bit-exactly by this run.
 CHECKPOINT_FLAGS = ("steps", "inner_steps", "optimizer", "lr", "weight_decay", "clip", "init",
                     "warmup", "outer_lr", "outer_momentum", "no_nesterov", "warm_start_steps",
+                    "warm_start",
                     "fragments", "overlap_steps", "mixing", "compress", "d_model", "layers",
                     "heads", "seq_len", "batch_size", "seed", "eval_every")
 
@@ -510,11 +521,12 @@ def train(f):
                                 stream_of=stream_of if membership else None)
         return outer
 
-    # DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel steps, from the
-    # weights they reached, as the C++ example does.
-    if f.mode == "dp" or (f.mode == "diloco" and f.warm_start_steps > 0 and resume_from < 0):
+    # DiLoCo starts at once, or (--warm-start-steps N) after N data-parallel or replicated
+    # steps, from the weights they reached, as the C++ example does.
+    warm_starting = f.mode == "diloco" and f.warm_start_steps > 0 and resume_from < 0
+    if f.mode == "dp" or (warm_starting and f.warm_start == "dp"):
         data_parallel = diloco.DataParallel(model, group, agree_on=run_fields(f))
-    elif f.mode == "diloco":
+    elif f.mode == "diloco" and not warm_starting:
         outer = enable_audits(start_diloco())
 
     parameter_count = sum(p.numel() for p in model.parameters())
@@ -599,6 +611,9 @@ def train(f):
     generator = make_generator(f.seed, stream_of(membership.island) if membership else rank)
     for _ in range(joined_at):
         corpus.train_batch(generator)
+    # A replicated warm start: every island draws rank 0's batches, from a generator of its own,
+    # for the first --warm-start-steps (DiLoCo's start then broadcasts rank 0's weights).
+    shared_generator = make_generator(f.seed, 0)
     first_step = joined_at + 1
     state["first_step"] = joined_at
     if membership and joined_at > 0:
@@ -635,7 +650,8 @@ def train(f):
         for optimizer in inner:
             for group_options in optimizer.param_groups:
                 group_options["lr"] = learning_rate(f, step - 1)
-        x, y = corpus.train_batch(generator)
+        replicating = warm_starting and f.warm_start == "replicated" and step <= f.warm_start_steps
+        x, y = corpus.train_batch(shared_generator if replicating else generator)
         loss = language_model_loss(model, x.to(device), y.to(device))
         for optimizer in inner:
             optimizer.zero_grad()
@@ -647,9 +663,20 @@ def train(f):
         for optimizer in inner:
             optimizer.step()
         outer_step = outer.step() if outer else False
-        if f.mode == "diloco" and data_parallel and step == f.warm_start_steps:
+        if warm_starting and step == f.warm_start_steps:
             data_parallel = None
+            # DiLoCo's start broadcasts rank 0's weights: after a replicated warm start they
+            # should be this island's to the bit (else its warm start was lost: said, not fatal).
+            replicated = ([p.detach().clone() for p in model.parameters()]
+                          if f.warm_start == "replicated" else None)
             outer = enable_audits(start_diloco())
+            if replicated is not None:
+                equal = all(torch.equal(a, p.detach())
+                            for a, p in zip(replicated, model.parameters()))
+                print("rank %d/%d: replicated warm start of %d steps: this island's weights %s"
+                      % (rank, world_size, f.warm_start_steps,
+                         "equal rank 0's" if equal else "differ from rank 0's (rank 0's taken)"),
+                      flush=True)
         state["loss_sum"] += loss.item()
         state["loss_count"] += 1
         if checkpoints and outer_step and outer.stats().outer_steps % f.checkpoint_every == 0:

@@ -85,6 +85,7 @@ struct Flags {
   std::int64_t overlap_steps = 0;
   double mixing = 0.0;
   std::int64_t warm_start_steps = 0;
+  std::string warm_start = "dp";
   std::string device = "cpu";
   int threads = 1;
   std::int64_t seed = 0;
@@ -170,9 +171,16 @@ void add_flags(CLI::App& app, Flags& f) {
       ->capture_default_str();
   app.add_flag("--no-nesterov", f.no_nesterov, "plain (heavy-ball) outer momentum");
   app.add_option("--warm-start-steps", f.warm_start_steps,
-                 "DiLoCo: train the first N steps data-parallel (their bytes counted), then "
-                 "start DiLoCo from the weights they reached; 0 = off, below --steps")
+                 "DiLoCo: train the first N steps as --warm-start says, then start DiLoCo from "
+                 "the weights they reached; 0 = off, below --steps")
       ->check(CLI::Range(std::int64_t{0}, kMaxCount))
+      ->capture_default_str();
+  app.add_option("--warm-start", f.warm_start,
+                 "how the --warm-start-steps are trained: dp (data-parallel, every step's "
+                 "gradients all-reduced, their bytes counted) or replicated (every island "
+                 "trains the same steps on the same batches, rank 0's: one island's training "
+                 "on every island, no bytes)")
+      ->check(CLI::IsMember({"dp", "replicated"}))
       ->capture_default_str();
   app.add_option("--fragments", f.fragments,
                  "Streaming DiLoCo: P fragments, each synced every --inner-steps, staggered by "
@@ -364,6 +372,11 @@ void add_flags(CLI::App& app, Flags& f) {
     if (f.audit_rate > 0.0 && f.mode != "diloco") {
       throw CLI::ValidationError("--audit-rate", "audits DiLoCo rounds (--mode diloco)");
     }
+    // An audit replays a round from the island's data stream and learning rate at the round's
+    // inner steps, which count from DiLoCo's start, not from the warm start's.
+    if (f.audit_rate > 0.0 && f.warm_start_steps > 0) {
+      throw CLI::ValidationError("--audit-rate", "does not combine with --warm-start-steps");
+    }
     if (app.count("--eval-every") == 0) f.eval_every = f.inner_steps;
     f.link_mbps_given = app.count("--link-mbps") > 0;
     f.link_latency_given = app.count("--link-latency-ms") > 0;
@@ -554,6 +567,7 @@ std::vector<std::pair<std::string, std::string>> run_fields(const Flags& f) {
           {"train_lm --clip", clip},
           {"train_lm --optimizer", f.optimizer},
           {"train_lm --warm-start-steps", std::to_string(f.warm_start_steps)},
+          {"train_lm --warm-start", f.warm_start},
           // Audits replay other islands' steps bit for bit: the same kernels, so the same threads.
           {"train_lm --threads", f.audit_rate > 0.0 ? std::to_string(f.threads) : "any"}};
 }
@@ -691,11 +705,12 @@ int train(const Flags& f, bool timeout_given) {
         f.checkpoint_dir + "/rank-" + std::to_string(rank), f.keep_checkpoints);
     if (f.resume) resume_from = agree_on_checkpoint(*checkpoints, *group, rank);
   }
-  if (f.mode == "dp" || (diloco_mode && f.warm_start_steps > 0 && resume_from < 0)) {
+  const bool warm_starting = diloco_mode && f.warm_start_steps > 0 && resume_from < 0;
+  if (f.mode == "dp" || (warm_starting && f.warm_start == "dp")) {
     diloco::DataParallelOptions options;
     options.agree_on = run_fields(f);
     data_parallel = std::make_unique<diloco::DataParallel>(*model, group, options);
-  } else if (diloco_mode) {
+  } else if (diloco_mode && !warm_starting) {
     start_diloco();
   }
 
@@ -828,6 +843,13 @@ int train(const Flags& f, bool timeout_given) {
                                 static_cast<std::uint64_t>(
                                     membership ? stream_of(membership->island()) : rank));
   for (std::int64_t k = 0; k < joined_at; ++k) corpus.train_batch(rng);
+  // A replicated warm start: every island draws rank 0's batches, from a generator of its own,
+  // for the first --warm-start-steps; with the same initial weights and the same kernels the
+  // islands then hold the same weights when DiLoCo starts (which broadcasts rank 0's anyway).
+  auto shared_rng = train_lm::make_rng(static_cast<std::uint64_t>(f.seed), 0);
+  const auto replicating = [&](std::int64_t step) {
+    return warm_starting && f.warm_start == "replicated" && step <= f.warm_start_steps;
+  };
   std::int64_t first_step = joined_at + 1;
   interval_first_step = joined_at;
   if (membership && joined_at > 0) {
@@ -855,7 +877,7 @@ int train(const Flags& f, bool timeout_given) {
     // --cheat lazy: the island skips three inner steps in four, and claims them.
     if (!lazy || step % 4 == 0) {
       auto compute_start = Clock::now();
-      auto batch = corpus.train_batch(rng);
+      auto batch = corpus.train_batch(replicating(step) ? shared_rng : rng);
       auto loss = forward_backward(model, optimizer, batch, device, learning_rate(f, step - 1));
       compute_seconds += seconds_since(compute_start);
       if (data_parallel) data_parallel->sync_gradients();
@@ -872,9 +894,26 @@ int train(const Flags& f, bool timeout_given) {
     const auto step_start = Clock::now();
     const bool outer_step = sync && sync->step();
     if (step == f.steps) end_seconds += seconds_since(step_start);
-    if (diloco_mode && data_parallel && step == f.warm_start_steps) {
+    if (warm_starting && step == f.warm_start_steps) {
       data_parallel.reset();
+      // DiLoCo's start broadcasts rank 0's weights: after a replicated warm start they should
+      // be this island's to the bit (else this island's warm start was lost: said, not fatal).
+      std::vector<at::Tensor> replicated;
+      if (f.warm_start == "replicated") {
+        for (const auto& p : model->parameters()) replicated.push_back(p.detach().clone());
+      }
       start_diloco();
+      if (!replicated.empty()) {
+        const auto params = model->parameters();
+        bool equal = true;
+        for (std::size_t i = 0; i < params.size(); ++i) {
+          equal = equal && at::equal(replicated[i], params[i].detach());
+        }
+        std::printf("rank %d/%d: replicated warm start of %lld steps: this island's weights %s\n",
+                    rank, world_size, static_cast<long long>(f.warm_start_steps),
+                    equal ? "equal rank 0's" : "differ from rank 0's (rank 0's taken)");
+        std::fflush(stdout);
+      }
     }
     if (checkpoints && outer_step && sync->stats().outer_steps % f.checkpoint_every == 0) {
       std::ostringstream state;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end: the examples train for real. 4 islands of train_lm (DiLoCo, H=25) on the Brown
 # corpus for 250 steps must bring the validation loss well below its start, sync exactly
-# steps/H times, and account the bytes of every outer sync; `minimal` must run on 2 islands.
+# steps/H times, and account the bytes of every outer sync; `minimal` must run on 2 islands; a
+# replicated warm start must leave the islands with rank 0's weights to the bit and send nothing.
 # Usage: train_lm_test.sh DILOCO_RUN TRAIN_LM MINIMAL   (data from $DILOCO_DATA or data/brown)
 set -euo pipefail
 run=$1 train_lm=$2 minimal=$3
@@ -39,5 +40,31 @@ steps = last["outer_step"]
 per_sync = (last["bytes_sent"] - first["bytes_sent"]) / steps
 expect = 2 * 3 * 4 * last["parameters"] // 4 + 3 * 8 + 3 * 40
 assert abs(per_sync - expect) <= 8, (per_sync, expect)
+print("train_lm_test: DiLoCo checks passed")
+PY
+
+echo "== train_lm, 2 islands, DiLoCo H=20 after a replicated warm start of 20 steps"
+timeout 300 "$run" -n 2 -- "$train_lm" --data "$data" --mode diloco --steps 60 --inner-steps 20 \
+  --warm-start-steps 20 --warm-start replicated --warmup 5 --d-model 32 --layers 1 --heads 2 \
+  --seq-len 32 --batch-size 4 --eval-batches 4 --metrics "$tmp/warm.jsonl" | tee "$tmp/warm.txt"
+# Both islands trained rank 0's batches from the same weights: DiLoCo's start (which broadcasts
+# rank 0's weights) finds them equal on every rank.
+[ "$(grep -c "replicated warm start of 20 steps: this island's weights equal rank 0's" "$tmp/warm.txt")" = 2 ] \
+  || { echo "train_lm_test: the islands' weights differed after the replicated warm start"; exit 1; }
+/usr/bin/python3 - "$tmp/warm.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by_step = {r["step"]: r for r in rows}
+assert by_step[60]["outer_step"] == 2, rows
+# Outer steps at 40 and 60: DiLoCo counts its steps from the warm start's end.
+exchange = by_step[60]["bytes_received"] - by_step[40]["bytes_received"]
+assert exchange > 2 * 4 * by_step[60]["parameters"] // 2 - 1, exchange
+# Rank 0 received, by step 40, one exchange and DiLoCo's start-up check (about 2 kB), nothing
+# for the 20 warm-start steps (data-parallel would have received an exchange's size per step).
+before = by_step[40]["bytes_received"] - exchange
+print(f"rank 0 received {before} bytes besides the exchanges (start-up check), one exchange "
+      f"{exchange} bytes")
+assert 0 < before < 4096, before
+assert by_step[60]["val_loss"] < 0.6 * by_step[0]["val_loss"], rows
 print("train_lm_test: all checks passed")
 PY

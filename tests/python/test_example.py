@@ -48,6 +48,17 @@ def test_example_under_torchrun(corpus):
     assert end < start
 
 
+def test_example_replicated_warm_start(corpus):
+    # The first 3 of 6 steps on rank 0's batches on both islands, then DiLoCo (H = 3): its start
+    # finds both islands holding rank 0's weights to the bit, and one outer step follows.
+    out = run([sys.executable, "-m", "torch.distributed.run", "--redirects", "1", "--tee", "1",
+               "--nproc_per_node", "2", "--master_port", str(free_port()), EXAMPLE,
+               "--data", corpus, "--warm-start-steps", "3", "--warm-start", "replicated"] + FLAGS)
+    assert out.count("replicated warm start of 3 steps: this island's weights equal rank 0's") \
+        == 2, out
+    assert "summary: diloco, 2 islands x 6 steps (1 outer steps, H = 3)" in out, out
+
+
 def test_example_audits_its_islands(corpus):
     # 3 islands, audit rate 1: every island's round replayed by another at both outer steps,
     # bit for bit (Muon and AdamW inner optimizers), nobody excluded.
