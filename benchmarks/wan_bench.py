@@ -262,8 +262,8 @@ def main():
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
 
     specs = run_specs(args.quick)
-    if steps <= 100:  # the warm starts need steps to spare after them
-        specs = [sp for sp in specs if sp[0] not in ("h500_warm100", "best_rep100_h272_int4")]
+    if steps <= 100:  # the warm starts (100 steps) need steps to spare after them
+        specs = [sp for sp in specs if "--warm-start-steps" not in sp[2]]
     if args.only:
         wanted = set(args.only.split(",")) | {"single", "dp"}
         unknown = wanted - {n for n, _, _ in specs}
