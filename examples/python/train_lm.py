@@ -90,11 +90,11 @@ def parse_flags(argv):
     p.add_argument("--warm-start-steps", type=int, default=0,
                    help="DiLoCo: train the first N steps as --warm-start says, then start DiLoCo "
                         "from the weights they reached; 0 = off, below --steps")
-    p.add_argument("--warm-start", choices=("dp", "replicated"), default="dp",
+    p.add_argument("--warm-start", choices=("dp", "replicated"), default=None,
                    help="how the --warm-start-steps are trained: dp (data-parallel, every step's "
                         "gradients all-reduced, their bytes counted) or replicated (every island "
                         "trains the same steps on the same batches, rank 0's: one island's "
-                        "training on every island, no bytes)")
+                        "training on every island, no bytes); default dp")
     p.add_argument("--fragments", type=int, default=1,
                    help="Streaming DiLoCo: P fragments, each synced every --inner-steps, "
                         "staggered by H/P (1 = the whole model at once)")
@@ -170,6 +170,16 @@ def parse_flags(argv):
         p.error("--clip must be a gradient norm in [0, 1e9] (0 = no clipping), not %r" % f.clip)
     if not 0 <= f.warm_start_steps < f.steps:
         p.error("--warm-start-steps must be in [0, --steps)")
+    # A warm start is where DiLoCo starts: nothing to say for the other modes, and --warm-start
+    # alone (how the warm-start steps are trained) would be silently ignored.
+    if f.warm_start_steps > 0 and f.mode != "diloco":
+        p.error("--warm-start-steps is for --mode diloco (a warm start is where DiLoCo starts), "
+                "not --mode %s" % f.mode)
+    if f.warm_start is not None and f.warm_start_steps == 0:
+        p.error("--warm-start needs --warm-start-steps N (N >= 1): it says how those steps are "
+                "trained")
+    if f.warm_start is None:
+        f.warm_start = "dp"
     if not 0.0 <= f.outer_momentum < 1.0:
         p.error("--outer-momentum must be in [0, 1)")
     if f.device == "cuda" and not torch.cuda.is_available():

@@ -324,6 +324,17 @@ void add_flags(CLI::App& app, Flags& f) {
       throw CLI::ValidationError("--warm-start-steps", "must be below --steps (" +
                                                            std::to_string(f.steps) + ")");
     }
+    // A warm start is where DiLoCo starts: nothing to say for the other modes, and --warm-start
+    // alone (how the warm-start steps are trained) would be silently ignored.
+    if (f.warm_start_steps > 0 && f.mode != "diloco") {
+      throw CLI::ValidationError("--warm-start-steps", "is for --mode diloco (a warm start is "
+                                                       "where DiLoCo starts), not --mode " +
+                                                           f.mode);
+    }
+    if (app.count("--warm-start") > 0 && f.warm_start_steps == 0) {
+      throw CLI::ValidationError("--warm-start", "needs --warm-start-steps N (N >= 1): it says "
+                                                 "how those steps are trained");
+    }
     if (f.outer_momentum >= 1.0) {
       throw CLI::ValidationError("--outer-momentum", "must be below 1");
     }

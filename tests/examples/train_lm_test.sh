@@ -43,6 +43,19 @@ assert abs(per_sync - expect) <= 8, (per_sync, expect)
 print("train_lm_test: DiLoCo checks passed")
 PY
 
+echo "== train_lm refuses warm-start flags it would otherwise ignore, naming them"
+refused() {  # refused MESSAGE FLAGS...: train_lm exits non-zero, printing MESSAGE
+  local message=$1; shift
+  if "$train_lm" --data "$data" "$@" >"$tmp/refused.txt" 2>&1; then
+    echo "train_lm_test: train_lm accepted $*"; exit 1
+  fi
+  grep -qF -- "$message" "$tmp/refused.txt" \
+    || { echo "train_lm_test: no '$message' for $*:"; cat "$tmp/refused.txt"; exit 1; }
+}
+refused "--warm-start-steps: is for --mode diloco" --mode single --warm-start-steps 5
+refused "--warm-start-steps: is for --mode diloco" --mode dp --warm-start-steps 5
+refused "--warm-start: needs --warm-start-steps N" --warm-start replicated
+
 echo "== train_lm, 2 islands, DiLoCo H=20 after a replicated warm start of 20 steps"
 timeout 300 "$run" -n 2 -- "$train_lm" --data "$data" --mode diloco --steps 60 --inner-steps 20 \
   --warm-start-steps 20 --warm-start replicated --warmup 5 --d-model 32 --layers 1 --heads 2 \

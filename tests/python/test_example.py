@@ -59,6 +59,19 @@ def test_example_replicated_warm_start(corpus):
     assert "summary: diloco, 2 islands x 6 steps (1 outer steps, H = 3)" in out, out
 
 
+
+def test_example_refuses_warm_start_flags_it_would_ignore(train_lm_flags):
+    train_lm, error = train_lm_flags
+    assert "--warm-start-steps is for --mode diloco (a warm start is where DiLoCo starts), " \
+        "not --mode dp" in error("--mode", "dp", "--warm-start-steps", "5")
+    assert "not --mode single" in error("--mode", "single", "--warm-start-steps", "5")
+    assert "--warm-start needs --warm-start-steps N (N >= 1)" in error("--warm-start",
+                                                                        "replicated")
+    assert train_lm.parse_flags(["--warm-start-steps", "5"]).warm_start == "dp"
+    assert train_lm.parse_flags(["--warm-start-steps", "5", "--warm-start",
+                                 "replicated"]).warm_start == "replicated"
+
+
 def test_example_audits_its_islands(corpus):
     # 3 islands, audit rate 1: every island's round replayed by another at both outer steps,
     # bit for bit (Muon and AdamW inner optimizers), nobody excluded.
