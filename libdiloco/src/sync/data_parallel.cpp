@@ -5,13 +5,13 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/nn/module.h>
 
-#include <chrono>
 #include <sstream>
 
 #include "diloco/comm/group.h"
 #include "diloco/errors.h"
 #include "diloco/sync/fingerprint.h"
 #include "kernels/cpu_kernels.h"
+#include "sync/scoped_timer.h"
 
 namespace diloco {
 
@@ -43,7 +43,7 @@ DataParallel::DataParallel(ModelTensors model, std::shared_ptr<Group> group,
 DataParallel::~DataParallel() = default;
 
 void DataParallel::sync_gradients() {
-  const auto start = std::chrono::steady_clock::now();
+  const ScopedTimer syncing(sync_seconds_);
   at::NoGradGuard no_grad;
   auto& buckets = params_.buckets();
   const auto& params = params_.parameters();
@@ -87,7 +87,6 @@ void DataParallel::sync_gradients() {
   }
   buffers_.sync(*group_, options_.buffers, "DataParallel", steps_ + 1);
   ++steps_;
-  sync_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 SyncStats DataParallel::stats() const {

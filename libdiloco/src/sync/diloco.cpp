@@ -27,6 +27,7 @@
 #include "diloco/exchange/aggregator.h"
 #include "diloco/sync/fingerprint.h"
 #include "kernels/cpu_kernels.h"
+#include "sync/scoped_timer.h"
 #include "sync/state_hash.h"
 
 namespace diloco {
@@ -99,23 +100,6 @@ FlatParameters flatten(std::vector<NamedParameter>& parameters, const DiLoCoOpti
 class NonFiniteError : public Error {
  public:
   using Error::Error;
-};
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-// Adds the wall time of its scope to a counter, also when the scope is left by an exception.
-class ScopedTimer {
- public:
-  explicit ScopedTimer(double& total) : total_(total) {}
-  ~ScopedTimer() { total_ += seconds_since(start_); }
-  ScopedTimer(const ScopedTimer&) = delete;
-  ScopedTimer& operator=(const ScopedTimer&) = delete;
-
- private:
-  double& total_;
-  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
 };
 
 // Elastic runs: recoveries in a row (each a new epoch) before a lost peer is given up on.
