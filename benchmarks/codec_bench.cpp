@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
   int repeats = 5;
   std::string out = "results/codecs";
   std::vector<std::string> specs = {"fp32", "fp16", "int8", "int8(rounding=stochastic)", "int4",
-                                    "int2", "int8_normal", "fp4", "topk",
+                                    "int3", "int2", "int8_normal", "fp4", "topk",
                                     "topk(values=2bit)", "dct", "randomk", "sign"};
   app.add_option("--rows", rows, "rows of the test matrix")->check(CLI::Range(1, 1 << 20));
   app.add_option("--cols", cols, "columns of the test matrix")->check(CLI::Range(1, 1 << 20));

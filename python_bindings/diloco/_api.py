@@ -374,7 +374,7 @@ class DiLoCo(_C.DiLoCo):
             torch.device); None: the model's device, or the CPU when compressing (compressed
             exchanges run on the CPU; the library decides, callers need not).
         compression: how pseudo-gradients cross the link: "none" (float32 all-reduce), "fp16",
-            "int8", "int4", "int2", "fp4", "int8_normal", "topk(k=64,values=2bit)", "dct",
+            "int8", "int4", "int3", "int2", "fp4", "int8_normal", "topk(k=64,values=2bit)", "dct",
             "randomk", "sign", each optionally with "+ef" error feedback. diloco.codec_help()
             lists every codec and its parameters.
         buffers: the module's buffers (BatchNorm running statistics; model.named_buffers(), none

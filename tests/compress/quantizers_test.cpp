@@ -1,4 +1,4 @@
-// The quantizer codecs fp32, fp16, int8/int4/int2, int8_normal and fp4: round trips within the
+// The quantizer codecs fp32, fp16, int8/int4/int3/int2, int8_normal and fp4: round trips within the
 // documented bound, payload sizes from an independently written formula, the fast kernels against
 // plain ATen reference implementations (bit for bit), unbiased stochastic rounding, malformed
 // payloads and bad parameters.
@@ -40,15 +40,19 @@ const char* const kSpecs[] = {"fp32",
                               "fp16",
                               "int8",
                               "int4",
+                              "int3",
                               "int2",
                               "int8(block=32,rounding=stochastic,seed=7)",
+                              "int3(block=32,rounding=stochastic,seed=5)",
                               "int4(block=4096,rounding=stochastic)",
                               "int2(block=64)",
                               "int8_normal",
                               "fp4",
                               "fp4(block=32)"};
-const char* const kNearestSpecs[] = {"fp16", "int8", "int4", "int2", "int8(block=32)",
-                                     "int2(block=4096)", "int8_normal", "fp4", "fp4(block=32)"};
+const char* const kNearestSpecs[] = {"fp16",           "int8",           "int4",
+                                     "int3",           "int2",           "int8(block=32)",
+                                     "int3(block=32)", "int2(block=4096)", "int8_normal",
+                                     "fp4",            "fp4(block=32)"};
 
 // Test data of the given shape: 0 normal, 1 normal with a large outlier (beyond fp16's range),
 // 2 all zeros, 3 subnormal magnitudes, 4 a large mean with a small spread.
@@ -99,17 +103,18 @@ struct Reference {
   at::Tensor decoded;
 };
 
-// Codes (int32 tensor, values fit in `bits`) packed little-endian, the first in the lowest bits.
+// Codes (int32 tensor, values fit in `bits`) as one little-endian bit stream: code i in bits
+// i*bits .. i*bits+bits-1, bit t of the stream in bit t % 8 of byte t / 8, zero-padded to a byte.
 void append_packed(std::vector<std::uint8_t>& out, const at::Tensor& codes, int bits) {
-  const int per = 8 / bits;
-  const std::int64_t n = codes.numel();
-  const std::int64_t padded = (n + per - 1) / per * per;
-  at::Tensor c = at::constant_pad_nd(codes.to(at::kInt), {0, padded - n}, 0);
-  c = c.bitwise_and((1 << bits) - 1).reshape({-1, per});
-  std::vector<std::int32_t> w;
-  for (int k = 0; k < per; ++k) w.push_back(1 << (bits * k));
-  at::Tensor bytes = (c * at::tensor(w, at::kInt)).sum(1).to(at::kByte).contiguous();
-  out.insert(out.end(), bytes.data_ptr<std::uint8_t>(), bytes.data_ptr<std::uint8_t>() + bytes.numel());
+  const at::Tensor c = codes.to(at::kInt).reshape({-1, 1});
+  at::Tensor stream =
+      c.bitwise_right_shift(at::arange(bits, at::kInt)).bitwise_and(1).reshape({-1});
+  const std::int64_t padded = (stream.numel() + 7) / 8 * 8;
+  stream = at::constant_pad_nd(stream, {0, padded - stream.numel()}, 0).reshape({-1, 8});
+  const at::Tensor weights = at::tensor({1, 2, 4, 8, 16, 32, 64, 128}, at::kInt);
+  at::Tensor bytes = (stream * weights).sum(1).to(at::kByte).contiguous();
+  const std::uint8_t* p = bytes.data_ptr<std::uint8_t>();
+  out.insert(out.end(), p, p + bytes.numel());
 }
 
 Reference ref_fp16(const at::Tensor& x) {
@@ -347,6 +352,7 @@ TEST_CASE("documented sizes of 2^20 elements", "[compress][quantizers]") {
   const std::vector<std::int64_t> shape = {1 << 20};
   CHECK(diloco::make_codec("int8")->payload_bytes(shape) == 1064960);
   CHECK(diloco::make_codec("int4")->payload_bytes(shape) == 540672);
+  CHECK(diloco::make_codec("int3")->payload_bytes(shape) == 409600);
   CHECK(diloco::make_codec("int2")->payload_bytes(shape) == 278528);
   CHECK(diloco::make_codec("fp4")->payload_bytes(shape) == 540672);
   CHECK(diloco::make_codec("int8_normal")->payload_bytes(shape) == (1 << 20) + 8);
@@ -386,7 +392,7 @@ TEST_CASE("the fast kernels equal the ATen reference bit for bit", "[compress][q
 }
 
 TEST_CASE("stochastic rounding is unbiased", "[compress][quantizers]") {
-  const std::string base = GENERATE("int8", "int4", "int2");
+  const std::string base = GENERATE("int8", "int4", "int3", "int2");
   INFO("codec " << base);
   const int trials = 2000;
   const at::Tensor x = data({64}, 0, 99);
@@ -433,7 +439,7 @@ TEST_CASE("stochastic rounding is deterministic per instance and seed", "[compre
 }
 
 TEST_CASE("malformed payloads raise diloco::Error naming the codec", "[compress][quantizers]") {
-  const std::string spec = GENERATE("fp32", "fp16", "int8", "int4", "int2", "int8_normal", "fp4");
+  const std::string spec = GENERATE("fp32", "fp16", "int8", "int4", "int3", "int2", "int8_normal", "fp4");
   const std::string tag = "[codec '" + spec + "']";
   INFO("codec " << spec);
   auto codec = diloco::make_codec(spec);
@@ -450,7 +456,7 @@ TEST_CASE("malformed payloads raise diloco::Error naming the codec", "[compress]
   const auto put_float = [](std::vector<std::uint8_t>& p, std::size_t at, float v) {
     std::memcpy(p.data() + at, &v, 4);
   };
-  const int bits = spec == "int8" ? 8 : spec == "int2" ? 2 : 4;
+  const int bits = spec == "int8" ? 8 : spec == "int3" ? 3 : spec == "int2" ? 2 : 4;
   const std::size_t block1 = blockwise ? 4 + 256 * bits / 8 : 0;  // offset of block 1's scale
 
   SECTION("wrong sizes") {
@@ -506,8 +512,13 @@ TEST_CASE("malformed payloads raise diloco::Error naming the codec", "[compress]
       put_float(p, 12, -std::numeric_limits<float>::infinity());
       CHECK_THAT(decode(p), Contains(tag) && Contains("element 3"));
     } else if (blockwise) {
-      // -128 for int8, nibble 8 (-8, or fp4's "-0") for int4 and fp4, 0b10 (-2) for int2.
-      p[block1 + 4 + 7] = spec == "int8" ? 0x80 : spec == "int2" ? 0x20 : 0x80;
+      // -128 for int8, nibble 8 (-8, or fp4's "-0") for int4 and fp4, 0b10 (-2) for int2, and
+      // 0b100 (-4) for int3 (code 24 of the block: the lowest 3 bits of its 10th code byte).
+      if (spec == "int3") {
+        p[block1 + 4 + 9] = static_cast<std::uint8_t>((p[block1 + 4 + 9] & 0xf8) | 0x04);
+      } else {
+        p[block1 + 4 + 7] = spec == "int8" ? 0x80 : spec == "int2" ? 0x20 : 0x80;
+      }
       CHECK_THAT(decode(p), Contains(tag) && Contains("block 1") &&
                                 (spec == "fp4" ? Contains("negative zero") : Contains("out of range")));
       if (spec != "int8") {
@@ -551,7 +562,7 @@ TEST_CASE("malformed payloads raise diloco::Error naming the codec", "[compress]
 }
 
 TEST_CASE("non-finite input is an error when encoding", "[compress][quantizers]") {
-  const std::string spec = GENERATE("fp16", "int8", "int4(rounding=stochastic)", "int2", "int8_normal", "fp4");
+  const std::string spec = GENERATE("fp16", "int8", "int4(rounding=stochastic)", "int3", "int2", "int8_normal", "fp4");
   INFO("codec " << spec);
   auto codec = diloco::make_codec(spec);
   at::Tensor x = data({500}, 0);
@@ -583,7 +594,7 @@ TEST_CASE("specs spell out every parameter and rebuild an equal codec", "[compre
 
 TEST_CASE("bad parameters are OptionErrors naming the parameter and its range", "[compress][quantizers]") {
   using diloco::OptionError;
-  const std::string name = GENERATE("int8", "int4", "int2", "fp4");
+  const std::string name = GENERATE("int8", "int4", "int3", "int2", "fp4");
   INFO("codec " << name);
   const std::string tag = "[codec '" + name + "']";
   CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(block=100)"); }),

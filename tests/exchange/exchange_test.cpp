@@ -20,7 +20,7 @@ using Catch::Matchers::Contains;
 using Catch::Matchers::StartsWith;
 
 TEST_CASE("compressed sums are within bound and bit-identical on every rank", "[compress][gloo]") {
-  const std::string spec = GENERATE("fp32", "fp16", "int8", "int4", "fp4", "int8_normal",
+  const std::string spec = GENERATE("fp32", "fp16", "int8", "int4", "int3", "fp4", "int8_normal",
                                     "topk(k=32)", "dct", "sign", "randomk(fraction=0.5)", "int2+ef");
   const int world = GENERATE(1, 2, 3, 4);
   INFO("compression " << spec << " on " << world << " ranks");

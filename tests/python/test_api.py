@@ -110,7 +110,7 @@ def test_data_parallel_sync_gradients(solo_group):
 
 def test_codec_registry_and_payload_bytes():
     names = diloco.codec_names()
-    for name in ("fp32", "fp16", "int8", "int4", "int2", "int8_normal", "fp4", "topk", "dct",
+    for name in ("fp32", "fp16", "int8", "int4", "int3", "int2", "int8_normal", "fp4", "topk", "dct",
                  "randomk", "sign"):
         assert name in names
     assert len(diloco.codec_help()) == len(names)

@@ -31,6 +31,9 @@ const char* const kInt8Help =
 const char* const kInt4Help =
     "int4(block=256, rounding=nearest|stochastic, seed=0): blockwise symmetric int4, float32 "
     "scale max|x|/7 per block (4.125 bits/param at block=256)";
+const char* const kInt3Help =
+    "int3(block=256, rounding=nearest|stochastic, seed=0): blockwise symmetric int3, float32 "
+    "scale max|x|/3 per block (3.125 bits/param at block=256)";
 const char* const kInt2Help =
     "int2(block=256, rounding=nearest|stochastic, seed=0): blockwise symmetric int2 {-1,0,1}, "
     "float32 scale max|x| per block (2.125 bits/param at block=256)";
@@ -107,6 +110,17 @@ template <int kBits>
 void pack(const std::int8_t* q, std::int64_t len, std::uint8_t* out) {
   if constexpr (kBits == 8) {
     std::memcpy(out, q, static_cast<std::size_t>(len));
+  } else if constexpr (kBits == 3) {
+    // Eight codes in three bytes: code k of a group in bits 3k..3k+2 of a 24-bit little-endian
+    // word. The codes are padded with zeros, so a partial last group writes only its bytes.
+    const std::int64_t bytes = (len * 3 + 7) / 8;
+    for (std::int64_t g = 0; 3 * g < bytes; ++g) {
+      std::uint32_t v = 0;
+      for (int k = 0; k < 8; ++k) v |= static_cast<std::uint32_t>(q[8 * g + k] & 7) << (3 * k);
+      for (int b = 0; b < 3 && 3 * g + b < bytes; ++b) {
+        out[3 * g + b] = static_cast<std::uint8_t>(v >> (8 * b));
+      }
+    }
   } else if constexpr (kBits == 4) {
     for (std::int64_t j = 0; j < (len + 1) / 2; ++j) {
       out[j] = static_cast<std::uint8_t>((q[2 * j] & 0xf) | ((q[2 * j + 1] & 0xf) << 4));
@@ -128,6 +142,20 @@ std::uint32_t unpack_scale(const std::uint8_t* in, std::int64_t len, float s, fl
       const std::int8_t c = static_cast<std::int8_t>(in[i]);
       bad |= c == -128 ? 1u : 0u;
       y[i] = static_cast<float>(c) * s;
+    }
+  } else if constexpr (kBits == 3) {
+    const std::int64_t bytes = (len * 3 + 7) / 8;
+    for (std::int64_t g = 0; 8 * g < len; ++g) {
+      std::uint32_t v = 0;
+      for (int b = 0; b < 3 && 3 * g + b < bytes; ++b) {
+        v |= static_cast<std::uint32_t>(in[3 * g + b]) << (8 * b);
+      }
+      const std::int64_t count = std::min<std::int64_t>(8, len - 8 * g);
+      for (std::int64_t k = 0; k < count; ++k) {
+        const int c = static_cast<int>((v >> (3 * k)) & 7);
+        bad |= c == 4 ? 1u : 0u;  // -4: never written
+        y[8 * g + k] = static_cast<float>(static_cast<std::int8_t>(c << 5) >> 5) * s;
+      }
     }
   } else if constexpr (kBits == 4) {
     const std::int64_t pairs = len / 2;
@@ -234,8 +262,8 @@ void decode_cuda(const std::string& name, int bits, std::int64_t block, const st
 
 // Validated before qmax_ is derived from it.
 int checked_bits(int bits) {
-  if (bits != 8 && bits != 4 && bits != 2) {
-    throw OptionError("[codec 'int" + std::to_string(bits) + "'] bits must be 8, 4 or 2");
+  if (bits != 8 && bits != 4 && bits != 3 && bits != 2) {
+    throw OptionError("[codec 'int" + std::to_string(bits) + "'] bits must be 8, 4, 3 or 2");
   }
   return bits;
 }
@@ -271,6 +299,12 @@ std::int64_t BlockwiseIntCodec::payload_bytes(c10::IntArrayRef shape) const {
 
 void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
 #ifdef DILOCO_WITH_CUDA_KERNELS
+  if (x.is_cuda() && bits_ == 3) {
+    // The CUDA kernels pack whole codes per byte (8, 4, 2 bits); int3's codes straddle bytes, so
+    // a CUDA tensor is encoded on the CPU, through a copy.
+    check_cpu_or_cuda_float(name(), x, "input");
+    return encode(x.to(at::kCPU), out);
+  }
   if (x.is_cuda()) {
     check_cpu_or_cuda_float(name(), x, "input");
     if (rounding_ != Rounding::kNearest) {
@@ -317,6 +351,7 @@ void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
     switch (bits_) {
       case 8: pack<8>(q.data(), len, out); break;
       case 4: pack<4>(q.data(), len, out); break;
+      case 3: pack<3>(q.data(), len, out); break;
       default: pack<2>(q.data(), len, out); break;
     }
     out += block_payload_bytes(len) - 4;
@@ -338,6 +373,12 @@ void BlockwiseIntCodec::decode(const std::uint8_t* payload, std::int64_t bytes,
                 " elements in blocks of " + std::to_string(block_));
   }
 #ifdef DILOCO_WITH_CUDA_KERNELS
+  if (out.is_cuda() && bits_ == 3) {  // on the CPU, as encode()
+    at::Tensor on_cpu = at::empty(out.sizes(), out.options().device(at::kCPU));
+    decode(payload, bytes, on_cpu);
+    out.copy_(on_cpu);
+    return;
+  }
   if (out.is_cuda()) return decode_cuda(name(), bits_, block_, payload, bytes, out);
 #endif
   float* y = out.data_ptr<float>();
@@ -364,6 +405,7 @@ void BlockwiseIntCodec::decode(const std::uint8_t* payload, std::int64_t bytes,
     switch (bits_) {
       case 8: bad = unpack_scale<8>(in, len, s, y + start); break;
       case 4: bad = unpack_scale<4>(in, len, s, y + start); break;
+      case 3: bad = unpack_scale<3>(in, len, s, y + start); break;
       default: bad = unpack_scale<2>(in, len, s, y + start); break;
     }
     if (bad) {

@@ -1,5 +1,5 @@
-// Blockwise symmetric integer quantizers int8, int4 and int2, exchanged by a ring reduce-scatter
-// that re-quantizes at every hop (diloco/exchange/).
+// Blockwise symmetric integer quantizers int8, int4, int3 and int2, exchanged by a ring
+// reduce-scatter that re-quantizes at every hop (diloco/exchange/).
 #pragma once
 
 #include <c10/util/ArrayRef.h>
@@ -15,16 +15,18 @@ namespace diloco {
 
 extern const char* const kInt8Help;
 extern const char* const kInt4Help;
+extern const char* const kInt3Help;
 extern const char* const kInt2Help;
 
 // Blockwise absmax quantization (Dettmers et al., "8-bit Optimizers via Block-wise
 // Quantization", arXiv 2110.02861, with a linear instead of their dynamic-tree code): int8 as in
 // the quantized all-reduce of INTELLECT-1 (arXiv 2412.01152) and PCCL (arXiv 2505.14065), int4
-// and int2 as lower-precision variants (SparseLoCo, arXiv 2508.15706, sends 2-bit values).
+// and int2 as lower-precision variants (SparseLoCo, arXiv 2508.15706, sends 2-bit values), int3
+// between them (7 levels: at a fixed byte budget, a third more rounds than int4).
 //
 // Format. The tensor is flattened (row-major) and cut into blocks of `block` elements (a power of
 // two in [32, 4096]); the last block holds the remaining len = n mod block elements when that is
-// not 0. With bits b in {8, 4, 2} and qmax = 2^(b-1) - 1 (127, 7, 1), block j has the float32
+// not 0. With bits b in {8, 4, 3, 2} and qmax = 2^(b-1) - 1 (127, 7, 3, 1), block j has the float32
 // scale s_j = max|x| / qmax (0 for an all-zero block) and codes
 //   nearest:     q = clamp(round_half_even(x / s_j), -qmax, qmax)
 //   stochastic:  q = clamp(floor(x / s_j + u), -qmax, qmax),  u uniform in [0, 1)
@@ -39,14 +41,17 @@ extern const char* const kInt2Help;
 // x *= 0x846ca68b; x ^= x >> 16). A codec instance is deterministic, and two instances with the
 // same seed produce the same payloads for the same inputs.
 // Block j is laid out as its scale (4 bytes, little-endian binary32) followed by its codes in
-// two's complement, packed little-endian: int8 one per byte; int4 two per byte, the first in the
-// low nibble; int2 four per byte, the first in the lowest two bits; unused bits of a block's last
-// byte are 0. Decoded values are q s_j.
+// two's complement, as one little-endian bit stream: code i in bits b i .. b i + b - 1 of the
+// stream, stream bit t in bit t mod 8 of byte t / 8. So int8 is one code per byte; int4 two per
+// byte, the first in the low nibble; int2 four per byte, the first in the lowest two bits; int3
+// eight per three bytes, codes straddling bytes. Unused bits of a block's last byte are 0. Decoded values are q s_j.
 //
 // payload_bytes = sum over blocks of (4 + ceil(len_j b / 8))
 //              = floor(n / block) (4 + block b / 8) + (r ? 4 + ceil(r b / 8) : 0),  r = n mod block.
-// At block=256 that is 8.125, 4.125 and 2.125 bits per element for int8, int4, int2: 3.94x, 7.76x
-// and 15.1x smaller than fp32 (2^20 elements: 1,064,960 / 540,672 / 278,528 bytes).
+// At block=256 that is 8.125, 4.125, 3.125 and 2.125 bits per element for int8, int4, int3, int2:
+// 3.94x, 7.76x, 10.2x and 15.1x smaller than fp32 (2^20 elements: 1,064,960 / 540,672 / 409,600 /
+// 278,528 bytes). CUDA tensors are encoded and decoded by kernels of their device, except int3's,
+// which go through a copy to the CPU.
 //
 // Edge cases of the scale: when max|x| > 0 but max|x| / qmax underflows to 0 the scale is the
 // smallest subnormal 2^-149; when qmax s_j would overflow (max|x| near FLT_MAX) s_j is lowered by
@@ -59,7 +64,7 @@ extern const char* const kInt2Help;
 //
 // Decode throws diloco::Error naming the codec and the block for a payload of the wrong size, a
 // scale that is NaN, infinite, negative (sign bit set) or so large that qmax s overflows, a code
-// of -qmax-1 (-128, -8, -2: the encoder never writes them), or nonzero padding bits. Encode
+// of -qmax-1 (-128, -8, -4, -2: the encoder never writes them), or nonzero padding bits. Encode
 // throws diloco::Error for a non-finite input.
 class BlockwiseIntCodec : public Codec {
  public:
@@ -92,7 +97,7 @@ class BlockwiseIntCodec : public Codec {
   std::uint64_t drawn_ = 0;  // elements of the stochastic stream used so far
 };
 
-// Builds int<bits>(block=256,rounding=nearest|stochastic,seed=0) for bits in {8, 4, 2}.
+// Builds int<bits>(block=256,rounding=nearest|stochastic,seed=0) for bits in {8, 4, 3, 2}.
 std::unique_ptr<Codec> make_blockwise_int_codec(int bits, CodecParams& params);
 
 }  // namespace diloco

@@ -43,6 +43,7 @@ struct Builtin {
 
 std::unique_ptr<Codec> make_int8(CodecParams& p) { return make_blockwise_int_codec(8, p); }
 std::unique_ptr<Codec> make_int4(CodecParams& p) { return make_blockwise_int_codec(4, p); }
+std::unique_ptr<Codec> make_int3(CodecParams& p) { return make_blockwise_int_codec(3, p); }
 std::unique_ptr<Codec> make_int2(CodecParams& p) { return make_blockwise_int_codec(2, p); }
 
 const Builtin kBuiltins[] = {
@@ -50,6 +51,7 @@ const Builtin kBuiltins[] = {
     {"fp16", &kFp16Help, make_fp16_codec},
     {"int8", &kInt8Help, make_int8},
     {"int4", &kInt4Help, make_int4},
+    {"int3", &kInt3Help, make_int3},
     {"int2", &kInt2Help, make_int2},
     {"int8_normal", &kInt8NormalHelp, make_int8_normal_codec},
     {"fp4", &kFp4Help, make_fp4_codec},
