@@ -118,7 +118,7 @@ int main() {
     plain.nesterov = false;
     check_outer(plain, false);
     check_outer(diloco::OuterSGDOptions::averaging(), true);
-    for (int bits : {8, 4, 2}) {
+    for (int bits : {8, 4, 3, 2}) {  // int3 through its copy to the CPU
       for (std::int64_t block : {32, 256, 4096}) {
         for (std::int64_t n : {std::int64_t{1}, block, 3 * block + 17}) check_codec(bits, block, n);
       }
