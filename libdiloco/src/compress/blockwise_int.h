@@ -26,8 +26,8 @@ extern const char* const kInt2Help;
 //
 // Format. The tensor is flattened (row-major) and cut into blocks of `block` elements (a power of
 // two in [32, 4096]); the last block holds the remaining len = n mod block elements when that is
-// not 0. With bits b in {8, 4, 3, 2} and qmax = 2^(b-1) - 1 (127, 7, 3, 1), block j has the float32
-// scale s_j = max|x| / qmax (0 for an all-zero block) and codes
+// not 0. With bits b in {8, 4, 3, 2} and qmax = 2^(b-1) - 1 (127, 7, 3, 1), block j has the
+// float32 scale s_j = max|x| / qmax (0 for an all-zero block) and codes
 //   nearest:     q = clamp(round_half_even(x / s_j), -qmax, qmax)
 //   stochastic:  q = clamp(floor(x / s_j + u), -qmax, qmax),  u uniform in [0, 1)
 // (stochastic rounding is unbiased: E[q s_j] = x). The uniforms come from a counter-based
@@ -44,7 +44,8 @@ extern const char* const kInt2Help;
 // two's complement, as one little-endian bit stream: code i in bits b i .. b i + b - 1 of the
 // stream, stream bit t in bit t mod 8 of byte t / 8. So int8 is one code per byte; int4 two per
 // byte, the first in the low nibble; int2 four per byte, the first in the lowest two bits; int3
-// eight per three bytes, codes straddling bytes. Unused bits of a block's last byte are 0. Decoded values are q s_j.
+// eight per three bytes, codes straddling bytes. Unused bits of a block's last byte are 0.
+// Decoded values are q s_j.
 //
 // payload_bytes = sum over blocks of (4 + ceil(len_j b / 8))
 //              = floor(n / block) (4 + block b / 8) + (r ? 4 + ceil(r b / 8) : 0),  r = n mod block.
