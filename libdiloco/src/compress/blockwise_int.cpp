@@ -299,14 +299,11 @@ std::int64_t BlockwiseIntCodec::payload_bytes(c10::IntArrayRef shape) const {
 
 void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
 #ifdef DILOCO_WITH_CUDA_KERNELS
-  if (x.is_cuda() && bits_ == 3) {
-    // The CUDA kernels pack whole codes per byte (8, 4, 2 bits); int3's codes straddle bytes, so
-    // a CUDA tensor is encoded on the CPU, through a copy.
-    check_cpu_or_cuda_float(name(), x, "input");
-    return encode(x.to(at::kCPU), out);
-  }
   if (x.is_cuda()) {
     check_cpu_or_cuda_float(name(), x, "input");
+    // The CUDA kernels pack whole codes per byte (8, 4, 2 bits); int3's codes straddle bytes, so
+    // its CUDA tensors are encoded on the CPU, through a copy.
+    if (bits_ == 3) return encode(x.to(at::kCPU), out);
     if (rounding_ != Rounding::kNearest) {
       throw Error("[codec '" + name() + "'] stochastic rounding runs on the CPU only; got a tensor on " +
                   x.device().str() + " (move it to the CPU or use rounding=nearest)");
@@ -373,13 +370,13 @@ void BlockwiseIntCodec::decode(const std::uint8_t* payload, std::int64_t bytes,
                 " elements in blocks of " + std::to_string(block_));
   }
 #ifdef DILOCO_WITH_CUDA_KERNELS
-  if (out.is_cuda() && bits_ == 3) {  // on the CPU, as encode()
-    at::Tensor on_cpu = at::empty(out.sizes(), out.options().device(at::kCPU));
+  if (out.is_cuda()) {
+    if (bits_ != 3) return decode_cuda(name(), bits_, block_, payload, bytes, out);
+    at::Tensor on_cpu = at::empty(out.sizes(), out.options().device(at::kCPU));  // as encode()
     decode(payload, bytes, on_cpu);
     out.copy_(on_cpu);
     return;
   }
-  if (out.is_cuda()) return decode_cuda(name(), bits_, block_, payload, bytes, out);
 #endif
   float* y = out.data_ptr<float>();
   const float qmax = static_cast<float>(qmax_);
