@@ -46,13 +46,17 @@ const char* const kSpecs[] = {"fp32",
                               "int3(block=32,rounding=stochastic,seed=5)",
                               "int4(block=4096,rounding=stochastic)",
                               "int2(block=64)",
+                              "int3(clip=2)",
+                              "int2(block=64,rounding=stochastic,seed=3,clip=1.25)",
+                              "int4(clip=2.5)",
                               "int8_normal",
                               "fp4",
                               "fp4(block=32)"};
 const char* const kNearestSpecs[] = {"fp16",           "int8",           "int4",
                                      "int3",           "int2",           "int8(block=32)",
                                      "int3(block=32)", "int2(block=4096)", "int8_normal",
-                                     "fp4",            "fp4(block=32)"};
+                                     "fp4",            "fp4(block=32)",  "int3(clip=2)",
+                                     "int2(clip=1.25)", "int4(block=32,clip=2.5)"};
 
 // Test data of the given shape: 0 normal, 1 normal with a large outlier (beyond fp16's range),
 // 2 all zeros, 3 subnormal magnitudes, 4 a large mean with a small spread.
@@ -126,7 +130,7 @@ Reference ref_fp16(const at::Tensor& x) {
   return r;
 }
 
-Reference ref_blockwise(const at::Tensor& x, int bits, std::int64_t block) {
+Reference ref_blockwise(const at::Tensor& x, int bits, std::int64_t block, double clip) {
   const int qmax = (1 << (bits - 1)) - 1;
   at::Tensor flat = x.reshape({-1});
   Reference r;
@@ -134,7 +138,12 @@ Reference ref_blockwise(const at::Tensor& x, int bits, std::int64_t block) {
   for (std::int64_t start = 0; start < flat.numel(); start += block) {
     const std::int64_t len = std::min(block, flat.numel() - start);
     at::Tensor xb = flat.narrow(0, start, len);
-    const at::Tensor amax = xb.abs().max();
+    at::Tensor amax = xb.abs().max();
+    if (clip > 0) {
+      // The top code stands for min(max|x|, clip rms), rms in double rounded to float.
+      const double rms = xb.to(at::kDouble).square().mean().sqrt().item<double>();
+      amax = at::minimum(amax, at::scalar_tensor(static_cast<float>(clip * rms), at::kFloat));
+    }
     float s = (amax / qmax).item<float>();
     // The documented edge cases of the scale.
     if (s == 0.f && amax.item<float>() > 0.f) s = std::numeric_limits<float>::denorm_min();
@@ -218,7 +227,7 @@ Reference reference(const std::string& spec, diloco::Codec& codec, const at::Ten
   }
   if (name == "fp4") return ref_fp4(x, dynamic_cast<diloco::Fp4Codec&>(codec).block());
   auto& b = dynamic_cast<diloco::BlockwiseIntCodec&>(codec);
-  return ref_blockwise(x, b.bits(), b.block());
+  return ref_blockwise(x, b.bits(), b.block(), b.clip());
 }
 
 // Values that sit exactly on rounding ties and range edges of each codec, on top of a block
@@ -300,6 +309,17 @@ TEST_CASE("the bounds are reached by worst-case inputs", "[compress][quantizers]
     CHECK(err == Approx(0.25).epsilon(1e-6));
     CHECK(c->error_bound(x) == Approx(0.25).epsilon(1e-6));
   }
+  // int2(clip=1): one value a among 31 zeros in a block of 32: top = a / sqrt(32), and a
+  // decodes to top.
+  {
+    auto c = diloco::make_codec("int2(block=32,clip=1)");
+    at::Tensor x = at::zeros({32});
+    x[5] = 8.f;
+    const double err = max_abs_diff(x, round_trip(*c, x));
+    CHECK(err == Approx(8.0 - 8.0 / std::sqrt(32.0)).epsilon(1e-6));
+    CHECK(c->error_bound(x) == Approx(err).epsilon(1e-6));
+    CHECK(c->error_bound(x) >= err);
+  }
   // fp16: a tie at 1 + 2^-11 rounds to even (1).
   {
     auto c = diloco::make_codec("fp16");
@@ -308,6 +328,50 @@ TEST_CASE("the bounds are reached by worst-case inputs", "[compress][quantizers]
     CHECK(err == std::ldexp(1.0, -11));
     CHECK(c->error_bound(x) == Approx(std::ldexp(1.0, -11)).epsilon(1e-3));
   }
+}
+
+// The mean squared error of the uniform quantizer with levels -qmax..qmax times top/qmax, for a
+// standard normal variable: the integral of (x - Q(x))^2 phi(x) over [-12, 12] by the midpoint
+// rule (J. Max, "Quantizing for minimum distortion", IRE Trans. Inf. Theory 6, 1960).
+double normal_quantizer_mse(double top, int qmax) {
+  const std::int64_t n = 2400000;
+  const double dx = 24.0 / n;
+  const at::Tensor x = (at::arange(n, at::kDouble) + 0.5) * dx - 12.0;
+  const double step = top / qmax;
+  const at::Tensor q = at::round(x / step).clamp(-qmax, qmax) * step;
+  const at::Tensor phi = at::exp(-x.square() / 2) / std::sqrt(2 * M_PI);
+  return ((x - q).square() * phi).sum().item<double>() * dx;
+}
+
+TEST_CASE("clip puts the top code where a normal block's error is least", "[compress][quantizers]") {
+  // Normal data in blocks of 256: the block rms estimates sigma (within about 4%), so clip = c
+  // quantizes nearly as the uniform quantizer with top level c sigma. The least-error top levels
+  // for 3, 7 and 15 levels: 1.22, 1.95 and 2.47 sigma.
+  struct Case {
+    const char* bits;
+    double best_top;
+  };
+  const Case c = GENERATE(Case{"int2", 1.22}, Case{"int3", 1.95}, Case{"int4", 2.47});
+  INFO("codec " << c.bits);
+  const at::Tensor x = data({1 << 18}, 0, 11);
+  const auto mse = [&](const std::string& spec) {
+    auto codec = diloco::make_codec(spec);
+    return (round_trip(*codec, x) - x).to(at::kDouble).square().mean().item<double>();
+  };
+  const int qmax = std::string(c.bits) == "int2" ? 1 : std::string(c.bits) == "int3" ? 3 : 7;
+  const double best = normal_quantizer_mse(c.best_top, qmax);
+  const double clipped = mse(std::string(c.bits) + "(clip=" + std::to_string(c.best_top) + ")");
+  const double unclipped = mse(c.bits);
+  INFO("clipped " << clipped << " unclipped " << unclipped << " least error " << best);
+  // The best top level is a minimum: a little lower or higher costs more.
+  CHECK(normal_quantizer_mse(c.best_top * 0.9, qmax) > best);
+  CHECK(normal_quantizer_mse(c.best_top * 1.1, qmax) > best);
+  CHECK(clipped == Approx(best).epsilon(0.03));
+  // Max-scaled codes put the top level near 2.9 sigma, the block's largest value, and lose:
+  // int2 3.4x the error, int3 1.9x, int4 1.2x.
+  CHECK(unclipped > 1.15 * clipped);
+  if (qmax == 1) CHECK(unclipped > 3 * clipped);
+  if (qmax == 3) CHECK(unclipped > 1.7 * clipped);
 }
 
 TEST_CASE("payload sizes follow the formulas exactly", "[compress][quantizers]") {
@@ -580,6 +644,9 @@ TEST_CASE("specs spell out every parameter and rebuild an equal codec", "[compre
   CHECK(diloco::make_codec("fp16")->spec() == "fp16");
   CHECK(diloco::make_codec("fp32")->spec() == "fp32");
   CHECK(diloco::make_codec("int8_normal")->spec() == "int8_normal");
+  CHECK(diloco::make_codec("int3(clip=1.95)")->spec() ==
+        "int3(block=256,rounding=nearest,seed=0,clip=1.95)");
+  CHECK(diloco::make_codec("int3(clip=0)")->spec() == "int3(block=256,rounding=nearest,seed=0)");
   const std::string spec = GENERATE(from_range(std::begin(kSpecs), std::end(kSpecs)));
   auto a = diloco::make_codec(spec);
   auto b = diloco::make_codec(a->spec());
@@ -613,6 +680,15 @@ TEST_CASE("bad parameters are OptionErrors naming the parameter and its range", 
                    Contains("'up'"));
     CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(seed=-1)"); }),
                Contains("seed") && Contains("[0, 4294967295]"));
+    CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(clip=-1)"); }),
+               Contains(tag) && Contains("clip") && Contains("[0, 64]") && Contains("'-1'"));
+    CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(clip=65)"); }),
+               Contains("clip") && Contains("[0, 64]"));
+    CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(clip=0.25)"); }),
+               Contains(tag) && Contains("clip must be 0 (off) or a number in [0.5, 64]") &&
+                   Contains("'0.25'"));
+    CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec(name + "(clip=nan)"); }),
+               Contains("clip") && Contains("'nan'"));
   } else {
     CHECK_THAT(error_of<OptionError>([&] { diloco::make_codec("fp4(rounding=nearest)"); }),
                Contains("unknown parameter") && Contains("rounding"));

@@ -26,17 +26,21 @@
 namespace diloco {
 
 const char* const kInt8Help =
-    "int8(block=256, rounding=nearest|stochastic, seed=0): blockwise symmetric int8, float32 "
-    "scale max|x|/127 per block (8.125 bits/param at block=256)";
+    "int8(block=256, rounding=nearest|stochastic, seed=0, clip=0): blockwise symmetric int8, "
+    "float32 scale max|x|/127 per block, or min(max|x|, clip * rms)/127 with clip > 0 (8.125 "
+    "bits/param at block=256)";
 const char* const kInt4Help =
-    "int4(block=256, rounding=nearest|stochastic, seed=0): blockwise symmetric int4, float32 "
-    "scale max|x|/7 per block (4.125 bits/param at block=256)";
+    "int4(block=256, rounding=nearest|stochastic, seed=0, clip=0): blockwise symmetric int4, "
+    "float32 scale max|x|/7 per block, or min(max|x|, clip * rms)/7 with clip > 0 (4.125 "
+    "bits/param at block=256)";
 const char* const kInt3Help =
-    "int3(block=256, rounding=nearest|stochastic, seed=0): blockwise symmetric int3, float32 "
-    "scale max|x|/3 per block (3.125 bits/param at block=256)";
+    "int3(block=256, rounding=nearest|stochastic, seed=0, clip=0): blockwise symmetric int3, "
+    "float32 scale max|x|/3 per block, or min(max|x|, clip * rms)/3 with clip > 0 (3.125 "
+    "bits/param at block=256)";
 const char* const kInt2Help =
-    "int2(block=256, rounding=nearest|stochastic, seed=0): blockwise symmetric int2 {-1,0,1}, "
-    "float32 scale max|x| per block (2.125 bits/param at block=256)";
+    "int2(block=256, rounding=nearest|stochastic, seed=0, clip=0): blockwise symmetric int2 "
+    "{-1,0,1}, float32 scale max|x| per block, or min(max|x|, clip * rms) with clip > 0 (2.125 "
+    "bits/param at block=256)";
 
 namespace {
 
@@ -271,16 +275,29 @@ int checked_bits(int bits) {
 }  // namespace
 
 BlockwiseIntCodec::BlockwiseIntCodec(int bits, std::int64_t block, Rounding rounding,
-                                     std::uint32_t seed)
+                                     std::uint32_t seed, double clip)
     : bits_(checked_bits(bits)),
       qmax_((1 << (bits_ - 1)) - 1),
       block_(block),
       rounding_(rounding),
-      seed_(seed) {
+      seed_(seed),
+      clip_(clip) {
   if (block < 32 || block > 4096 || (block & (block - 1)) != 0) {
     throw OptionError("[codec '" + name() + "'] block must be a power of two in [32, 4096], got '" +
                       std::to_string(block) + "'");
   }
+  if (!(clip == 0.0 || (clip >= kMinClip && clip <= kMaxClip))) {
+    throw OptionError("[codec '" + name() + "'] clip must be 0 (off) or a number in [" +
+                      exact_decimal(kMinClip) + ", " + exact_decimal(kMaxClip) + "], got '" +
+                      exact_decimal(clip) + "'");
+  }
+}
+
+float BlockwiseIntCodec::block_top(const float* x, std::int64_t len, float amax) const {
+  if (clip_ == 0.0) return amax;
+  double squares = 0.0;
+  for (std::int64_t i = 0; i < len; ++i) squares += static_cast<double>(x[i]) * x[i];
+  return std::min(amax, static_cast<float>(clip_ * std::sqrt(squares / static_cast<double>(len))));
 }
 
 std::string BlockwiseIntCodec::name() const { return "int" + std::to_string(bits_); }
@@ -288,7 +305,8 @@ std::string BlockwiseIntCodec::name() const { return "int" + std::to_string(bits
 std::string BlockwiseIntCodec::spec() const {
   return name() + "(block=" + std::to_string(block_) +
          ",rounding=" + (rounding_ == Rounding::kNearest ? "nearest" : "stochastic") +
-         ",seed=" + std::to_string(seed_) + ")";
+         ",seed=" + std::to_string(seed_) + (clip_ > 0 ? ",clip=" + exact_decimal(clip_) : "") +
+         ")";
 }
 
 std::int64_t BlockwiseIntCodec::payload_bytes(c10::IntArrayRef shape) const {
@@ -303,7 +321,8 @@ void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
     check_cpu_or_cuda_float(name(), x, "input");
     // The CUDA kernels pack whole codes per byte (8, 4, 2 bits); int3's codes straddle bytes, so
     // its CUDA tensors are encoded on the CPU, through a copy.
-    if (bits_ == 3) return encode(x.to(at::kCPU), out);
+    // So are clipped scales (the kernels take max|x| alone).
+    if (bits_ == 3 || clip_ > 0) return encode(x.to(at::kCPU), out);
     if (rounding_ != Rounding::kNearest) {
       throw Error("[codec '" + name() + "'] stochastic rounding runs on the CPU only; got a tensor on " +
                   x.device().str() + " (move it to the CPU or use rounding=nearest)");
@@ -328,7 +347,7 @@ void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
       throw Error("[codec '" + name() + "'] cannot encode a non-finite input (element " +
                   std::to_string(start + i) + ", block " + std::to_string(j) + ")");
     }
-    const float s = block_scale(bits_float(amax_bits), qmax_);
+    const float s = block_scale(block_top(xb, len, bits_float(amax_bits)), qmax_);
     std::memcpy(out, &s, 4);
     out += 4;
     // Every block takes its place in the stochastic stream, even an all-zero one, so that the
@@ -427,7 +446,10 @@ double BlockwiseIntCodec::error_bound(const at::Tensor& x) const {
   for (std::int64_t start = 0; start < n; start += block_) {
     const std::int32_t amax_bits = abs_max_bits(in + start, std::min(block_, n - start));
     if (amax_bits >= kExpMask) return std::numeric_limits<double>::infinity();
-    bound = std::max(bound, block_scale(bits_float(amax_bits), qmax_) * steps);
+    const float amax = bits_float(amax_bits);
+    const double s = block_scale(block_top(in + start, std::min(block_, n - start), amax), qmax_);
+    // A clipped value decodes to +-qmax s: its error is how far it lies beyond.
+    bound = std::max({bound, s * steps, amax - qmax_ * s + s * margin});
   }
   return bound + qmax_ * std::ldexp(1.0, -148);
 }
@@ -436,12 +458,13 @@ std::unique_ptr<Codec> make_blockwise_int_codec(int bits, CodecParams& params) {
   const std::int64_t block = params.get_power_of_two("block", 256, 32, 4096);
   const std::string rounding = params.get_choice("rounding", "nearest", {"nearest", "stochastic"});
   const std::int64_t seed = params.get_int("seed", 0, 0, 4294967295LL);
+  const double clip = params.get_double("clip", 0.0, 0.0, BlockwiseIntCodec::kMaxClip);
   params.reject_unknown();
   return std::make_unique<BlockwiseIntCodec>(
       bits, block,
       rounding == "nearest" ? BlockwiseIntCodec::Rounding::kNearest
                             : BlockwiseIntCodec::Rounding::kStochastic,
-      static_cast<std::uint32_t>(seed));
+      static_cast<std::uint32_t>(seed), clip);
 }
 
 }  // namespace diloco
