@@ -122,6 +122,11 @@ def test_codec_registry_and_payload_bytes():
     assert diloco.aggregation("topk") == "gathered"
     assert diloco.aggregation("fp16+ef") == "summable"
     assert diloco.compressor_spec("int8+ef").startswith("int8(")
+    # clip changes the scales, not the bytes.
+    assert diloco.compressor_spec("int3(clip=2)") == "int3(block=256,rounding=nearest,seed=0,clip=2)"
+    assert diloco.payload_bytes("int3(clip=2)", [x]) == diloco.payload_bytes("int3", [x])
+    with pytest.raises(diloco.OptionError, match=r"clip must be 0 \(off\) or a number in \[0.5, 64\]"):
+        diloco.compressor_spec("int2(clip=0.1)")
     assert diloco.collective_bytes("allreduce", 1000, 4, 0) == (1500, 1500)
 
 
