@@ -129,7 +129,8 @@ def run_specs(quick):
 # int2 at H=134 1.616, sign+ef at H=134 1.544, topk(k=128,values=2bit)+ef at H=100 1.753 (one
 # island: 1.551). What helps at 2,000x is a better first round: best_rep100_h272_int4 (run_specs)
 # starts DiLoCo after 100 replicated steps, 1.499 (3 seeds: 44% of the gain against H=300's 40%),
-# and best_rep100_h190_int3 fits 3 more rounds in 3 bits (3 seeds: 47%).
+# and 3 bits fit 3 more rounds (max-scaled int3, 3 seeds: 47%); with the top code at 2 block rms
+# (best_rep100_h190_int3_clip2) 54% at 2,053x, the 2,000x target met.
 # At the bytes of H=100 in float32 and beyond (>= 100x), more rounds of 4 bits beat fewer of 32:
 # int4 at H=25 (194x) recovers about 80% of data-parallel's gain, H=100 in float32 66%.
 BEST = ((25, "int4"), (300, "int4"))
