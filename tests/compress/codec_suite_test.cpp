@@ -14,8 +14,8 @@ using Catch::Matchers::Contains;
 namespace {
 
 const char* const kSpecs[] = {"fp32", "fp16", "int8", "int8(block=64,rounding=stochastic)", "int4",
-                              "int3", "int2", "int2(clip=1.25)", "int8_normal", "fp4", "topk", "topk(k=16,values=2bit)",
-                              "dct", "randomk(fraction=0.25)", "sign"};
+                              "int3", "int2", "int2(clip=1.25)", "int8_normal", "fp4", "topk",
+                              "topk(k=16,values=2bit)", "dct", "randomk(fraction=0.25)", "sign"};
 
 std::vector<std::int64_t> shape_of(int i) {
   static const std::vector<std::vector<std::int64_t>> shapes = {

@@ -319,9 +319,9 @@ void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
 #ifdef DILOCO_WITH_CUDA_KERNELS
   if (x.is_cuda()) {
     check_cpu_or_cuda_float(name(), x, "input");
-    // The CUDA kernels pack whole codes per byte (8, 4, 2 bits); int3's codes straddle bytes, so
-    // its CUDA tensors are encoded on the CPU, through a copy.
-    // So are clipped scales (the kernels take max|x| alone).
+    // The CUDA kernels pack whole codes per byte (8, 4, 2 bits) and scale by max|x| alone; int3's
+    // codes straddle bytes and clipped scales need the block's rms, so those CUDA tensors are
+    // encoded on the CPU, through a copy.
     if (bits_ == 3 || clip_ > 0) return encode(x.to(at::kCPU), out);
     if (rounding_ != Rounding::kNearest) {
       throw Error("[codec '" + name() + "'] stochastic rounding runs on the CPU only; got a tensor on " +

@@ -38,10 +38,10 @@ extern const char* const kInt2Help;
 // (J. Max, "Quantizing for minimum distortion", 1960), halving the error; for int2 (3 levels) the
 // best top level is 1.22 sigma, for int4 (15 levels) about 2.5 sigma. The decoder needs nothing
 // more: clip changes the scales, not the format.
-// Stochastic rounding is unbiased (E[q s_j] = x) for |x| <= top_j. The uniforms come from a counter-based
-// generator, so that they vectorize with the rounding: the k-th block the codec encodes (counting
-// across encode() calls, a partial last block counting whole) takes stream positions
-// c = k * block + i for its elements i, and element c gets
+// Stochastic rounding is unbiased (E[q s_j] = x) for |x| <= top_j. The uniforms come from a
+// counter-based generator, so that they vectorize with the rounding: the k-th block the codec
+// encodes (counting across encode() calls, a partial last block counting whole) takes stream
+// positions c = k * block + i for its elements i, and element c gets
 //   h = mix32(0x9e3779b9 * uint32(c) ^ mix32(seed ^ 0x9e3779b9 * uint32(c >> 32) ^ 0x85ebca6b))
 //   (products modulo 2^32),
 //   u = (h >> 8) 2^-24,
