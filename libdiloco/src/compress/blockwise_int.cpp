@@ -444,10 +444,11 @@ double BlockwiseIntCodec::error_bound(const at::Tensor& x) const {
   const double steps = (rounding_ == Rounding::kNearest ? 0.5 : 1.0) + margin;
   double bound = 0.0;
   for (std::int64_t start = 0; start < n; start += block_) {
-    const std::int32_t amax_bits = abs_max_bits(in + start, std::min(block_, n - start));
+    const std::int64_t len = std::min(block_, n - start);
+    const std::int32_t amax_bits = abs_max_bits(in + start, len);
     if (amax_bits >= kExpMask) return std::numeric_limits<double>::infinity();
     const float amax = bits_float(amax_bits);
-    const double s = block_scale(block_top(in + start, std::min(block_, n - start), amax), qmax_);
+    const double s = block_scale(block_top(in + start, len, amax), qmax_);
     // A clipped value decodes to +-qmax s: its error is how far it lies beyond.
     bound = std::max({bound, s * steps, amax - qmax_ * s + s * margin});
   }
