@@ -107,11 +107,15 @@ ByteCorpus::ByteCorpus(std::string text, std::int64_t seq_len, std::int64_t batc
   }
 }
 
-Batch ByteCorpus::sample(const std::string& split, std::mt19937_64& rng) const {
+Batch ByteCorpus::sample(const std::string& split, std::mt19937_64& rng,
+                         std::int64_t batch_size) const {
+  if (batch_size < 1) {
+    throw std::invalid_argument("batch size must be >= 1, got " + std::to_string(batch_size));
+  }
   std::uniform_int_distribution<std::size_t> start(0, split.size() - std::size_t(seq_len_) - 1);
-  auto windows = torch::empty({batch_size_, seq_len_ + 1}, torch::kLong);
+  auto windows = torch::empty({batch_size, seq_len_ + 1}, torch::kLong);
   auto* out = windows.data_ptr<std::int64_t>();
-  for (std::int64_t row = 0; row < batch_size_; ++row) {
+  for (std::int64_t row = 0; row < batch_size; ++row) {
     const auto* bytes = reinterpret_cast<const unsigned char*>(split.data()) + start(rng);
     for (std::int64_t i = 0; i <= seq_len_; ++i) *out++ = bytes[i];
   }
@@ -120,7 +124,11 @@ Batch ByteCorpus::sample(const std::string& split, std::mt19937_64& rng) const {
 }
 
 Batch ByteCorpus::train_batch(std::mt19937_64& rng) const {
-  return sample(train_, rng);
+  return sample(train_, rng, batch_size_);
+}
+
+Batch ByteCorpus::train_batch(std::mt19937_64& rng, std::int64_t batch_size) const {
+  return sample(train_, rng, batch_size);
 }
 
 std::vector<Batch> ByteCorpus::validation_batches(std::int64_t count, std::uint64_t seed) const {
@@ -129,7 +137,9 @@ std::vector<Batch> ByteCorpus::validation_batches(std::int64_t count, std::uint6
                          0x76u, 0x61u, 0x6Cu};
   std::mt19937_64 rng(sequence);
   std::vector<Batch> batches;
-  for (std::int64_t i = 0; i < count; ++i) batches.push_back(sample(validation_, rng));
+  for (std::int64_t i = 0; i < count; ++i) {
+    batches.push_back(sample(validation_, rng, batch_size_));
+  }
   return batches;
 }
 

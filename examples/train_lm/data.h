@@ -38,8 +38,10 @@ class ByteCorpus {
   // Throws std::runtime_error if either split is shorter than one window of seq_len + 1 bytes.
   ByteCorpus(std::string text, std::int64_t seq_len, std::int64_t batch_size);
 
-  // A batch of random training windows drawn from `rng` (each island seeds its own).
+  // A batch of random training windows drawn from `rng` (each island seeds its own): the
+  // corpus's batch size, or `batch_size` sequences (>= 1; --balance-speed varies it).
   Batch train_batch(std::mt19937_64& rng) const;
+  Batch train_batch(std::mt19937_64& rng, std::int64_t batch_size) const;
   // `count` validation batches fixed by `seed` alone, so every island scores the same bytes.
   std::vector<Batch> validation_batches(std::int64_t count, std::uint64_t seed) const;
 
@@ -47,7 +49,7 @@ class ByteCorpus {
   std::size_t validation_bytes() const { return validation_.size(); }
 
  private:
-  Batch sample(const std::string& split, std::mt19937_64& rng) const;
+  Batch sample(const std::string& split, std::mt19937_64& rng, std::int64_t batch_size) const;
 
   std::string train_;
   std::string validation_;

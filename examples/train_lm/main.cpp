@@ -42,6 +42,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -115,9 +116,13 @@ struct Flags {
   int hostile_rank = 1;
   // Audits of claimed work (diloco/audit/audit.h), and (tests, benchmarks) a cheating island.
   double audit_rate = 0.0;
+  bool balance_speed = false;
+  double balance_max_factor = 4.0;
   double audit_tolerance = 0.0;
   std::string cheat;
   int cheat_rank = 1;
+  double straggle = 1.0;
+  int straggle_rank = 1;
 };
 
 void add_flags(CLI::App& app, Flags& f) {
@@ -215,6 +220,23 @@ void add_flags(CLI::App& app, Flags& f) {
       ->check(CLI::IsMember(train_lm::HostileIsland::kinds()));
   app.add_option("--hostile-rank", f.hostile_rank, "tests only: the rank --hostile applies to")
       ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--straggle", f.straggle,
+                 "tests and benchmarks: the island of --straggle-rank computes this many times "
+                 "slower (after each inner step it sleeps the step's compute time times F - 1, "
+                 "counted as compute): an island on slower hardware")
+      ->check(CLI::Range(1.0, 100.0))
+      ->capture_default_str();
+  app.add_option("--straggle-rank", f.straggle_rank, "the rank --straggle applies to")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
+  app.add_flag("--balance-speed", f.balance_speed,
+               "DiLoCo: islands of different speeds: a faster island takes larger batches (up to "
+               "--balance-max-factor times --batch-size) instead of waiting for the slowest at "
+               "every exchange; the batch follows the measured waiting (diloco::SpeedBalancer)");
+  app.add_option("--balance-max-factor", f.balance_max_factor,
+                 "--balance-speed: the largest batch, as a multiple of --batch-size")
+      ->check(CLI::Range(1.0, 64.0))
       ->capture_default_str();
   app.add_option("--audit-rate", f.audit_rate,
                  "DiLoCo: audit each island's claimed inner steps with this probability per "
@@ -387,6 +409,16 @@ void add_flags(CLI::App& app, Flags& f) {
     // inner steps, which count from DiLoCo's start, not from the warm start's.
     if (f.audit_rate > 0.0 && f.warm_start_steps > 0) {
       throw CLI::ValidationError("--audit-rate", "does not combine with --warm-start-steps");
+    }
+    if (f.balance_speed && f.mode != "diloco") {
+      throw CLI::ValidationError("--balance-speed", "balances DiLoCo islands (--mode diloco)");
+    }
+    // An audit replays a round from the step numbers alone, with --batch-size sequences a step.
+    if (f.balance_speed && f.audit_rate > 0.0) {
+      throw CLI::ValidationError("--balance-speed", "does not combine with --audit-rate");
+    }
+    if (app.count("--balance-max-factor") > 0 && !f.balance_speed) {
+      throw CLI::ValidationError("--balance-max-factor", "needs --balance-speed");
     }
     if (app.count("--eval-every") == 0) f.eval_every = f.inner_steps;
     f.link_mbps_given = app.count("--link-mbps") > 0;
@@ -579,6 +611,7 @@ std::vector<std::pair<std::string, std::string>> run_fields(const Flags& f) {
           {"train_lm --optimizer", f.optimizer},
           {"train_lm --warm-start-steps", std::to_string(f.warm_start_steps)},
           {"train_lm --warm-start", f.warm_start},
+          {"train_lm --balance-speed", f.balance_speed ? "on" : "off"},
           // Audits replay other islands' steps bit for bit: the same kernels, so the same threads.
           {"train_lm --threads", f.audit_rate > 0.0 ? std::to_string(f.threads) : "any"}};
 }
@@ -641,6 +674,7 @@ int train(const Flags& f, bool timeout_given) {
   }
   const bool cheating = !f.cheat.empty() && rank == f.cheat_rank;
   const bool lazy = cheating && f.cheat == "lazy";
+  const bool straggling = f.straggle > 1.0 && rank == f.straggle_rank;
   if (cheating) {
     if (!lazy) {
       hostile = std::make_unique<train_lm::HostileIsland>(
@@ -882,19 +916,43 @@ int train(const Flags& f, bool timeout_given) {
                 static_cast<long long>(first_step - 1));
     std::fflush(stdout);
   }
+  // --balance-speed: once DiLoCo runs, each window of H/P inner steps (the steps between two
+  // exchanges' starts) reports its compute and waiting to the balancer, which sets the batches.
+  std::optional<diloco::SpeedBalancer> balancer;
+  if (f.balance_speed) {
+    diloco::SpeedBalancerOptions options;
+    options.max_factor = f.balance_max_factor;
+    balancer.emplace(f.batch_size, options);
+  }
+  const std::int64_t balance_window = std::max<std::int64_t>(1, f.inner_steps / f.fragments);
+  std::int64_t window_steps = 0;
+  double window_compute = 0.0, window_wait_start = 0.0;
+  std::int64_t sequences = 0;  // trained on by this island, for the mean batch
+
   model->train();
   const double initial_val_loss = report(first_step - 1);
   for (std::int64_t step = first_step; step <= f.steps; ++step) {
+    const bool balancing = balancer && sync && !replicating(step);
+    if (balancing && window_steps == 0) window_wait_start = sync->stats().wait_seconds;
     // --cheat lazy: the island skips three inner steps in four, and claims them.
     if (!lazy || step % 4 == 0) {
+      const double compute_before = compute_seconds;
       auto compute_start = Clock::now();
-      auto batch = corpus.train_batch(replicating(step) ? shared_rng : rng);
+      auto batch = balancing ? corpus.train_batch(rng, balancer->next_batch())
+                             : corpus.train_batch(replicating(step) ? shared_rng : rng);
       auto loss = forward_backward(model, optimizer, batch, device, learning_rate(f, step - 1));
       compute_seconds += seconds_since(compute_start);
       if (data_parallel) data_parallel->sync_gradients();
       compute_start = Clock::now();
       clip_and_step(model, optimizer, f.clip);
       compute_seconds += seconds_since(compute_start);
+      if (straggling) {
+        const double extra = (compute_seconds - compute_before) * (f.straggle - 1.0);
+        std::this_thread::sleep_for(std::chrono::duration<double>(extra));
+        compute_seconds += extra;
+      }
+      window_compute += compute_seconds - compute_before;
+      sequences += batch.inputs.size(0);
       train_loss_sum += loss.detach();
       ++train_loss_count;
     }
@@ -905,6 +963,11 @@ int train(const Flags& f, bool timeout_given) {
     const auto step_start = Clock::now();
     const bool outer_step = sync && sync->step();
     if (step == f.steps) end_seconds += seconds_since(step_start);
+    if (balancing && ++window_steps == balance_window) {
+      balancer->observe(window_compute, sync->stats().wait_seconds - window_wait_start);
+      window_steps = 0;
+      window_compute = 0.0;
+    }
     if (warm_starting && step == f.warm_start_steps) {
       data_parallel.reset();
       // DiLoCo's start broadcasts rank 0's weights: after a replicated warm start they should
@@ -983,6 +1046,13 @@ int train(const Flags& f, bool timeout_given) {
       static_cast<unsigned long long>(stats.bytes_received()), compute_seconds, train_seconds,
       train_seconds > 0 ? compute_seconds / train_seconds : 0.0, stats.link_seconds(),
       sync_seconds, percent(sync_seconds), wait_seconds, percent(wait_seconds), end_seconds);
+  if (balancer) {
+    std::printf("rank %d/%d: balanced batches: %.2f sequences a step on average (--batch-size "
+                "%lld), factor %.3f at the end\n",
+                rank, world_size,
+                static_cast<double>(sequences) / static_cast<double>(f.steps - first_step + 1),
+                static_cast<long long>(f.batch_size), balancer->factor());
+  }
   if (sync && f.audit_rate > 0.0) {
     // Audits: the group's count, this island's replays, and who was excluded when.
     const auto audits = sync->audits();

@@ -19,4 +19,5 @@
 #include "diloco/sync/fingerprint.h"
 #include "diloco/sync/parameters.h"
 #include "diloco/sync/schedule.h"
+#include "diloco/sync/speed_balancer.h"
 #include "diloco/version.h"

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Islands of different speeds (train_lm --balance-speed, diloco::SpeedBalancer): of 2 real
+# train_lm islands, rank 1 computes 1.6x slower (--straggle 1.6, an island on slower hardware).
+# Unbalanced, rank 0 waits for it at every exchange; balanced, rank 0 takes larger batches and
+# waits less, rank 1 keeps --batch-size, and both still end on the same global state.
+# Usage: balance_test.sh DILOCO_RUN TRAIN_LM   (data from $DILOCO_DATA or data/brown)
+set -euo pipefail
+run=$1 train_lm=$2
+root=$(cd "$(dirname "$0")/../.." && pwd)
+data=${DILOCO_DATA:-$root/data/brown}
+[ -f "$data/ca01" ] || { echo "balance_test: no Brown corpus in $data"; exit 1; }
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fail() { echo "balance_test: FAIL: $*"; exit 1; }
+
+# 15 windows of H = 20 steps; each island on a core of its own.
+common=(--data "$data" --mode diloco --d-model 32 --layers 1 --heads 2 --seq-len 32
+        --batch-size 16 --steps 300 --inner-steps 20 --warmup 10 --eval-every 300
+        --threads 1 --timeout-s 120 --straggle 1.6 --straggle-rank 1)
+
+islands() {  # NAME TRAIN_LM_ARGS...: 2 islands, the log in $tmp/NAME.txt
+  local name=$1
+  shift
+  timeout 300 "$run" -n 2 --bind-cores -- "$train_lm" "${common[@]}" "$@" > "$tmp/$name.txt" 2>&1 ||
+    { tail -n 40 "$tmp/$name.txt"; fail "$name: the run failed"; }
+  local h
+  h=$(grep -o 'global state sha256 [0-9a-f]*' "$tmp/$name.txt" | awk '{print $4}' | sort -u)
+  [ "$(grep -c 'global state sha256' "$tmp/$name.txt")" = 2 ] || fail "$name: not 2 islands ended"
+  [ "$(echo "$h" | wc -l)" = 1 ] || fail "$name: the islands' global states differ: $h"
+  grep -E "utilization|balanced" "$tmp/$name.txt"
+}
+waiting() {  # NAME RANK: the percent of training the rank waited for exchanges
+  sed -n "s/.*rank $2\/2: bytes_sent.*waiting for exchanges [0-9.]* s (\([0-9.]*\)% of training).*/\1/p" \
+    "$tmp/$1.txt"
+}
+balanced() {  # NAME RANK FIELD: the mean batch (1) or the final factor (2) of the rank
+  sed -n "s/.*rank $2\/2: balanced batches: \([0-9.]*\) sequences a step on average .*, factor \([0-9.]*\) at the end.*/\\$3/p" \
+    "$tmp/$1.txt"
+}
+
+echo "== unbalanced"
+islands plain
+echo "== balanced"
+islands balanced --balance-speed
+grep -q "balanced batches" "$tmp/plain.txt" && fail "an unbalanced run reported balanced batches"
+
+/usr/bin/python3 - "$(waiting plain 0)" "$(waiting balanced 0)" "$(balanced balanced 0 1)" \
+  "$(balanced balanced 0 2)" "$(balanced balanced 1 1)" "$(balanced balanced 1 2)" <<'PY'
+import sys
+wait_plain, wait_balanced, batch0, factor0, batch1, factor1 = map(float, sys.argv[1:])
+print(f"rank 0 waits {wait_plain:.1f}% unbalanced, {wait_balanced:.1f}% balanced; mean batch "
+      f"rank 0 {batch0:.2f} (factor {factor0:.3f}), rank 1 {batch1:.2f} (factor {factor1:.3f})")
+# Rank 1 computes 1.6x as long: unbalanced, rank 0 waits about 0.6 / 1.6 of its training.
+assert wait_plain > 20, wait_plain
+# Balanced, the faster island trains on more sequences a step, the slower keeps about its own.
+assert factor0 > 1.25 and batch0 > 18, (batch0, factor0)
+assert batch1 < 17 and factor1 < factor0, (batch1, factor1)
+# And it waits less: its extra samples fill part of the wait (the batch grows over the first
+# windows, so part of it is still waited).
+assert wait_balanced < 0.75 * wait_plain, (wait_plain, wait_balanced)
+print("balance_test: passed")
+PY
+
+echo "== refused combinations, each naming the option"
+refused() {  # refused MESSAGE FLAGS...: train_lm exits non-zero, printing MESSAGE
+  local message=$1; shift
+  if "$train_lm" --data "$data" "$@" >"$tmp/refused.txt" 2>&1; then
+    fail "train_lm accepted $*"
+  fi
+  grep -qF -- "$message" "$tmp/refused.txt" || { cat "$tmp/refused.txt"; fail "no '$message' for $*"; }
+}
+refused "--balance-speed: balances DiLoCo islands (--mode diloco)" --mode dp --balance-speed
+refused "--balance-speed: does not combine with --audit-rate" --balance-speed --audit-rate 0.5
+refused "--balance-max-factor: needs --balance-speed" --balance-max-factor 2
+refused "--balance-max-factor: Value 0.5 not in range 1" --balance-speed --balance-max-factor 0.5
+refused "--straggle: Value 0.5 not in range 1" --straggle 0.5
+echo "balance_test: all passed"
