@@ -120,6 +120,24 @@ def run_specs(quick):
         runs.append((f"h100_p4_t{tau}", "streaming", diloco_flags(100, None, (4, tau, 0.5))))
     for c in ("fp4", "int4"):
         runs.append((f"h100_p4_t5_{c}", "streaming", diloco_flags(100, c, (4, 5, 0.5))))
+    # A longer overlap (20 of the 24 steps allowed between two starts at H=100, P=4): the
+    # exchange also absorbs the islands' passing differences of speed (an island slowed for a
+    # few seconds by the host), which no batch balancing can predict.
+    for c in (None, "fp4"):
+        name = "h100_p4_t20" + (f"_{c}" if c else "")
+        runs.append((name, "streaming", diloco_flags(100, c, (4, 20, 0.5))))
+    # The same with islands of different speeds balanced (train_lm --balance-speed): a faster
+    # island takes larger batches instead of waiting for the slowest at every exchange.
+    for c in (None, "fp4"):
+        name = "h100_p4_t5" + (f"_{c}" if c else "") + "_balanced"
+        runs.append((name, "streaming", diloco_flags(100, c, (4, 5, 0.5)) + ["--balance-speed"]))
+    # A steady difference of speed: rank 1 computes 1.3x slower (train_lm --straggle, an island on
+    # slower hardware), unbalanced and balanced.
+    straggle = ["--straggle", "1.3", "--straggle-rank", "1"]
+    runs.append(("h100_p4_t5_straggle", "streaming",
+                 diloco_flags(100, None, (4, 5, 0.5)) + straggle))
+    runs.append(("h100_p4_t5_straggle_balanced", "streaming",
+                 diloco_flags(100, None, (4, 5, 0.5)) + straggle + ["--balance-speed"]))
     return runs
 
 
@@ -163,12 +181,14 @@ UTIL_RE = re.compile(r"compute ([0-9.]+) s of ([0-9.]+) s training, utilization 
 SYNC_RE = re.compile(r"in outer steps ([0-9.]+) s \(([0-9.]+)% of training\)")
 WAIT_RE = re.compile(r"waiting for exchanges ([0-9.]+) s \(([0-9.]+)% of training\)")
 END_RE = re.compile(r"end-of-run sync ([0-9.]+) s")
+# train_lm --balance-speed: each island's mean batch (sequences per inner step).
+BATCH_RE = re.compile(r"balanced batches: ([0-9.]+) sequences a step on average")
 
 
 def read_run(metrics_path, log_path):
     records = [json.loads(line) for line in open(metrics_path) if line.strip()]
     first, last = records[0], records[-1]
-    utils, compute_s, train_s, sync_pct, wait_pct, end_s = [], [], [], [], [], []
+    utils, compute_s, train_s, sync_pct, wait_pct, end_s, batches = [], [], [], [], [], [], []
     for line in open(log_path):
         m = UTIL_RE.search(line)
         if m:
@@ -176,7 +196,7 @@ def read_run(metrics_path, log_path):
             train_s.append(float(m.group(2)))
             utils.append(float(m.group(3)))
         for regex, values, group in ((SYNC_RE, sync_pct, 2), (WAIT_RE, wait_pct, 2),
-                                     (END_RE, end_s, 1)):
+                                     (END_RE, end_s, 1), (BATCH_RE, batches, 1)):
             m = regex.search(line)
             if m:
                 values.append(float(m.group(group)))
@@ -192,8 +212,13 @@ def read_run(metrics_path, log_path):
         # for the slowest at every exchange; the slowest island's figure is the run's pace.
         "utilization_per_island": utils,
         "compute_s_per_island": compute_s,
-        "utilization_of_slowest": (utils[compute_s.index(max(compute_s))] if compute_s
+        # The slowest island is the one that waited least (the others wait for it); without the
+        # waiting figures, the one that computed longest.
+        "utilization_of_slowest": (utils[wait_pct.index(min(wait_pct))]
+                                   if len(wait_pct) == len(utils) and utils
+                                   else utils[compute_s.index(max(compute_s))] if compute_s
                                    else None),
+        "batch_mean_per_island": batches,
         "waiting_pct_per_island": wait_pct,
         "end_of_run_sync_s": max(end_s) if end_s else None,
         "parameters": last.get("parameters"),
@@ -347,6 +372,7 @@ def link_record(lr, steps, islands, args):
     return {"utilization": lr["utilization"],
             "utilization_per_island": per_island,
             "compute_s_per_island": lr["compute_s_per_island"],
+            "batch_mean_per_island": lr["batch_mean_per_island"],
             "utilization_of_slowest": lr["utilization_of_slowest"],
             "in_outer_steps_pct": lr["in_outer_steps_pct"],
             "waiting_pct_per_island": waiting,
@@ -421,8 +447,9 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
                   "host differ in speed; the faster ones wait for the slowest at every exchange, "
                   "so the slowest island's utilization is what the link costs the run.", "",
                   "| run | link | utilization, mean | per island | compute s per island | slowest "
-                  "island's | waiting for exchanges, most | end-of-run sync |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "island's | waiting for exchanges, most | end-of-run sync | mean batch per "
+                  "island |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in linked:
             for m in links:
                 k = r["links"].get(f"{m:g}")
@@ -433,8 +460,9 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
                 wait = "—" if k["waiting_pct_max"] is None else f"{k['waiting_pct_max']:.2f}%"
                 end = "—" if k["end_of_run_sync_s"] is None else f"{k['end_of_run_sync_s']:.2f} s"
                 slow = "—" if k["utilization_of_slowest"] is None else f"{k['utilization_of_slowest']:.3f}"
+                batch = " / ".join(f"{b:.1f}" for b in k.get("batch_mean_per_island") or []) or "—"
                 lines.append(f"| {r['name']} | {link_name(m)} | {k['utilization']:.3f} | {per} | "
-                             f"{compute} | {slow} | {wait} | {end} |")
+                             f"{compute} | {slow} | {wait} | {end} | {batch} |")
     if scaling:
         lines += ["", "## Scaling with the number of islands "
                   f"({scaling[0]['params']} float32 values per island)", "",

@@ -12,6 +12,7 @@
 #include <diloco/sync/buffers.h>
 #include <diloco/sync/data_parallel.h>
 #include <diloco/sync/diloco.h>
+#include <diloco/sync/speed_balancer.h>
 #include <diloco/sync/parameters.h>
 #include <diloco/sync/sync_stats.h>
 #include <pybind11/stl.h>
@@ -268,6 +269,34 @@ void bind_sync(py::module_& m) {
           },
           "The fields as a dict.")
       .def("__repr__", &repr);
+
+  py::class_<diloco::SpeedBalancer>(
+      m, "SpeedBalancer",
+      "Islands of different speeds: a faster island takes larger batches instead of waiting for "
+      "the slowest at every exchange (diloco/sync/speed_balancer.h). After each window of inner "
+      "steps, observe(compute_seconds, wait_seconds) with the window's compute time and "
+      "SyncStats.wait_seconds' growth; next_batch() is the batch of each inner step: base_batch "
+      "times factor, rounded with error diffusion. With m the least wait / compute of the last "
+      "`memory` windows, factor *= ((1 + m) / (1 + target_wait)) ** gain, or *= 1 - shrink after "
+      "`memory` windows of waiting at most target_wait, within [1, max_factor].")
+      .def(py::init([](std::int64_t base_batch, double target_wait, std::int64_t memory,
+                       double shrink, double max_factor, double gain) {
+             diloco::SpeedBalancerOptions o;
+             o.target_wait = target_wait;
+             o.memory = memory;
+             o.shrink = shrink;
+             o.max_factor = max_factor;
+             o.gain = gain;
+             return diloco::SpeedBalancer(base_batch, o);
+           }),
+           py::arg("base_batch"), py::kw_only(), py::arg("target_wait") = 0.002,
+           py::arg("memory") = 4, py::arg("shrink") = 0.02, py::arg("max_factor") = 4.0,
+           py::arg("gain") = 0.5)
+      .def("next_batch", &diloco::SpeedBalancer::next_batch, "The batch of the next inner step.")
+      .def("observe", &diloco::SpeedBalancer::observe, py::arg("compute_seconds"),
+           py::arg("wait_seconds"), "One window's compute and waiting, in seconds.")
+      .def_property_readonly("factor", &diloco::SpeedBalancer::factor)
+      .def_property_readonly("base_batch", &diloco::SpeedBalancer::base_batch);
 
   py::class_<PyDiLoCo>(
       m, "DiLoCo",

@@ -426,3 +426,33 @@ def test_outer_state_saves_and_resumes_bit_for_bit(solo_group, tmp_path):
                                 inner_steps=2, compression="int4+ef")
     with pytest.raises(diloco.OptionError, match="global weights of bucket 0"):
         other_outer.load_state(path)
+
+
+def test_speed_balancer_follows_its_documented_rule():
+    # The rule of the docstring, computed here: f *= ((1 + m) / (1 + target_wait)) ** gain with m
+    # the least wait / compute of the last `memory` windows; after `memory` windows of waiting
+    # at most target_wait, f *= 1 - shrink; f within [1, max_factor].
+    b = diloco.SpeedBalancer(16, max_factor=3.0)
+    assert (b.base_batch, b.factor) == (16, 1.0)
+    windows = [(1.0, 0.5), (1.0, 0.3), (2.0, 0.2), (1.0, 0.4), (1.0, 0.0), (1.0, 0.0),
+               (1.0, 0.0), (1.0, 0.0), (1.0, 0.0)]
+    f, waits = 1.0, []
+    for compute, wait in windows:
+        b.observe(compute, wait)
+        waits = (waits + [wait / compute])[-4:]
+        if len(waits) == 4 and max(waits) <= 0.002:
+            f *= 1 - 0.02
+        else:
+            f *= ((1 + min(waits)) / 1.002) ** 0.5
+        f = min(3.0, max(1.0, f))
+        assert b.factor == pytest.approx(f, rel=1e-12)
+    assert 1.4 < b.factor < 1.5  # grew to 1.53, then shrank twice by 2% (4 windows without waiting)
+    batches = [b.next_batch() for _ in range(1000)]
+    assert set(batches) <= {int(16 * b.factor), int(16 * b.factor) + 1}
+    assert sum(batches) / 1000 == pytest.approx(16 * b.factor, abs=1e-3)
+    with pytest.raises(diloco.OptionError, match="base_batch must be >= 1"):
+        diloco.SpeedBalancer(0)
+    with pytest.raises(diloco.OptionError, match=r"memory must be in \[1, 1000\]"):
+        diloco.SpeedBalancer(16, memory=0)
+    with pytest.raises(diloco.OptionError, match=r"max_factor must be in \[1, 1024\]"):
+        diloco.SpeedBalancer(16, max_factor=0.5)
