@@ -120,9 +120,9 @@ def run_specs(quick):
         runs.append((f"h100_p4_t{tau}", "streaming", diloco_flags(100, None, (4, tau, 0.5))))
     for c in ("fp4", "int4"):
         runs.append((f"h100_p4_t5_{c}", "streaming", diloco_flags(100, c, (4, 5, 0.5))))
-    # A longer overlap (20 of the 24 steps allowed between two starts at H=100, P=4): the
-    # exchange also absorbs the islands' passing differences of speed (an island slowed for a
-    # few seconds by the host), which no batch balancing can predict.
+    # A longer overlap (20 of the 24 steps allowed between two starts at H=100, P=4), tried to
+    # absorb the islands' passing differences of speed: it did not (benchmarks/README.md), and
+    # its staler merges cost loss.
     for c in (None, "fp4"):
         name = "h100_p4_t20" + (f"_{c}" if c else "")
         runs.append((name, "streaming", diloco_flags(100, c, (4, 20, 0.5))))
