@@ -68,14 +68,16 @@ class ByteCorpus:
                 raise RuntimeError("the corpus is too small: %d %s bytes, needs at least "
                                    "seq_len + 1 = %d" % (split_bytes.numel(), name, seq_len + 1))
 
-    def _sample(self, split, generator):
-        starts = torch.randint(0, split.numel() - self.seq_len, (self.batch_size,),
+    def _sample(self, split, generator, batch_size=None):
+        starts = torch.randint(0, split.numel() - self.seq_len, (batch_size or self.batch_size,),
                                generator=generator)
         windows = split[starts[:, None] + torch.arange(self.seq_len + 1)].long()
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
-    def train_batch(self, generator):
-        return self._sample(self.train, generator)
+    def train_batch(self, generator, batch_size=None):
+        """A batch of random training windows: the corpus's batch size, or `batch_size`
+        sequences (--balance-speed varies it)."""
+        return self._sample(self.train, generator, batch_size)
 
     def validation_batches(self, count, seed):
         """`count` batches fixed by `seed` alone: every island scores the same bytes."""

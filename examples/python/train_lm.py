@@ -121,6 +121,13 @@ def parse_flags(argv):
     p.add_argument("--audit-tolerance", type=float, default=0.0,
                    help="audits: 0 = the replay must match bit for bit (CPU); else the largest "
                         "relative difference of the pseudo-gradient accepted (GPUs)")
+    p.add_argument("--balance-speed", action="store_true",
+                   help="DiLoCo: islands of different speeds: a faster island takes larger batches "
+                        "(up to --balance-max-factor times --batch-size) instead of waiting for the "
+                        "slowest at every exchange (diloco.SpeedBalancer)")
+    p.add_argument("--balance-max-factor", type=float, default=None,
+                   help="--balance-speed: the largest batch, as a multiple of --batch-size, in "
+                        "[1, 64] (default 4)")
     p.add_argument("--d-model", type=int, default=96, help="transformer width")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks")
     p.add_argument("--heads", type=int, default=4, help="attention heads (must divide --d-model)")
@@ -219,6 +226,18 @@ def parse_flags(argv):
     # inner steps, which count from DiLoCo's start, not from the warm start's.
     if f.audit_rate > 0 and f.warm_start_steps > 0:
         p.error("--audit-rate does not combine with --warm-start-steps")
+    if f.balance_speed and f.mode != "diloco":
+        p.error("--balance-speed balances DiLoCo islands (--mode diloco)")
+    # An audit replays a round from the step numbers alone, with --batch-size sequences a step.
+    if f.balance_speed and f.audit_rate > 0:
+        p.error("--balance-speed does not combine with --audit-rate")
+    if f.balance_max_factor is not None:
+        if not f.balance_speed:
+            p.error("--balance-max-factor needs --balance-speed")
+        if not 1.0 <= f.balance_max_factor <= 64.0:
+            p.error("--balance-max-factor must be in [1, 64], got %g" % f.balance_max_factor)
+    else:
+        f.balance_max_factor = 4.0
     if f.eval_every is None:
         f.eval_every = f.inner_steps
     return f
@@ -266,6 +285,7 @@ def run_fields(f):
             "train_lm --clip": clip, "train_lm --optimizer": f.optimizer,
             "train_lm --warm-start-steps": f.warm_start_steps,
             "train_lm --warm-start": f.warm_start,
+            "train_lm --balance-speed": "on" if f.balance_speed else "off",
             # Audits replay other islands' steps bit for bit: the same kernels, the same threads.
             "train_lm --threads": f.threads if f.audit_rate > 0 else "any"}
 
@@ -654,6 +674,13 @@ def train(f):
         state["first_step"] = saved["step"]
         print("rank %d/%d: resumed from %s (outer step %d, inner step %d)"
               % (rank, world_size, path, resume_from, saved["step"]), flush=True)
+    # --balance-speed: once DiLoCo runs, each window of H/P inner steps (the steps between two
+    # exchanges' starts) reports its compute and waiting to the balancer, which sets the batches.
+    balancer = (diloco.SpeedBalancer(f.batch_size, max_factor=f.balance_max_factor)
+                if f.balance_speed else None)
+    balance_window = max(1, f.inner_steps // f.fragments)
+    window = {"steps": 0, "compute": 0.0, "wait_start": 0.0}
+    sequences = 0
     model.train()
     initial_val_loss = report(first_step - 1)
     for step in range(first_step, f.steps + 1):
@@ -661,7 +688,15 @@ def train(f):
             for group_options in optimizer.param_groups:
                 group_options["lr"] = learning_rate(f, step - 1)
         replicating = warm_starting and f.warm_start == "replicated" and step <= f.warm_start_steps
-        x, y = corpus.train_batch(shared_generator if replicating else generator)
+        balancing = balancer is not None and outer is not None and not replicating
+        if balancing and window["steps"] == 0:
+            window["wait_start"] = outer.stats().wait_seconds
+        compute_start = time.perf_counter()
+        if balancing:
+            x, y = corpus.train_batch(generator, balancer.next_batch())
+        else:
+            x, y = corpus.train_batch(shared_generator if replicating else generator)
+        sequences += x.shape[0]
         loss = language_model_loss(model, x.to(device), y.to(device))
         for optimizer in inner:
             optimizer.zero_grad()
@@ -672,7 +707,15 @@ def train(f):
             torch.nn.utils.clip_grad_norm_(model.parameters(), f.clip)
         for optimizer in inner:
             optimizer.step()
+        if balancing:
+            window["compute"] += time.perf_counter() - compute_start
         outer_step = outer.step() if outer else False
+        if balancing:
+            window["steps"] += 1
+            if window["steps"] == balance_window:
+                balancer.observe(window["compute"],
+                                 outer.stats().wait_seconds - window["wait_start"])
+                window.update(steps=0, compute=0.0)
         if warm_starting and step == f.warm_start_steps:
             data_parallel = None
             # DiLoCo's start broadcasts rank 0's weights: after a replicated warm start they
@@ -725,6 +768,10 @@ def train(f):
     print("rank %d/%d: done, %d steps in %.1f s | train %.3f | val %.3f | sent %s | received %s"
           % (rank, world_size, f.steps, elapsed, state["train_loss"], state["val_loss"],
              format_bytes(sent), format_bytes(received)), flush=True)
+    if balancer:
+        print("rank %d/%d: balanced batches: %.2f sequences a step on average (--batch-size %d), "
+              "factor %.3f at the end" % (rank, world_size, sequences / (f.steps - first_step + 1),
+                                          f.batch_size, balancer.factor), flush=True)
     if outer and f.audit_rate > 0:
         audits = outer.audits()
         excluded = ", ".join("rank %d at outer step %d" % pair

@@ -116,11 +116,13 @@ struct Flags {
   int hostile_rank = 1;
   // Audits of claimed work (diloco/audit/audit.h), and (tests, benchmarks) a cheating island.
   double audit_rate = 0.0;
-  bool balance_speed = false;
-  double balance_max_factor = 4.0;
   double audit_tolerance = 0.0;
   std::string cheat;
   int cheat_rank = 1;
+  // Islands of different speeds (diloco/sync/speed_balancer.h), and (tests, benchmarks) a slower
+  // island.
+  bool balance_speed = false;
+  double balance_max_factor = 4.0;
   double straggle = 1.0;
   int straggle_rank = 1;
 };
@@ -951,7 +953,7 @@ int train(const Flags& f, bool timeout_given) {
         std::this_thread::sleep_for(std::chrono::duration<double>(extra));
         compute_seconds += extra;
       }
-      window_compute += compute_seconds - compute_before;
+      if (balancing) window_compute += compute_seconds - compute_before;
       sequences += batch.inputs.size(0);
       train_loss_sum += loss.detach();
       ++train_loss_count;
