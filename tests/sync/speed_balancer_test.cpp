@@ -79,8 +79,8 @@ TEST_CASE("speed balancer: the faster island's batch grows until its window is t
   CHECK(b[1].factor() == 1.0);
   CHECK(b[0].factor() == Approx(1.6).margin(0.02));
   CHECK(ws[30].factor[0] > 1.5);  // within 30 windows
-  // Without the balancer island 0 would compute 16 / (28.8 / 19.2) ... = 19.2 / 28.8 = 0.67 of
-  // each window; balanced, both compute >= 0.99 of it.
+  // In the first window (base batches) island 0 computes 3.2 + 16 = 19.2 of the slower island's
+  // 4.8 + 24 = 28.8 per step: 0.67 of the window. Balanced, it computes >= 0.99 of it.
   CHECK(ws[0].utilization[0] == Approx(19.2 / 28.8));
   CHECK(mean_utilization(ws, 0, 100) >= 0.99);
   CHECK(mean_utilization(ws, 1, 100) == 1.0);
@@ -94,7 +94,9 @@ TEST_CASE("speed balancer: islands of equal speed and jitter keep the base batch
   std::vector<diloco::SpeedBalancer> b(3, diloco::SpeedBalancer(16));
   const auto ws = simulate(islands, b, 400, 0.02);
   double most = 0.0;
-  for (const auto& w : ws) most = std::max(most, *std::max_element(w.factor.begin(), w.factor.end()));
+  for (const auto& w : ws) {
+    most = std::max(most, *std::max_element(w.factor.begin(), w.factor.end()));
+  }
   CHECK(most < 1.05);
   // The least of a few windows is what holds them, not the slowest island's shrinking: without
   // it (shrink 0), 4 windows still keep the base batch, reacting to every window ratchets up.
@@ -163,15 +165,22 @@ TEST_CASE("speed balancer: options out of range name the option and the range",
   using diloco::SpeedBalancer;
   using diloco::SpeedBalancerOptions;
   CHECK_OPTION_ERROR(SpeedBalancer(0), "base_batch must be >= 1");
-  auto with = [](auto set) {
+  // Each option set out of its range in a copy of the defaults.
+  const auto with = [](auto set) {
     SpeedBalancerOptions o;
     set(o);
     return o;
   };
-  CHECK_OPTION_ERROR(SpeedBalancer(16, with([](auto& o) { o.target_wait = -0.1; })), "target_wait must be in [0, 1]");
-  CHECK_OPTION_ERROR(SpeedBalancer(16, with([](auto& o) { o.memory = 0; })), "memory must be in [1, 1000]");
-  CHECK_OPTION_ERROR(SpeedBalancer(16, with([](auto& o) { o.shrink = 0.6; })), "shrink must be in [0, 0.5]");
-  CHECK_OPTION_ERROR(SpeedBalancer(16, with([](auto& o) { o.max_factor = 0.5; })), "max_factor must be in [1, 1024]");
-  CHECK_OPTION_ERROR(SpeedBalancer(16, with([](auto& o) { o.gain = 0.0; })), "gain must be in (0, 1]");
-  CHECK_OPTION_ERROR(SpeedBalancer(16, with([](auto& o) { o.gain = std::nan(""); })), "gain");
+  const auto target_wait = with([](auto& o) { o.target_wait = -0.1; });
+  const auto memory = with([](auto& o) { o.memory = 0; });
+  const auto shrink = with([](auto& o) { o.shrink = 0.6; });
+  const auto max_factor = with([](auto& o) { o.max_factor = 0.5; });
+  const auto gain = with([](auto& o) { o.gain = 0.0; });
+  const auto gain_nan = with([](auto& o) { o.gain = std::nan(""); });
+  CHECK_OPTION_ERROR(SpeedBalancer(16, target_wait), "target_wait must be in [0, 1]");
+  CHECK_OPTION_ERROR(SpeedBalancer(16, memory), "memory must be in [1, 1000]");
+  CHECK_OPTION_ERROR(SpeedBalancer(16, shrink), "shrink must be in [0, 0.5]");
+  CHECK_OPTION_ERROR(SpeedBalancer(16, max_factor), "max_factor must be in [1, 1024]");
+  CHECK_OPTION_ERROR(SpeedBalancer(16, gain), "gain must be in (0, 1]");
+  CHECK_OPTION_ERROR(SpeedBalancer(16, gain_nan), "gain");
 }
