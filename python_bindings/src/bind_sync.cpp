@@ -289,9 +289,12 @@ void bind_sync(py::module_& m) {
              o.gain = gain;
              return diloco::SpeedBalancer(base_batch, o);
            }),
-           py::arg("base_batch"), py::kw_only(), py::arg("target_wait") = 0.002,
-           py::arg("memory") = 4, py::arg("shrink") = 0.02, py::arg("max_factor") = 4.0,
-           py::arg("gain") = 0.5)
+           py::arg("base_batch"), py::kw_only(),
+           py::arg("target_wait") = diloco::SpeedBalancerOptions{}.target_wait,
+           py::arg("memory") = diloco::SpeedBalancerOptions{}.memory,
+           py::arg("shrink") = diloco::SpeedBalancerOptions{}.shrink,
+           py::arg("max_factor") = diloco::SpeedBalancerOptions{}.max_factor,
+           py::arg("gain") = diloco::SpeedBalancerOptions{}.gain)
       .def("next_batch", &diloco::SpeedBalancer::next_batch, "The batch of the next inner step.")
       .def("observe", &diloco::SpeedBalancer::observe, py::arg("compute_seconds"),
            py::arg("wait_seconds"), "One window's compute and waiting, in seconds.")

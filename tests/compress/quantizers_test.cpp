@@ -359,20 +359,19 @@ TEST_CASE("clip puts the top code where a normal block's error is least", "[comp
     auto codec = diloco::make_codec(spec);
     return (round_trip(*codec, x) - x).to(at::kDouble).square().mean().item<double>();
   };
-  const int qmax = c.qmax;
-  const double best = normal_quantizer_mse(c.best_top, qmax);
+  const double best = normal_quantizer_mse(c.best_top, c.qmax);
   const double clipped = mse(std::string(c.bits) + "(clip=" + std::to_string(c.best_top) + ")");
   const double unclipped = mse(c.bits);
   INFO("clipped " << clipped << " unclipped " << unclipped << " least error " << best);
   // The best top level is a minimum: a little lower or higher costs more.
-  CHECK(normal_quantizer_mse(c.best_top * 0.9, qmax) > best);
-  CHECK(normal_quantizer_mse(c.best_top * 1.1, qmax) > best);
+  CHECK(normal_quantizer_mse(c.best_top * 0.9, c.qmax) > best);
+  CHECK(normal_quantizer_mse(c.best_top * 1.1, c.qmax) > best);
   CHECK(clipped == Approx(best).epsilon(0.03));
   // Max-scaled codes put the top level near 2.9 sigma, the block's largest value, and lose:
   // int2 3.4x the error, int3 1.9x, int4 1.2x.
   CHECK(unclipped > 1.15 * clipped);
-  if (qmax == 1) CHECK(unclipped > 3 * clipped);
-  if (qmax == 3) CHECK(unclipped > 1.7 * clipped);
+  if (c.qmax == 1) CHECK(unclipped > 3 * clipped);
+  if (c.qmax == 3) CHECK(unclipped > 1.7 * clipped);
 }
 
 TEST_CASE("payload sizes follow the formulas exactly", "[compress][quantizers]") {
