@@ -676,7 +676,9 @@ def train(f):
               % (rank, world_size, path, resume_from, saved["step"]), flush=True)
     # --balance-speed: once DiLoCo runs, each window of H/P inner steps (the steps between two
     # exchanges' starts) reports its compute and waiting to the balancer, which sets the batches.
-    balancer = (diloco.SpeedBalancer(f.batch_size, max_factor=f.balance_max_factor)
+    balancer = (diloco.SpeedBalancer(f.batch_size,
+                                     memory=diloco.SpeedBalancer.memory_for(world_size),
+                                     max_factor=f.balance_max_factor)
                 if f.balance_speed else None)
     balance_window = max(1, f.inner_steps // f.fragments)
     window = {"steps": 0, "compute": 0.0, "wait_start": 0.0}

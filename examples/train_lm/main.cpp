@@ -924,6 +924,7 @@ int train(const Flags& f, bool timeout_given) {
   if (f.balance_speed) {
     diloco::SpeedBalancerOptions options;
     options.max_factor = f.balance_max_factor;
+    options.memory = diloco::SpeedBalancer::memory_for(world_size);
     balancer.emplace(f.batch_size, options);
   }
   const std::int64_t balance_window = std::max<std::int64_t>(1, f.inner_steps / f.fragments);

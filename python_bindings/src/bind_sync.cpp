@@ -295,6 +295,9 @@ void bind_sync(py::module_& m) {
            py::arg("shrink") = diloco::SpeedBalancerOptions{}.shrink,
            py::arg("max_factor") = diloco::SpeedBalancerOptions{}.max_factor,
            py::arg("gain") = diloco::SpeedBalancerOptions{}.gain)
+      .def_static("memory_for", &diloco::SpeedBalancer::memory_for, py::arg("islands"),
+                  "The memory for this many islands: max(4, 3 * (islands - 1)), so that equal "
+                  "islands' jitter does not ratchet their batches up.")
       .def("next_batch", &diloco::SpeedBalancer::next_batch, "The batch of the next inner step.")
       .def("observe", &diloco::SpeedBalancer::observe, py::arg("compute_seconds"),
            py::arg("wait_seconds"), "One window's compute and waiting, in seconds.")

@@ -452,6 +452,10 @@ def test_speed_balancer_follows_its_documented_rule():
     assert sum(batches) / 1000 == pytest.approx(16 * b.factor, abs=1e-3)
     with pytest.raises(diloco.OptionError, match="base_batch must be >= 1"):
         diloco.SpeedBalancer(0)
+    # The documented memory for n islands: max(4, 3 (n - 1)).
+    assert [diloco.SpeedBalancer.memory_for(n) for n in (1, 2, 3, 4, 8)] == [4, 4, 6, 9, 21]
+    with pytest.raises(diloco.OptionError, match="islands must be >= 1"):
+        diloco.SpeedBalancer.memory_for(0)
     with pytest.raises(diloco.OptionError, match=r"memory must be in \[1, 1000\]"):
         diloco.SpeedBalancer(16, memory=0)
     with pytest.raises(diloco.OptionError, match=r"max_factor must be in \[1, 1024\]"):

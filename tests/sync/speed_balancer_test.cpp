@@ -184,3 +184,31 @@ TEST_CASE("speed balancer: options out of range name the option and the range",
   CHECK_OPTION_ERROR(SpeedBalancer(16, gain), "gain must be in (0, 1]");
   CHECK_OPTION_ERROR(SpeedBalancer(16, gain_nan), "gain");
 }
+
+TEST_CASE("speed balancer: memory_for(n) keeps many equal islands at the base batch",
+          "[speed_balancer]") {
+  CHECK(diloco::SpeedBalancer::memory_for(1) == 4);
+  CHECK(diloco::SpeedBalancer::memory_for(2) == 4);
+  CHECK(diloco::SpeedBalancer::memory_for(3) == 6);
+  CHECK(diloco::SpeedBalancer::memory_for(8) == 21);
+  CHECK_OPTION_ERROR(diloco::SpeedBalancer::memory_for(0), "islands must be >= 1");
+  // n islands of equal speed, +-10% jitter per window. Each window one island is the latest and
+  // does not wait; with 4 windows of memory an island of 4 or 8 often has none without waiting,
+  // reads the jitter as being faster and grows its batch: all of them ratchet to max_factor.
+  for (const int n : {4, 8}) {
+    const std::vector<Island> islands(static_cast<std::size_t>(n), Island{3.2, 1.0});
+    const auto largest_at_end = [&](std::int64_t memory) {
+      diloco::SpeedBalancerOptions o;
+      o.memory = memory;
+      std::vector<diloco::SpeedBalancer> b(static_cast<std::size_t>(n),
+                                           diloco::SpeedBalancer(16, o));
+      simulate(islands, b, 400, 0.10);
+      double largest = 0.0;
+      for (const auto& x : b) largest = std::max(largest, x.factor());
+      return largest;
+    };
+    INFO(n << " islands");
+    CHECK(largest_at_end(4) > 3.5);
+    CHECK(largest_at_end(diloco::SpeedBalancer::memory_for(n)) < 1.3);
+  }
+}

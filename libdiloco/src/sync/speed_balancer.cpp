@@ -38,6 +38,13 @@ SpeedBalancer::SpeedBalancer(std::int64_t base_batch, SpeedBalancerOptions optio
   check_range("gain", options_.gain, 0.0, 1.0, true);
 }
 
+std::int64_t SpeedBalancer::memory_for(std::int64_t islands) {
+  if (islands < 1) {
+    throw OptionError("[SpeedBalancer] islands must be >= 1, got " + std::to_string(islands));
+  }
+  return std::max<std::int64_t>(4, 3 * (islands - 1));
+}
+
 std::int64_t SpeedBalancer::next_batch() {
   const double wanted = static_cast<double>(base_) * factor_ + carry_;
   const auto batch = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::floor(wanted)));

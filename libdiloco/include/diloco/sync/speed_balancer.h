@@ -35,7 +35,8 @@ namespace diloco {
 
 struct SpeedBalancerOptions {
   double target_wait = 0.002;  // the systematic waiting aimed at, over compute: in [0, 1]
-  std::int64_t memory = 4;     // windows whose least waiting counts: in [1, 1000]
+  std::int64_t memory = 4;     // windows whose least waiting counts: in [1, 1000]; for n
+                               // islands, SpeedBalancer::memory_for(n)
   double shrink = 0.02;        // the slowest island's factor shrinks by this per window: [0, 0.5]
   double max_factor = 4.0;     // the largest batch factor: in [1, 1024]
   double gain = 0.5;           // the exponent of each correction: in (0, 1]
@@ -51,6 +52,15 @@ class SpeedBalancer {
   std::int64_t next_batch();
   // One window's measurements (seconds, >= 0). A window without compute changes nothing.
   void observe(double compute_seconds, double wait_seconds);
+
+  // The memory for `islands` islands (>= 1, else OptionError): max(4, 3 * (islands - 1)). With
+  // n islands of equal speed, each window one of them is the latest, so an island has a window
+  // without waiting with probability about 1/n per window, and none among m windows with
+  // probability (1 - 1/n)^m; m = 3(n - 1) keeps that near e^-3 (2 islands: 1/16 with 4) for any
+  // n. With a fixed 4 windows it grows with n (4 islands 0.32, 8 islands 0.59), and the batches
+  // of equal islands ratchet up on jitter alone (the tests' model: to max_factor at 4 islands
+  // with +-10% jitter per window).
+  static std::int64_t memory_for(std::int64_t islands);
 
   double factor() const { return factor_; }
   std::int64_t base_batch() const { return base_; }
