@@ -459,7 +459,8 @@ std::unique_ptr<Codec> make_blockwise_int_codec(int bits, CodecParams& params) {
   const std::int64_t block = params.get_power_of_two("block", 256, 32, 4096);
   const std::string rounding = params.get_choice("rounding", "nearest", {"nearest", "stochastic"});
   const std::int64_t seed = params.get_int("seed", 0, 0, 4294967295LL);
-  const double clip = params.get_double("clip", 0.0, 0.0, BlockwiseIntCodec::kMaxClip);
+  const double clip = params.get_double_or_off("clip", BlockwiseIntCodec::kMinClip,
+                                                BlockwiseIntCodec::kMaxClip);
   params.reject_unknown();
   return std::make_unique<BlockwiseIntCodec>(
       bits, block,

@@ -56,6 +56,23 @@ double CodecParams::get_double(const std::string& key, double fallback, double l
   return v;
 }
 
+double CodecParams::get_double_or_off(const std::string& key, double lo, double hi) {
+  used_.insert(key);
+  auto it = values_.find(key);
+  if (it == values_.end()) return 0.0;
+  const std::string& s = it->second;
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(s.c_str(), &end);
+  if (errno != 0 || end == s.c_str() || *end != '\0' || !(v == 0.0 || (v >= lo && v <= hi))) {
+    std::ostringstream m;
+    m << "[codec '" << codec_ << "'] " << key << " must be 0 (off) or a number in [" << lo << ", "
+      << hi << "], got '" << s << "'";
+    throw OptionError(m.str());
+  }
+  return v;
+}
+
 std::string CodecParams::get_choice(const std::string& key, const std::string& fallback,
                                     const std::vector<std::string>& choices) {
   used_.insert(key);

@@ -21,6 +21,9 @@ class CodecParams {
   std::int64_t get_int(const std::string& key, std::int64_t fallback, std::int64_t lo,
                        std::int64_t hi);
   double get_double(const std::string& key, double fallback, double lo, double hi);
+  // 0 (off, also the fallback) or a number in [lo, hi] (lo > 0): "... must be 0 (off) or a number
+  // in [lo, hi], got 'x'".
+  double get_double_or_off(const std::string& key, double lo, double hi);
   // One of `choices`.
   std::string get_choice(const std::string& key, const std::string& fallback,
                          const std::vector<std::string>& choices);
