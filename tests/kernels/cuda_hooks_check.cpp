@@ -123,12 +123,22 @@ int main() {
         for (std::int64_t n : {std::int64_t{1}, block, 3 * block + 17}) check_codec(bits, block, n);
       }
     }
-    diloco::BlockwiseIntCodec stochastic(8, 256, diloco::BlockwiseIntCodec::Rounding::kStochastic,
-                                         0);
-    std::vector<std::uint8_t> out(static_cast<std::size_t>(stochastic.payload_bytes({10})));
-    const std::string m = message_of([&] { stochastic.encode(at::ones({10}).cuda(), out.data()); });
-    expect(m.find("stochastic rounding runs on the CPU only") != std::string::npos,
-           "stochastic rounding on CUDA: got '" + m + "'");
+    // Stochastic rounding and clipped scales: CUDA tensors go through the CPU; the payloads are
+    // a CPU tensor's, twice in a row (the random stream advances alike).
+    for (double clip : {0.0, 2.0}) {
+      const auto stochastic = diloco::BlockwiseIntCodec::Rounding::kStochastic;
+      diloco::BlockwiseIntCodec cpu(4, 256, stochastic, 3, clip);
+      diloco::BlockwiseIntCodec gpu(4, 256, stochastic, 3, clip);
+      const at::Tensor x = at::randn({1000});
+      const auto bytes = static_cast<std::size_t>(cpu.payload_bytes(x.sizes()));
+      for (int round = 0; round < 2; ++round) {
+        std::vector<std::uint8_t> p_cpu(bytes), p_gpu(bytes, 0xab);
+        cpu.encode(x, p_cpu.data());
+        gpu.encode(x.cuda(), p_gpu.data());
+        expect(p_cpu == p_gpu, "int4 stochastic clip=" + std::to_string(clip) + " round " +
+                                   std::to_string(round) + ": payloads differ");
+      }
+    }
   } catch (const std::exception& e) {
     std::printf("FAIL exception: %s\n", e.what());
     return 1;

@@ -319,13 +319,12 @@ void BlockwiseIntCodec::encode(const at::Tensor& x, std::uint8_t* out) {
 #ifdef DILOCO_WITH_CUDA_KERNELS
   if (x.is_cuda()) {
     check_cpu_or_cuda_float(name(), x, "input");
-    // The CUDA kernels pack whole codes per byte (8, 4, 2 bits) and scale by max|x| alone; int3's
-    // codes straddle bytes and clipped scales need the block's rms, so those CUDA tensors are
-    // encoded on the CPU, through a copy.
-    if (bits_ == 3 || clip_ > 0) return encode(x.to(at::kCPU), out);
-    if (rounding_ != Rounding::kNearest) {
-      throw Error("[codec '" + name() + "'] stochastic rounding runs on the CPU only; got a tensor on " +
-                  x.device().str() + " (move it to the CPU or use rounding=nearest)");
+    // The CUDA kernels pack whole codes per byte (8, 4, 2 bits), scale by max|x| alone and round
+    // to nearest; int3's codes straddle bytes, clipped scales need the block's rms and stochastic
+    // rounding draws from the codec's stream, so those CUDA tensors are encoded on the CPU,
+    // through a copy (the same payload as from a CPU tensor, the stream advanced alike).
+    if (bits_ == 3 || clip_ > 0 || rounding_ != Rounding::kNearest) {
+      return encode(x.to(at::kCPU), out);
     }
     encode_cuda(name(), bits_, block_, x, out);
     drawn_ += static_cast<std::uint64_t>((x.numel() + block_ - 1) / block_ * block_);

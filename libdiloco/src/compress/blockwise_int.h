@@ -59,8 +59,9 @@ extern const char* const kInt2Help;
 //              = floor(n / block) (4 + block b / 8) + (r ? 4 + ceil(r b / 8) : 0),  r = n mod block.
 // At block=256 that is 8.125, 4.125, 3.125 and 2.125 bits per element for int8, int4, int3, int2:
 // 3.94x, 7.76x, 10.2x and 15.1x smaller than fp32 (2^20 elements: 1,064,960 / 540,672 / 409,600 /
-// 278,528 bytes). CUDA tensors are encoded and decoded by kernels of their device, except int3's
-// and clipped encodes, which go through a copy to the CPU.
+// 278,528 bytes). CUDA tensors are encoded and decoded by kernels of their device, except int3's,
+// clipped and stochastically rounded encodes, which go through a copy to the CPU (the payload a
+// CPU tensor gives).
 //
 // Edge cases of the scale: when max|x| > 0 but max|x| / qmax underflows to 0 the scale is the
 // smallest subnormal 2^-149; when qmax s_j would overflow (max|x| near FLT_MAX) s_j is lowered by
