@@ -47,6 +47,8 @@ import subprocess
 import sys
 import time
 
+from exchange_log import read as read_exchange_log, split_waiting
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The recipe (benchmarks/README.md, "Convergence, second part"; 2,000 steps per island, 4 islands):
@@ -206,6 +208,7 @@ def read_run(metrics_path, log_path):
         "bytes_sent": last["bytes_sent"] - first["bytes_sent"],
         "wall_s": last["elapsed_s"],
         "train_s": max(train_s) if train_s else None,
+        "train_s_per_island": train_s,
         "utilization": sum(utils) / len(utils) if utils else None,
         "in_outer_steps_pct": sum(sync_pct) / len(sync_pct) if sync_pct else None,
         # Per island: the islands differ in speed on a shared host, and the faster ones wait
@@ -339,10 +342,20 @@ def main():
             shaped = (["--link-mbps", f"{mbps:g}", "--link-latency-ms", f"{args.latency_ms:g}"]
                       if mbps > 0 else [])
             n_steps = min(link_steps, args.dp_link_steps) if name == "dp" else link_steps
-            cmd = train_cmd(args, name, flags + shaped, n_steps, metrics, link_islands,
+            # DiLoCo runs log each exchange's timing, to split the waiting into the link's and
+            # a slower island's (exchange_log.py).
+            diloco_run = "--mode" not in flags
+            exchanges = os.path.join(args.out, "logs", f"{tag}.exchanges.{{island}}.jsonl")
+            logged = ["--exchange-log", exchanges] if diloco_run else []
+            cmd = train_cmd(args, name, flags + shaped + logged, n_steps, metrics, link_islands,
                             bind_cores=True)
             run(cmd, {}, log, 3600)
             lr = read_run(metrics, log)
+            if diloco_run:
+                split = split_waiting([read_exchange_log(exchanges.replace("{island}", str(i)))
+                                       for i in range(link_islands)])
+                lr["waiting_for_link_pct_per_island"] = [
+                    100.0 * w["link_s"] / t for w, t in zip(split, lr["train_s_per_island"])]
             by_name[name]["links"][f"{mbps:g}"] = link_record(lr, n_steps, link_islands, args)
             print(f"link {link_name(mbps)} {name:28s} utilization {lr['utilization']:.3f} (per island "
                   + " ".join(f"{u:.3f}" for u in lr["utilization_per_island"])
@@ -369,6 +382,7 @@ def link_record(lr, steps, islands, args):
     of the run: the others wait for it), the time waiting for exchanges, the end-of-run sync."""
     per_island = lr["utilization_per_island"]
     waiting = lr["waiting_pct_per_island"]
+    link_waiting = lr.get("waiting_for_link_pct_per_island")
     return {"utilization": lr["utilization"],
             "utilization_per_island": per_island,
             "compute_s_per_island": lr["compute_s_per_island"],
@@ -377,6 +391,10 @@ def link_record(lr, steps, islands, args):
             "in_outer_steps_pct": lr["in_outer_steps_pct"],
             "waiting_pct_per_island": waiting,
             "waiting_pct_max": max(waiting) if waiting else None,
+            # Of the waiting, what came after every island had started the exchange: the link
+            # (and the exchange's own work), not a slower island (exchange_log.py).
+            "waiting_for_link_pct_per_island": link_waiting,
+            "waiting_for_link_pct_max": max(link_waiting) if link_waiting else None,
             "end_of_run_sync_s": lr["end_of_run_sync_s"],
             "train_s": lr["train_s"], "steps": steps, "islands": islands,
             "latency_ms": args.latency_ms}
@@ -445,11 +463,14 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
                   "Utilization is compute time over training time (evaluations and the end-of-run "
                   "sync, which has no training left to hide behind, left out). The islands of a "
                   "host differ in speed; the faster ones wait for the slowest at every exchange, "
-                  "so the slowest island's utilization is what the link costs the run.", "",
+                  "so the slowest island's utilization is what the link costs the run. Of each "
+                  "island's waiting, what came after every island had started the exchange is "
+                  "the link's (and the exchange's own work); the rest was for a slower island "
+                  "(train_lm --exchange-log, benchmarks/exchange_log.py).", "",
                   "| run | link | utilization, mean | per island | compute s per island | slowest "
-                  "island's | waiting for exchanges, most | end-of-run sync | mean batch per "
-                  "island |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "island's | waiting for exchanges, most | of it for the link, most | end-of-run "
+                  "sync | mean batch per island |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in linked:
             for m in links:
                 k = r["links"].get(f"{m:g}")
@@ -458,11 +479,13 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
                 per = " / ".join(f"{u:.3f}" for u in k["utilization_per_island"])
                 compute = " / ".join(f"{c:.1f}" for c in k["compute_s_per_island"])
                 wait = "—" if k["waiting_pct_max"] is None else f"{k['waiting_pct_max']:.2f}%"
+                link_wait = k.get("waiting_for_link_pct_max")
+                link_wait = "—" if link_wait is None else f"{link_wait:.2f}%"
                 end = "—" if k["end_of_run_sync_s"] is None else f"{k['end_of_run_sync_s']:.2f} s"
                 slow = "—" if k["utilization_of_slowest"] is None else f"{k['utilization_of_slowest']:.3f}"
                 batch = " / ".join(f"{b:.1f}" for b in k.get("batch_mean_per_island") or []) or "—"
                 lines.append(f"| {r['name']} | {link_name(m)} | {k['utilization']:.3f} | {per} | "
-                             f"{compute} | {slow} | {wait} | {end} | {batch} |")
+                             f"{compute} | {slow} | {wait} | {link_wait} | {end} | {batch} |")
     if scaling:
         lines += ["", "## Scaling with the number of islands "
                   f"({scaling[0]['params']} float32 values per island)", "",

@@ -93,6 +93,7 @@ struct Flags {
   std::int64_t eval_batches = 20;
   std::int64_t eval_every = 0;  // 0 until parsed: then --eval-every or --inner-steps
   std::string metrics;
+  std::string exchange_log;  // --exchange-log: each island's exchange timings (JSON lines)
   int timeout_s = 120;
   double link_mbps = 0.0;        // emulated link (diloco::LinkModel); used when given
   double link_latency_ms = 0.0;
@@ -290,6 +291,12 @@ void add_flags(CLI::App& app, Flags& f) {
       ->check(CLI::Range(std::int64_t{1}, kMaxCount));
   app.add_option("--metrics", f.metrics,
                  "write one JSON object per evaluation to this file (JSON lines, rank 0 only)");
+  app.add_option("--exchange-log", f.exchange_log,
+                 "DiLoCo: every island writes each exchange's timing to this file, whose path "
+                 "must hold {island} (JSON lines: outer_step, fragment, inner_step, started, due, "
+                 "done in seconds on the steady clock, which the processes of one machine share, "
+                 "and end_of_run; benchmarks/exchange_log.py splits the waiting into a slower "
+                 "island's and the link's)");
   app.add_option("--timeout-s", f.timeout_s,
                  "group rendezvous and collective timeout in seconds (default 120, or "
                  "DILOCO_TIMEOUT_S when set)")
@@ -418,6 +425,13 @@ void add_flags(CLI::App& app, Flags& f) {
     // An audit replays a round from the step numbers alone, with --batch-size sequences a step.
     if (f.balance_speed && f.audit_rate > 0.0) {
       throw CLI::ValidationError("--balance-speed", "does not combine with --audit-rate");
+    }
+    if (!f.exchange_log.empty() && f.mode != "diloco") {
+      throw CLI::ValidationError("--exchange-log", "logs DiLoCo's exchanges (--mode diloco)");
+    }
+    if (!f.exchange_log.empty() && f.exchange_log.find("{island}") == std::string::npos) {
+      throw CLI::ValidationError("--exchange-log",
+                                 "must hold {island}: every island writes its own file");
     }
     if (app.count("--balance-max-factor") > 0 && !f.balance_speed) {
       throw CLI::ValidationError("--balance-max-factor", "needs --balance-speed");
@@ -666,6 +680,7 @@ int train(const Flags& f, bool timeout_given) {
   // After the move to the device, before the synchronizers rebind the parameters' storage.
   auto optimizer = make_optimizer(model, f);
 
+  bool ending = false;  // the end-of-run sync has begun (--exchange-log marks its exchanges)
   std::unique_ptr<diloco::DiLoCo> sync;
   std::unique_ptr<diloco::DataParallel> data_parallel;
   std::unique_ptr<train_lm::HostileIsland> hostile;
@@ -732,6 +747,24 @@ int train(const Flags& f, bool timeout_given) {
     sync = membership
                ? std::make_unique<diloco::DiLoCo>(std::move(tensors), membership, options)
                : std::make_unique<diloco::DiLoCo>(std::move(tensors), group, options);
+    if (!f.exchange_log.empty()) {
+      std::string path = f.exchange_log;
+      path.replace(path.find("{island}"), 8,
+                   membership ? membership->island() : std::to_string(rank));
+      auto log = std::make_shared<std::ofstream>(path);
+      if (!*log) throw std::runtime_error("--exchange-log " + path + ": cannot open for writing");
+      sync->on_exchange([log, &ending](const diloco::ExchangeTiming& e) {
+        char line[256];
+        std::snprintf(line, sizeof line,
+                      "{\"outer_step\": %lld, \"fragment\": %lld, \"inner_step\": %lld, "
+                      "\"started\": %.6f, \"due\": %.6f, \"done\": %.6f, "
+                      "\"end_of_run\": %s}\n",
+                      static_cast<long long>(e.outer_step), static_cast<long long>(e.fragment),
+                      static_cast<long long>(e.inner_step), e.started, e.due, e.done,
+                      ending ? "true" : "false");
+        *log << line << std::flush;
+      });
+    }
     if (f.audit_rate > 0.0) {
       replica = train_lm::Gpt(f.model);
       replica->to(device);
@@ -962,7 +995,10 @@ int train(const Flags& f, bool timeout_given) {
     if (hostile && step % f.inner_steps == 0) hostile->before_outer_step(*sync);
     // The end of the run: its last outer step (or the fold-in below) and the state comparison
     // have no training left to overlap with; timed apart as a one-time cost, like the start-up.
-    if (sync && step == f.steps) before_end = sync->stats();
+    if (sync && step == f.steps) {
+      before_end = sync->stats();
+      ending = true;
+    }
     const auto step_start = Clock::now();
     const bool outer_step = sync && sync->step();
     if (step == f.steps) end_seconds += seconds_since(step_start);

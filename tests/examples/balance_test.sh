@@ -2,7 +2,8 @@
 # Islands of different speeds (train_lm --balance-speed, diloco::SpeedBalancer): of 2 real
 # train_lm islands, rank 1 computes 1.6x slower (--straggle 1.6, an island on slower hardware).
 # Unbalanced, rank 0 waits for it at every exchange; balanced, rank 0 takes larger batches and
-# waits less, rank 1 keeps --batch-size, and both still end on the same global state.
+# waits less, rank 1 keeps --batch-size, and both still end on the same global state. The
+# unbalanced run's exchange log (--exchange-log) attributes rank 0's waiting to rank 1.
 # Usage: balance_test.sh DILOCO_RUN TRAIN_LM   (data from $DILOCO_DATA or data/brown)
 set -euo pipefail
 run=$1 train_lm=$2
@@ -40,10 +41,34 @@ balanced() {  # NAME RANK FIELD: the mean batch (1) or the final factor (2) of t
 }
 
 echo "== unbalanced"
-islands plain
+islands plain --exchange-log "$tmp/exchanges.{island}.jsonl"
 echo "== balanced"
 islands balanced --balance-speed
 grep -q "balanced batches" "$tmp/plain.txt" && fail "an unbalanced run reported balanced batches"
+
+# The exchange log splits rank 0's waiting: nearly all of it is for rank 1, which starts each
+# exchange 0.6x its compute later; on loopback, little is left for the link.
+waited_s() {  # NAME RANK: the seconds the rank waited for exchanges, as train_lm prints them
+  sed -n "s/.*rank $2\/2: bytes_sent.*waiting for exchanges \([0-9.]*\) s.*/\1/p" "$tmp/$1.txt"
+}
+/usr/bin/python3 "$root/benchmarks/exchange_log.py" "$tmp/exchanges.0.jsonl" \
+  "$tmp/exchanges.1.jsonl" > "$tmp/split.txt"
+cat "$tmp/split.txt"
+/usr/bin/python3 - "$tmp/split.txt" "$(waited_s plain 0)" <<'PY'
+import json, sys
+rank0, rank1 = [json.loads(line) for line in open(sys.argv[1])]
+printed = float(sys.argv[2])
+# 15 windows of 20 steps: 14 exchanges in training, the last one in the end-of-run sync.
+assert rank0["exchanges"] == rank1["exchanges"] == 14, (rank0, rank1)
+# The log's waiting is train_lm's (which also counts the short waits on state comparisons).
+assert abs(rank0["waited_s"] - printed) <= 0.1 * printed + 0.02, (rank0, printed)
+assert rank0["island_s"] > 0.8 * rank0["waited_s"], rank0
+assert rank0["link_s"] < 0.2 * rank0["waited_s"], rank0
+# Rank 1 is the slower: it hardly waits for rank 0.
+assert rank1["island_s"] < 0.1 * rank0["island_s"], (rank0, rank1)
+print("exchange log: rank 0 waited %.2f s, %.2f s of it for rank 1, %.3f s for the link"
+      % (rank0["waited_s"], rank0["island_s"], rank0["link_s"]))
+PY
 
 /usr/bin/python3 - "$(waiting plain 0)" "$(waiting balanced 0)" "$(balanced balanced 0 1)" \
   "$(balanced balanced 0 2)" "$(balanced balanced 1 1)" "$(balanced balanced 1 2)" <<'PY'
@@ -76,4 +101,7 @@ refused "--balance-speed: does not combine with --audit-rate" --balance-speed --
 refused "--balance-max-factor: needs --balance-speed" --balance-max-factor 2
 refused "--balance-max-factor: Value 0.5 not in range 1" --balance-speed --balance-max-factor 0.5
 refused "--straggle: Value 0.5 not in range 1" --straggle 0.5
+refused "--exchange-log: must hold {island}" --exchange-log "$tmp/x.jsonl"
+refused "--exchange-log: logs DiLoCo's exchanges (--mode diloco)" --mode dp \
+  --exchange-log "$tmp/x.{island}.jsonl"
 echo "balance_test: all passed"

@@ -33,6 +33,12 @@
 namespace diloco {
 namespace {
 
+// Seconds on the steady clock (ExchangeTiming).
+double steady_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 // The model's own storage can carry the pseudo-gradient when it already has the layout of the
 // global weights: float32 on the outer device.
 bool in_place_ok(const at::Tensor& flat, const at::Device& outer_device) {
@@ -431,6 +437,7 @@ void DiLoCo::throw_if_not_finite(std::int64_t fragment, const std::vector<int>& 
 void DiLoCo::start_sync(std::int64_t fragment) {
   settle_buffers_digest();
   settle_state_check();
+  started_clock_ = steady_seconds();
   const ScopedPayloadContext context({state_.outer_step + 1, fragment});
   auto& buckets = params_.buckets();
   started_at_[static_cast<std::size_t>(fragment)] = state_.inner_step;
@@ -506,6 +513,7 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
   const ScopedPayloadContext context({state_.outer_step + 1, fragment});
   // Everything of the fragment arrives before anything is applied: a peer lost in flight leaves
   // the global weights as they were, never half a fragment applied.
+  const double due = steady_seconds();
   try {
     const ScopedTimer waiting(wait_seconds_);
     start_job_.wait();
@@ -513,6 +521,11 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
   } catch (...) {
     drain_and_reset();
     throw;
+  }
+  if (exchange_observer_) {
+    exchange_observer_({state_.outer_step + 1, fragment,
+                        started_at_[static_cast<std::size_t>(fragment)], started_clock_, due,
+                        steady_seconds()});
   }
   start_job_ = CommThread::Job();
   in_flight_ = -1;

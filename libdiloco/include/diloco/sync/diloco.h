@@ -65,6 +65,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -163,6 +164,21 @@ struct DiLoCoOptions {
   void validate() const;  // throws OptionError naming the option and its allowed range
 };
 
+// When one fragment's exchange started, was due and completed on this island, in seconds on the
+// steady clock (std::chrono::steady_clock: CLOCK_MONOTONIC, which every process of one machine
+// shares, so the records of islands on one machine compare). An exchange completes only once
+// every island has started it: until the last one has, an island waits for a slower island;
+// whatever it waits after that is the link (and the exchange's own work). Benchmarks split the
+// waiting so (train_lm --exchange-log, benchmarks/wan_bench.py).
+struct ExchangeTiming {
+  std::int64_t outer_step = 0;  // the outer step the exchange belongs to (1-based)
+  std::int64_t fragment = 0;
+  std::int64_t inner_step = 0;  // the inner step after which it started
+  double started = 0.0;  // this island started it (earlier collectives settled)
+  double due = 0.0;      // this island needed its result
+  double done = 0.0;     // it had completed here (before the outer step is applied)
+};
+
 class DiLoCo {
  public:
   // `model` and `inner` are the user's; both must outlive this object. Every parameter of the
@@ -210,6 +226,11 @@ class DiLoCo {
 
   const DiLoCoOptions& options() const { return options_; }
   SyncStats stats() const;
+  // Called on this thread with each exchange's timing as it completes (empty: none). Not
+  // called for an exchange that failed.
+  void on_exchange(std::function<void(const ExchangeTiming&)> observer) {
+    exchange_observer_ = std::move(observer);
+  }
   Group& group() { return *group_; }
   const FlatParameters& parameters() const { return params_; }
   const ModelBuffers& buffers() const { return buffers_; }
@@ -360,6 +381,8 @@ class DiLoCo {
   CommThread::Job start_job_;
   std::int64_t in_flight_ = -1;    // the fragment whose exchange is in flight, or -1
   std::vector<std::int64_t> started_at_;  // per fragment: the inner step its last exchange started
+  double started_clock_ = 0.0;     // the steady clock when the exchange in flight started
+  std::function<void(const ExchangeTiming&)> exchange_observer_;
   double sync_seconds_ = 0.0;
   double wait_seconds_ = 0.0;      // of sync_seconds_: blocked until exchanges completed
   std::string fingerprint_text_;   // elastic: what a joiner's configuration must equal
