@@ -176,6 +176,7 @@ def run(cmd, env_extra, log_path, timeout_s):
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{tail}")
 
 
+RANK_RE = re.compile(r"rank (\d+)/\d+:")
 UTIL_RE = re.compile(r"compute ([0-9.]+) s of ([0-9.]+) s training, utilization ([0-9.]+)")
 # Time each island was blocked in DiLoCo's outer steps (pseudo-gradients, outer step, waiting for
 # an exchange that was due), as a share of its training time; of that, the time it waited for
@@ -187,11 +188,19 @@ END_RE = re.compile(r"end-of-run sync ([0-9.]+) s")
 BATCH_RE = re.compile(r"balanced batches: ([0-9.]+) sequences a step on average")
 
 
+def rank_of(line):
+    """The rank a train_lm log line is about ("rank 1/2: ..."), or -1."""
+    m = RANK_RE.search(line)
+    return int(m.group(1)) if m else -1
+
+
 def read_run(metrics_path, log_path):
     records = [json.loads(line) for line in open(metrics_path) if line.strip()]
     first, last = records[0], records[-1]
     utils, compute_s, train_s, sync_pct, wait_pct, end_s, batches = [], [], [], [], [], [], []
-    for line in open(log_path):
+    # The islands print in any order: each per-island list is put in rank order.
+    lines = sorted(open(log_path), key=rank_of)
+    for line in lines:
         m = UTIL_RE.search(line)
         if m:
             compute_s.append(float(m.group(1)))
