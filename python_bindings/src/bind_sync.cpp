@@ -15,6 +15,7 @@
 #include <diloco/sync/speed_balancer.h>
 #include <diloco/sync/parameters.h>
 #include <diloco/sync/sync_stats.h>
+#include <pybind11/functional.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
@@ -242,6 +243,19 @@ void bind_sync(py::module_& m) {
         return out.str();
       });
 
+  py::class_<diloco::ExchangeTiming>(
+      m, "ExchangeTiming",
+      "When one fragment's exchange started, was due and completed on this island (seconds on "
+      "the steady clock, which the processes of one machine share): what an island waits after "
+      "every island has started an exchange is the link's, before that a slower island's "
+      "(DiLoCo.on_exchange; benchmarks/exchange_log.py).")
+      .def_readonly("outer_step", &diloco::ExchangeTiming::outer_step)
+      .def_readonly("fragment", &diloco::ExchangeTiming::fragment)
+      .def_readonly("inner_step", &diloco::ExchangeTiming::inner_step)
+      .def_readonly("started", &diloco::ExchangeTiming::started)
+      .def_readonly("due", &diloco::ExchangeTiming::due)
+      .def_readonly("done", &diloco::ExchangeTiming::done);
+
   py::class_<diloco::SyncStats>(
       m, "SyncStats",
       "What a synchronizer reports: inner_steps (step() calls), outer_steps (completed syncs), "
@@ -437,6 +451,14 @@ void bind_sync(py::module_& m) {
       .def(
           "stats", [](const PyDiLoCo& d) { return d.impl().stats(); },
           "SyncStats: inner and outer steps, seconds in syncs, bytes sent and received.")
+      .def(
+          "on_exchange",
+          [](PyDiLoCo& d, std::function<void(const diloco::ExchangeTiming&)> observer) {
+            d.impl().on_exchange(std::move(observer));
+          },
+          py::arg("observer"),
+          "Call observer(ExchangeTiming) after each exchange's outer step is applied (None: "
+          "stop). An exception it raises comes out of step() or sync(), the fragment applied.")
       .def(
           "save_state", [](const PyDiLoCo& d, const std::string& path) { d.impl().save_state(path); },
           py::arg("path"), Release(),

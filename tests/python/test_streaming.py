@@ -81,3 +81,13 @@ def test_streaming_matches_a_pytorch_reference(tmp_path, world, P, tau, alpha):
     assert worst < 1e-6, worst
     # A round ends when its last fragment is applied: after steps H + tau, 2H + tau, ...
     assert results[0]["outer_steps"] == (c["steps"] - tau) // c["H"]
+    # DiLoCo.on_exchange: every applied exchange, in order, on every rank: (outer step, fragment,
+    # the step it started after) as the schedule says, its times in order on the steady clock.
+    H = c["H"]
+    starts = [(s, f) for s in range(1, c["steps"] + 1) for f in range(P)
+              if (f + 1) * H // P == (s - 1) % H + 1 and s + tau <= c["steps"]]
+    want = [[(s - 1) // H + 1, f, s] for s, f in starts]
+    for r in range(world):
+        got = results[r]["exchanges"]
+        assert [e[:3] for e in got] == want, (r, got)
+        assert all(started <= due <= done for *_, started, due, done in got), got

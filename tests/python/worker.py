@@ -156,6 +156,9 @@ def streaming_task(config, group, out):
                           overlap_steps=c["tau"], mixing=c["alpha"],
                           fragment_of=c["fragment_of"], outer_lr=c["outer_lr"],
                           outer_momentum=c["outer_momentum"])
+    exchanges = []
+    outer.on_exchange(lambda e: exchanges.append(
+        [e.outer_step, e.fragment, e.inner_step, e.started, e.due, e.done]))
     names = list(tensors)
     # One dtype, so one bucket per fragment, in fragment order, each holding its parameters in
     # model order: that is how the global weights split back into parameters.
@@ -176,7 +179,7 @@ def streaming_task(config, group, out):
         globals_after.append(per_name)
     torch.save({"global": globals_after, "local": {n: t.clone() for n, t in tensors.items()}},
                os.path.join(out, "rank%d.streaming.pt" % group.rank))
-    return {"outer_steps": outer.stats().outer_steps}
+    return {"outer_steps": outer.stats().outer_steps, "exchanges": exchanges}
 
 
 def construct_task(config, group, out):

@@ -522,11 +522,9 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
     drain_and_reset();
     throw;
   }
-  if (exchange_observer_) {
-    exchange_observer_({state_.outer_step + 1, fragment,
-                        started_at_[static_cast<std::size_t>(fragment)], started_clock_, due,
-                        steady_seconds()});
-  }
+  const ExchangeTiming timing{state_.outer_step + 1, fragment,
+                              started_at_[static_cast<std::size_t>(fragment)], started_clock_,
+                              due, steady_seconds()};
   start_job_ = CommThread::Job();
   in_flight_ = -1;
   // The screening's refusals (possibly made on the communication thread) count from here.
@@ -594,6 +592,8 @@ void DiLoCo::finish_sync(std::int64_t fragment) {
     if (staged()) reset_model_to_global();
     throw Error(m.str());
   }
+  // Last: the fragment is applied, whatever the observer does.
+  if (exchange_observer_) exchange_observer_(timing);
 }
 
 void DiLoCo::enable_audits(AuditHooks hooks) {

@@ -226,8 +226,9 @@ class DiLoCo {
 
   const DiLoCoOptions& options() const { return options_; }
   SyncStats stats() const;
-  // Called on this thread with each exchange's timing as it completes (empty: none). Not
-  // called for an exchange that failed.
+  // Called on this thread with each exchange's timing once its outer step is applied (empty:
+  // none). Not called for an exchange that failed. An exception from the observer propagates
+  // out of step() or sync(), with the fragment already applied.
   void on_exchange(std::function<void(const ExchangeTiming&)> observer) {
     exchange_observer_ = std::move(observer);
   }
