@@ -40,6 +40,15 @@ std::int64_t CodecParams::get_int(const std::string& key, std::int64_t fallback,
 }
 
 double CodecParams::get_double(const std::string& key, double fallback, double lo, double hi) {
+  return read_double(key, fallback, lo, hi, false);
+}
+
+double CodecParams::get_double_or_off(const std::string& key, double lo, double hi) {
+  return read_double(key, 0.0, lo, hi, true);
+}
+
+double CodecParams::read_double(const std::string& key, double fallback, double lo, double hi,
+                                bool zero_is_off) {
   used_.insert(key);
   auto it = values_.find(key);
   if (it == values_.end()) return fallback;
@@ -47,27 +56,11 @@ double CodecParams::get_double(const std::string& key, double fallback, double l
   char* end = nullptr;
   errno = 0;
   const double v = std::strtod(s.c_str(), &end);
-  if (errno != 0 || end == s.c_str() || *end != '\0' || !std::isfinite(v) || v < lo || v > hi) {
+  const bool in_range = (v >= lo && v <= hi) || (zero_is_off && v == 0.0);
+  if (errno != 0 || end == s.c_str() || *end != '\0' || !std::isfinite(v) || !in_range) {
     std::ostringstream m;
-    m << "[codec '" << codec_ << "'] " << key << " must be a number in [" << lo << ", " << hi
-      << "], got '" << s << "'";
-    throw OptionError(m.str());
-  }
-  return v;
-}
-
-double CodecParams::get_double_or_off(const std::string& key, double lo, double hi) {
-  used_.insert(key);
-  auto it = values_.find(key);
-  if (it == values_.end()) return 0.0;
-  const std::string& s = it->second;
-  char* end = nullptr;
-  errno = 0;
-  const double v = std::strtod(s.c_str(), &end);
-  if (errno != 0 || end == s.c_str() || *end != '\0' || !(v == 0.0 || (v >= lo && v <= hi))) {
-    std::ostringstream m;
-    m << "[codec '" << codec_ << "'] " << key << " must be 0 (off) or a number in [" << lo << ", "
-      << hi << "], got '" << s << "'";
+    m << "[codec '" << codec_ << "'] " << key << " must be " << (zero_is_off ? "0 (off) or " : "")
+      << "a number in [" << lo << ", " << hi << "], got '" << s << "'";
     throw OptionError(m.str());
   }
   return v;

@@ -34,6 +34,10 @@ class CodecParams {
   void reject_unknown() const;
 
  private:
+  // get_double and get_double_or_off (zero_is_off: 0 is accepted too, and said in the error).
+  double read_double(const std::string& key, double fallback, double lo, double hi,
+                     bool zero_is_off);
+
   std::string codec_;
   std::map<std::string, std::string> values_;
   std::set<std::string> used_;
