@@ -442,6 +442,14 @@ void add_flags(CLI::App& app, Flags& f) {
   });
 }
 
+// `path` with "{island}" (if it holds it) replaced by the island's name: how --metrics and
+// --exchange-log give every island a file of its own.
+std::string with_island(std::string path, const std::string& island) {
+  const auto at = path.find("{island}");
+  if (at != std::string::npos) path.replace(at, 8, island);
+  return path;
+}
+
 // Linear warmup over `warmup` steps, then cosine decay to kFinalLrFraction at the last step.
 double learning_rate(const Flags& f, std::int64_t step) {
   if (step < f.warmup) return f.lr * double(step + 1) / double(f.warmup);
@@ -748,9 +756,8 @@ int train(const Flags& f, bool timeout_given) {
                ? std::make_unique<diloco::DiLoCo>(std::move(tensors), membership, options)
                : std::make_unique<diloco::DiLoCo>(std::move(tensors), group, options);
     if (!f.exchange_log.empty()) {
-      std::string path = f.exchange_log;
-      path.replace(path.find("{island}"), 8,
-                   membership ? membership->island() : std::to_string(rank));
+      const std::string path = with_island(
+          f.exchange_log, membership ? membership->island() : std::to_string(rank));
       auto log = std::make_shared<std::ofstream>(path);
       if (!*log) throw std::runtime_error("--exchange-log " + path + ": cannot open for writing");
       sync->on_exchange([log, &ending](const diloco::ExchangeTiming& e) {
@@ -817,12 +824,9 @@ int train(const Flags& f, bool timeout_given) {
 
   std::ofstream metrics;
   // "{island}" in the path: every island writes its own file (elastic runs, benchmarks/churn.py).
-  std::string metrics_path = f.metrics;
-  const auto placeholder = metrics_path.find("{island}");
-  const bool every_island = placeholder != std::string::npos;
-  if (every_island) {
-    metrics_path.replace(placeholder, 8, membership ? membership->island() : std::to_string(rank));
-  }
+  const std::string metrics_path =
+      with_island(f.metrics, membership ? membership->island() : std::to_string(rank));
+  const bool every_island = metrics_path != f.metrics;
   if ((leader || every_island) && !f.metrics.empty()) {
     metrics.open(metrics_path);
     if (!metrics) throw std::runtime_error("--metrics " + f.metrics + ": cannot open for writing");
