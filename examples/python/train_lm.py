@@ -143,6 +143,12 @@ def parse_flags(argv):
                         "the global model after the first outer step of each interval")
     p.add_argument("--metrics", default="",
                    help="write one JSON object per evaluation to this file (rank 0 only)")
+    p.add_argument("--exchange-log", default="",
+                   help="DiLoCo: every island writes each exchange's timing to this file, whose "
+                        "path must hold {island} (JSON lines: outer_step, fragment, inner_step, "
+                        "started, due, done in seconds on the steady clock, which the processes "
+                        "of one machine share, and end_of_run; benchmarks/exchange_log.py splits "
+                        "the waiting into a slower island's and the link's)")
     p.add_argument("--timeout-s", type=float, default=None,
                    help="rendezvous and collective timeout in seconds (default 120, or "
                         "DILOCO_TIMEOUT_S when set)")
@@ -226,6 +232,10 @@ def parse_flags(argv):
     # inner steps, which count from DiLoCo's start, not from the warm start's.
     if f.audit_rate > 0 and f.warm_start_steps > 0:
         p.error("--audit-rate does not combine with --warm-start-steps")
+    if f.exchange_log and f.mode != "diloco":
+        p.error("--exchange-log logs DiLoCo's exchanges (--mode diloco)")
+    if f.exchange_log and "{island}" not in f.exchange_log:
+        p.error("--exchange-log must hold {island}: every island writes its own file")
     if f.balance_speed and f.mode != "diloco":
         p.error("--balance-speed balances DiLoCo islands (--mode diloco)")
     # An audit replays a round from the step numbers alone, with --batch-size sequences a step.
@@ -506,7 +516,28 @@ def train(f):
         if f.resume:
             resume_from = agree_on_checkpoint(checkpoints, group, rank)
 
+    # --exchange-log: each applied exchange's timing, one JSON line, as the C++ example writes
+    # it; "end_of_run" marks the exchanges of the end-of-run sync (from the last step's on).
+    exchange_log = None
+    if f.exchange_log:
+        path = f.exchange_log.replace("{island}", membership.island if membership else str(rank))
+        exchange_log = open(path, "w")
+    ending = {"now": False}
+
+    def log_exchange(e):
+        exchange_log.write(json.dumps({
+            "outer_step": e.outer_step, "fragment": e.fragment, "inner_step": e.inner_step,
+            "started": round(e.started, 6), "due": round(e.due, 6), "done": round(e.done, 6),
+            "end_of_run": ending["now"]}) + "\n")
+        exchange_log.flush()
+
     def start_diloco():
+        outer = make_diloco()
+        if exchange_log:
+            outer.on_exchange(log_exchange)
+        return outer
+
+    def make_diloco():
         # Elastic runs: built over the membership; a joining island waits here to be admitted,
         # then holds the run's outer state.
         return diloco.DiLoCo(
@@ -711,6 +742,8 @@ def train(f):
             optimizer.step()
         if balancing:
             window["compute"] += time.perf_counter() - compute_start
+        if step == f.steps:
+            ending["now"] = True  # the last outer step, or the fold-in below
         outer_step = outer.step() if outer else False
         if balancing:
             window["steps"] += 1
@@ -806,6 +839,8 @@ def train(f):
         sys.stdout.flush()
     if metrics:
         metrics.close()
+    if exchange_log:
+        exchange_log.close()
     if membership:
         print("island %s: %d membership epoch%s joined; the run ends with %d island%s (%s)"
               % (membership.island, membership.epochs_joined,

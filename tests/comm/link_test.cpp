@@ -311,3 +311,73 @@ TEST_CASE("a group created from options applies their link", "[comm][link][gloo]
     CHECK(seconds[r] >= 0.030);
   }
 }
+
+TEST_CASE("a group whose ranks disagree on emulating a link is refused at the rendezvous",
+          "[comm][link][gloo]") {
+  const int port = diloco_test::free_port();
+  std::vector<std::string> errors(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        diloco::GroupOptions o;
+        o.master_port = port;
+        o.rank = r;
+        o.world_size = 2;
+        o.timeout = std::chrono::milliseconds(5000);
+        if (r == 1) o.link = make_link(100, 10);  // rank 0 emulates none
+        auto g = diloco::Group::create(o);
+        g->barrier("never");
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  INFO("rank 0: " << errors[0] << "\nrank 1: " << errors[1]);
+  CHECK_THAT(errors[1], Contains("link emulation") && Contains("differs between ranks") &&
+                            Contains("rank 1 emulates a link, rank 0 does not"));
+  CHECK_FALSE(errors[0].empty());  // rank 0 learns of the abort and stops too
+}
+
+// A real link carries nothing before the peer sends it: the island that issues first waits for
+// the late island's transfer, not only for its own (on the emulated link it used to be charged
+// from its own issue time and finished a whole transfer early).
+TEST_CASE("an early island waits for the late island's transfer on the emulated link",
+          "[comm][link][gloo]") {
+  const std::int64_t numel = 250'000;  // 1 MB: 0.1 s at 80 Mbit/s
+  const LinkModel l = make_link(80, 10);
+  const double late_s = 0.4;
+  const bool p2p = GENERATE(false, true);
+  const double expect =
+      p2p ? diloco::link_seconds(Collective::kSend, 4 * numel, 2, 0, l)
+          : diloco::link_seconds(Collective::kAllReduce, 4 * numel, 2, 0, l);
+  std::vector<Clock::time_point> issued(2), done(2);
+  diloco_test::run_ranks(2, [&](int rank, std::shared_ptr<diloco::Group> g) {
+    g->set_link(l);
+    at::Tensor t = at::full({numel}, rank == 0 ? 7.0f : 0.0f);
+    // Rank 0 is the late one: the sender of the point-to-point case.
+    if (rank == 0) std::this_thread::sleep_for(std::chrono::duration<double>(late_s));
+    issued[rank] = Clock::now();
+    auto p = !p2p ? g->allreduce_sum_async(t, "late")
+                  : rank == 0 ? g->send_async(t, 1, 5, "late") : g->recv_async(t, 0, 5, "late");
+    p.wait();
+    done[rank] = Clock::now();
+    if (t[numel - 1].item<float>() != 7.0f) throw std::runtime_error("wrong result");
+  });
+  const auto after_late = [&](int r) {
+    return std::chrono::duration<double>(done[r] - issued[0]).count();
+  };
+  for (int r = 0; r < 2; ++r) {
+    INFO((p2p ? "send/recv" : "all-reduce") << ", rank " << r << ": done " << after_late(r)
+                                            << " s after the late rank issued, modelled " << expect
+                                            << " s; issued "
+                                            << std::chrono::duration<double>(issued[0] - issued[r])
+                                                   .count()
+                                            << " s before it");
+    CHECK(after_late(r) >= expect);
+    CHECK(after_late(r) < expect + 1.0);
+  }
+  // The early rank did issue well before the late one.
+  CHECK(std::chrono::duration<double>(issued[0] - issued[1]).count() > late_s / 2);
+}

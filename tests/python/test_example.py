@@ -4,6 +4,7 @@ island in one run); a small text file stands in for the Brown corpus to keep it 
 examples/python/fashion_mnist.py on 2 islands for a few steps: both ranks end with the same
 parameters and BatchNorm buffers (the same hash)."""
 
+import json
 import os
 import re
 import subprocess
@@ -67,6 +68,10 @@ def test_example_refuses_warm_start_flags_it_would_ignore(train_lm_flags):
     assert "not --mode single" in error("--mode", "single", "--warm-start-steps", "5")
     assert "--warm-start needs --warm-start-steps N (N >= 1)" in error("--warm-start",
                                                                         "replicated")
+    assert "--exchange-log must hold {island}: every island writes its own file" in error(
+        "--exchange-log", "x.jsonl")
+    assert "--exchange-log logs DiLoCo's exchanges (--mode diloco)" in error(
+        "--mode", "dp", "--exchange-log", "x.{island}.jsonl")
     assert train_lm.parse_flags(["--warm-start-steps", "5"]).warm_start == "dp"
     assert train_lm.parse_flags(["--warm-start-steps", "5", "--warm-start",
                                  "replicated"]).warm_start == "replicated"
@@ -85,7 +90,7 @@ def test_example_audits_its_islands(corpus):
     assert sum(int(a[3]) for a in audits) == 3 * 2 * 3, out  # 6 rounds of 3 steps replayed
 
 
-def test_python_and_cpp_examples_train_together(corpus):
+def test_python_and_cpp_examples_train_together(corpus, tmp_path):
     launcher = os.environ.get("DILOCO_RUN")
     cpp_example = os.environ.get("DILOCO_TRAIN_LM")
     if cpp_example == "":  # ctest's value when the build has no examples
@@ -97,7 +102,10 @@ def test_python_and_cpp_examples_train_together(corpus):
     # 6, and a final sync at 7, which both examples must agree on (it is a collective). --clip is
     # one of the fields the islands compare: both examples must spell 0.3 the same.
     seven = ["7" if i > 0 and FLAGS[i - 1] == "--steps" else v for i, v in enumerate(FLAGS)]
-    flags = " ".join(["--data", corpus] + seven + ["--eval-every", "6", "--clip", "0.3"])
+    # Both examples log their exchanges (--exchange-log) in one format.
+    log = str(tmp_path / "exchanges.{island}.jsonl")
+    flags = " ".join(["--data", corpus] + seven + ["--eval-every", "6", "--clip", "0.3",
+                                                   "--exchange-log", "'%s'" % log])
     script = ('if [ "$RANK" = 0 ]; then exec %s %s %s; else exec %s %s; fi'
               % (sys.executable, EXAMPLE, flags, cpp_example, flags))
     out = run([launcher, "-n", "2", "--", "bash", "-c", script])
@@ -110,6 +118,20 @@ def test_python_and_cpp_examples_train_together(corpus):
     by_rank = {d[0]: d for d in done}
     # What the Python rank sent, the C++ rank received, and the other way round.
     assert by_rank["0"][1] == by_rank["1"][2] and by_rank["0"][2] == by_rank["1"][1], out
+    # The same exchanges in the same format from both: outer steps 1 and 2 after steps 3 and 6,
+    # then the end-of-run fold-in after step 7; times in order on the steady clock.
+    records = [[json.loads(line) for line in open(log.replace("{island}", str(r)))]
+               for r in range(2)]
+    keys = ["outer_step", "fragment", "inner_step", "started", "due", "done", "end_of_run"]
+    for r in range(2):
+        assert all(list(e) == keys for e in records[r]), records[r]
+        assert [(e["outer_step"], e["fragment"], e["inner_step"], e["end_of_run"])
+                for e in records[r]] == [(1, 0, 3, False), (2, 0, 6, False), (3, 0, 7, True)], \
+            records[r]
+        assert all(e["started"] <= e["due"] <= e["done"] for e in records[r]), records[r]
+    # One machine's steady clock: each exchange completes on both islands after both started it.
+    for a, b in zip(*records):
+        assert min(a["done"], b["done"]) >= max(a["started"], b["started"]), (a, b)
 
 
 def test_fashion_mnist_islands_end_with_the_same_model(tmp_path):

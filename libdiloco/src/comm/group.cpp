@@ -114,31 +114,59 @@ struct PendingCollective::State {
   std::chrono::steady_clock::time_point start;
   LinkEmulator::Slot link;              // the collective completes no earlier than link.done
   c10::intrusive_ptr<c10d::Work> work;  // null when there was nothing to send (one rank)
+  // Link emulation only: the ranks' issue times (steady-clock nanoseconds), exchanged beside
+  // the collective on the backend (not counted): for a recv the sender's, otherwise every
+  // rank's. Null without an emulated link.
+  c10::intrusive_ptr<c10d::Work> stamp_work;
+  std::vector<at::Tensor> stamps;
   bool done = false;
 };
 
-void PendingCollective::wait() {
-  if (!state_ || state_->done) return;
-  State& s = *state_;
-  s.done = true;
-  // Backend: the operation itself; its wait() throws PeerLostError / Error.
-  const std::string what = std::string(collective_name(s.kind)) + " '" + s.label + "'";
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+
+std::int64_t to_stamp(SteadyClock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
+
+SteadyClock::time_point from_stamp(std::int64_t ns) {
+  return SteadyClock::time_point(
+      std::chrono::duration_cast<SteadyClock::duration>(std::chrono::nanoseconds(ns)));
+}
+
+// The tags of the link emulation's issue times beside a send/recv of tag t: t + kStampTag.
+// Callers' tags stay below it; the authenticated backend's own lie above 2^30.
+constexpr int kStampTag = 1 << 29;
+
+// Who waits for a collective, for await_work().
+struct Waiter {
+  std::shared_ptr<Backend> backend;
+  std::shared_ptr<Interrupt> interrupt;  // null: block in the backend
+  bool point_to_point = false;
+  int rank = 0;
+  int world_size = 1;
+};
+
+// Blocks until `work` completes; throws the backend's PeerLostError / Error, or PeerLostError
+// when the interrupt is raised first.
+void await_work(const Waiter& s, const c10::intrusive_ptr<c10d::Work>& work,
+                const std::string& what) {
   const auto given_up = [&] {
     return PeerLostError("[" + what + "] rank " + std::to_string(s.rank) + " of " +
                          std::to_string(s.world_size) + ": given up: " + s.interrupt->reason());
   };
-  if (s.work && s.interrupt &&
-      (s.kind == Collective::kSend || s.kind == Collective::kRecv)) {
+  if (s.interrupt && s.point_to_point) {
     // Gloo completes a send or a recv only inside its wait(): that wait (bounded by the
     // timeout) runs on a thread of its own, which is left to finish by itself if the interrupt
     // is raised first; it owns what it uses.
-    struct Waiter {
+    struct Outcome {
       std::mutex mutex;
       bool finished = false;
       std::exception_ptr error;
     };
-    auto waiter = std::make_shared<Waiter>();
-    std::thread([waiter, backend = s.backend, work = s.work, what] {
+    auto waiter = std::make_shared<Outcome>();
+    std::thread([waiter, backend = s.backend, work, what] {
       std::exception_ptr error;
       try {
         backend->wait(work, what);
@@ -155,24 +183,52 @@ void PendingCollective::wait() {
         std::lock_guard<std::mutex> lock(waiter->mutex);
         if (waiter->finished) {
           if (waiter->error) std::rethrow_exception(waiter->error);
-          break;
+          return;
         }
       }
       if (s.interrupt->raised()) throw given_up();
       std::this_thread::sleep_for(pause);
       pause = std::min(pause * 2, std::chrono::microseconds(1000));
     }
-  } else {
-    if (s.work && s.interrupt) {
-      // Poll, so that a raised interrupt ends the wait (the backend's own wait cannot be).
-      auto pause = std::chrono::microseconds(20);
-      while (!s.work->isCompleted()) {
-        if (s.interrupt->raised()) throw given_up();
-        std::this_thread::sleep_for(pause);
-        pause = std::min(pause * 2, std::chrono::microseconds(1000));
-      }
+  }
+  if (s.interrupt) {
+    // Poll, so that a raised interrupt ends the wait (the backend's own wait cannot be).
+    auto pause = std::chrono::microseconds(20);
+    while (!work->isCompleted()) {
+      if (s.interrupt->raised()) throw given_up();
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::microseconds(1000));
     }
-    if (s.work) s.backend->wait(s.work, what);
+  }
+  s.backend->wait(work, what);
+}
+
+}  // namespace
+
+void PendingCollective::wait() {
+  if (!state_ || state_->done) return;
+  State& s = *state_;
+  s.done = true;
+  // Backend: the operation itself; its wait() throws PeerLostError / Error.
+  const std::string what = std::string(collective_name(s.kind)) + " '" + s.label + "'";
+  const Waiter waiter{s.backend, s.interrupt,
+                      s.kind == Collective::kSend || s.kind == Collective::kRecv, s.rank,
+                      s.world_size};
+  if (s.work) await_work(waiter, s.work, what);
+  if (s.stamp_work) {
+    // The peers' issue times: a real link starts carrying the collective only once the last
+    // rank it waits for has issued it. The backend's operation has completed, so every rank
+    // has issued it by now; clamped to now, a peer on another machine's clock can only lose
+    // its correction, never stretch the wait.
+    await_work(waiter, s.stamp_work, what + " (the link emulation's issue times)");
+    std::int64_t last = s.stamps[0].item<std::int64_t>();
+    if (s.kind == Collective::kBroadcast) {
+      last = s.stamps[s.root].item<std::int64_t>();
+    } else if (s.kind != Collective::kRecv) {
+      for (const auto& t : s.stamps) last = std::max(last, t.item<std::int64_t>());
+    }
+    const auto issued = std::min(from_stamp(last), SteadyClock::now());
+    if (s.kind != Collective::kSend) s.group->impl_->link.settle(s.link, issued);
   }
   // Link emulation: no earlier than the emulated link would have carried it.
   if (s.link.seconds > 0.0) std::this_thread::sleep_until(s.link.done);
@@ -185,7 +241,7 @@ void PendingCollective::wait() {
 
 template <typename Fn>
 PendingCollective Group::issue(Collective c, const std::string& label,
-                               std::uint64_t payload_bytes, int root, Fn&& start) {
+                               std::uint64_t payload_bytes, int root, Peer peer, Fn&& start) {
   PendingCollective p;
   p.state_ = std::make_shared<PendingCollective::State>();
   auto& s = *p.state_;
@@ -209,6 +265,22 @@ PendingCollective Group::issue(Collective c, const std::string& label,
   if (world_size_ > 1) {
     try {
       s.work = start(*s.backend);
+      // Link emulation: this rank's issue time to the ranks whose wait depends on it, right
+      // behind the collective, so both keep the same order on every rank.
+      if (s.link.seconds > 0.0) {
+        const at::Tensor mine = at::full({1}, to_stamp(s.start), at::kLong);
+        if (c == Collective::kSend) {
+          s.stamps = {mine};
+          s.stamp_work = s.backend->send(s.stamps[0], peer.rank, peer.tag + kStampTag);
+        } else if (c == Collective::kRecv) {
+          s.stamps = {at::empty_like(mine)};
+          s.stamp_work = s.backend->recv(s.stamps[0], peer.rank, peer.tag + kStampTag);
+        } else {
+          for (int r = 0; r < world_size_; ++r) s.stamps.push_back(at::empty_like(mine));
+          at::Tensor input = mine;
+          s.stamp_work = s.backend->allgather(s.stamps, input);
+        }
+      }
     } catch (const std::exception& e) {
       s.done = true;
       throw PeerLostError("[" + std::string(collective_name(c)) + " '" + label + "'] rank " +
@@ -226,7 +298,7 @@ void Group::allreduce_sum(at::Tensor& tensor, const std::string& label) {
 
 PendingCollective Group::allreduce_sum_async(at::Tensor tensor, const std::string& label) {
   TORCH_CHECK(tensor.is_contiguous(), "[allreduce '", label, "'] tensor must be contiguous");
-  return issue(Collective::kAllReduce, label, tensor.nbytes(), 0,
+  return issue(Collective::kAllReduce, label, tensor.nbytes(), 0, {},
                [&](Backend& b) { return b.allreduce_sum(tensor); });
 }
 
@@ -236,7 +308,7 @@ void Group::broadcast(at::Tensor& tensor, int root, const std::string& label) {
                       std::to_string(world_size_ - 1) + "], got " + std::to_string(root));
   }
   TORCH_CHECK(tensor.is_contiguous(), "[broadcast '", label, "'] tensor must be contiguous");
-  issue(Collective::kBroadcast, label, tensor.nbytes(), root,
+  issue(Collective::kBroadcast, label, tensor.nbytes(), root, {},
         [&](Backend& b) { return b.broadcast(tensor, root); })
       .wait();
 }
@@ -247,7 +319,7 @@ std::vector<at::Tensor> Group::allgather(const at::Tensor& tensor, const std::st
   outputs.reserve(world_size_);
   for (int r = 0; r < world_size_; ++r) outputs.push_back(at::empty_like(input));
   if (world_size_ == 1) outputs[0].copy_(input);
-  issue(Collective::kAllGather, label, input.nbytes(), 0,
+  issue(Collective::kAllGather, label, input.nbytes(), 0, {},
         [&](Backend& b) { return b.allgather(outputs, input); })
       .wait();
   return outputs;
@@ -261,7 +333,7 @@ PendingCollective Group::allgather_async(const at::Tensor& tensor,
   for (int r = 0; r < world_size_; ++r) outputs.push_back(at::empty_like(tensor));
   if (world_size_ == 1) outputs[0].copy_(tensor);
   at::Tensor input = tensor;
-  return issue(Collective::kAllGather, label, tensor.nbytes(), 0,
+  return issue(Collective::kAllGather, label, tensor.nbytes(), 0, {},
                [&](Backend& b) { return b.allgather(outputs, input); });
 }
 
@@ -284,20 +356,24 @@ std::vector<std::string> Group::allgather_bytes(const std::string& bytes,
 }
 
 void Group::barrier(const std::string& label) {
-  issue(Collective::kBarrier, label, 0, 0, [&](Backend& b) { return b.barrier(); }).wait();
+  issue(Collective::kBarrier, label, 0, 0, {}, [&](Backend& b) { return b.barrier(); }).wait();
 }
 
 PendingCollective Group::send_async(at::Tensor tensor, int dst, int tag, const std::string& label) {
   TORCH_CHECK(tensor.is_contiguous(), "[send '", label, "'] tensor must be contiguous");
   TORCH_CHECK(dst >= 0 && dst < world_size_ && dst != rank_, "[send '", label, "'] bad peer ", dst);
-  return issue(Collective::kSend, label, tensor.nbytes(), 0,
+  TORCH_CHECK(tag >= 0 && tag < kStampTag, "[send '", label, "'] tag must be in [0, 2^29), got ",
+              tag);
+  return issue(Collective::kSend, label, tensor.nbytes(), 0, {dst, tag},
                [&](Backend& b) { return b.send(tensor, dst, tag); });
 }
 
 PendingCollective Group::recv_async(at::Tensor tensor, int src, int tag, const std::string& label) {
   TORCH_CHECK(tensor.is_contiguous(), "[recv '", label, "'] tensor must be contiguous");
   TORCH_CHECK(src >= 0 && src < world_size_ && src != rank_, "[recv '", label, "'] bad peer ", src);
-  return issue(Collective::kRecv, label, tensor.nbytes(), 0,
+  TORCH_CHECK(tag >= 0 && tag < kStampTag, "[recv '", label, "'] tag must be in [0, 2^29), got ",
+              tag);
+  return issue(Collective::kRecv, label, tensor.nbytes(), 0, {src, tag},
                [&](Backend& b) { return b.recv(tensor, src, tag); });
 }
 

@@ -4,6 +4,14 @@
 #include <algorithm>
 
 namespace diloco {
+namespace {
+
+LinkEmulator::Clock::duration to_duration(double seconds) {
+  return std::chrono::duration_cast<LinkEmulator::Clock::duration>(
+      std::chrono::duration<double>(seconds));
+}
+
+}  // namespace
 
 void LinkEmulator::set(const LinkModel& link) {
   link.validate();
@@ -16,21 +24,29 @@ LinkEmulator::Slot LinkEmulator::reserve(Collective c, std::uint64_t payload_byt
   if (world_size <= 1 || !link_.enabled()) return slot;
   // The collective starts on the link once the directions it uses have finished transmitting
   // what was issued before it; its latency overlaps with the next one's transmission.
-  const auto to_duration = [](double seconds) {
-    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
-  };
-  const bool up = c != Collective::kRecv;
-  const bool down = c != Collective::kSend;
-  auto on_link = issued;
-  if (up) on_link = std::max(on_link, uplink_free_);
-  if (down) on_link = std::max(on_link, downlink_free_);
-  const auto transmitted =
-      on_link + to_duration(link_transmission_seconds(c, payload_bytes, world_size, root, link_));
-  if (up) uplink_free_ = transmitted;
-  if (down) downlink_free_ = transmitted;
+  std::lock_guard<std::mutex> lock(mutex_);
+  slot.up = c != Collective::kRecv;
+  slot.down = c != Collective::kSend;
+  slot.on_link = issued;
+  if (slot.up) slot.on_link = std::max(slot.on_link, uplink_free_);
+  if (slot.down) slot.on_link = std::max(slot.on_link, downlink_free_);
+  slot.transmission = link_transmission_seconds(c, payload_bytes, world_size, root, link_);
+  const auto transmitted = slot.on_link + to_duration(slot.transmission);
+  if (slot.up) uplink_free_ = transmitted;
+  if (slot.down) downlink_free_ = transmitted;
   slot.seconds = link_seconds(c, payload_bytes, world_size, root, link_);
-  slot.done = on_link + to_duration(slot.seconds);
+  slot.done = slot.on_link + to_duration(slot.seconds);
   return slot;
+}
+
+void LinkEmulator::settle(Slot& slot, Clock::time_point peers_issued) {
+  if (slot.seconds <= 0.0 || peers_issued <= slot.on_link) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  slot.done += peers_issued - slot.on_link;
+  slot.on_link = peers_issued;
+  const auto transmitted = slot.on_link + to_duration(slot.transmission);
+  if (slot.up) uplink_free_ = std::max(uplink_free_, transmitted);
+  if (slot.down) downlink_free_ = std::max(downlink_free_, transmitted);
 }
 
 }  // namespace diloco

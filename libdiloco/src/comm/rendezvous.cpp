@@ -287,6 +287,9 @@ void rendezvous(const GroupOptions& options, const std::optional<RunKey>& key,
         }
         store_set(s, kChallengeKey, challenge);
       }
+      // Before world_size too: the link emulation exchanges issue times beside each collective,
+      // so every rank emulates a link or none does.
+      store_set(s, "link_emulated", options.link.enabled() ? "1" : "0");
       store_set(s, "world_size", mine);
     }
     // The first call that needs an answer from the store, under the phase that says so.
@@ -319,6 +322,15 @@ void rendezvous(const GroupOptions& options, const std::optional<RunKey>& key,
       abort_rendezvous(s, who, "world_size (WORLD_SIZE) differs between ranks: rank " +
                                    std::to_string(options.rank) + " has " + mine +
                                    ", rank 0 has " + rank0, true);
+    }
+    const bool emulated = store_string(s, "link_emulated") == "1";
+    if (emulated != options.link.enabled()) {
+      abort_rendezvous(s, who, std::string("link emulation (GroupOptions::link, DILOCO_LINK_MBPS / "
+                                           "DILOCO_LINK_LATENCY_MS) differs between ranks: rank ") +
+                                   std::to_string(options.rank) +
+                                   (options.link.enabled() ? " emulates a link, rank 0 does not"
+                                                           : " does not emulate a link, rank 0 does") +
+                                   "; every rank emulates one (of any rate) or none does", true);
     }
     s.add("arrived", 1);
     progress.enter("waiting for the other ranks to arrive");

@@ -18,12 +18,18 @@
 //
 // Link emulation: with GroupOptions::link set (or DILOCO_LINK_MBPS / DILOCO_LINK_LATENCY_MS),
 // every collective and send/recv takes at least the time comm_stats.h's link model gives it on
-// a link of that rate and latency, counted from when it is issued: the wait for the backend's
-// operation and the emulated delay overlap, and an asynchronous collective's delay runs while
-// the caller computes, ending in wait(). Collectives in flight together share the link: each
-// island's outgoing (and incoming) direction transmits one collective after another, in issue
-// order. No root rights and no traffic shaping are involved; the bytes still cross the real
-// network at its own speed (benchmarks/netns_link.sh shapes a real link instead).
+// a link of that rate and latency, counted from when the last rank it waits for issued it (a
+// recv: the sender's send; a broadcast: the root's; a send: this rank's own issue), since a real
+// link carries nothing a peer has not sent: the ranks' issue times on the steady clock travel
+// beside each collective on the backend (not counted in the statistics), so every rank of a
+// group must emulate a link or none (Group::create checks; the rates may differ), and the
+// correction assumes the ranks share one machine's clock (a peer's later time is clamped to the
+// backend's completion). The wait for the backend's operation and the emulated delay overlap,
+// and an asynchronous collective's delay runs while the caller computes, ending in wait().
+// Collectives in flight together share the link: each island's outgoing (and incoming) direction
+// transmits one collective after another, in issue order. No root rights and no traffic shaping
+// are involved; the bytes still cross the real network at its own speed
+// (benchmarks/netns_link.sh shapes a real link instead). Send and recv tags are in [0, 2^29).
 //
 // It is not an intra-island group (that one is per-step and uncompressed) and it does not
 // compress anything: compression is layered above it.
@@ -198,9 +204,13 @@ class Group {
 
  private:
   struct Impl;  // the backend and the two layers over it
+  struct Peer {  // a send's or recv's
+    int rank = -1;
+    int tag = 0;
+  };
   template <typename Fn>
   PendingCollective issue(Collective c, const std::string& label, std::uint64_t payload_bytes,
-                          int root, Fn&& start);
+                          int root, Peer peer, Fn&& start);
   friend class PendingCollective;
 
   std::unique_ptr<Impl> impl_;
