@@ -404,6 +404,11 @@ def link_record(lr, steps, islands, args):
             # (and the exchange's own work), not a slower island (exchange_log.py).
             "waiting_for_link_pct_per_island": link_waiting,
             "waiting_for_link_pct_max": max(link_waiting) if link_waiting else None,
+            # The slowest island's (the one that waited least): what the link costs the run's
+            # pace. A faster island's total waiting is set by the speed difference (both finish
+            # together); its link share is only where in that waiting the transfer fell.
+            "waiting_for_link_pct_of_slowest": (link_waiting[waiting.index(min(waiting))]
+                                                if link_waiting and waiting else None),
             "end_of_run_sync_s": lr["end_of_run_sync_s"],
             "train_s": lr["train_s"], "steps": steps, "islands": islands,
             "latency_ms": args.latency_ms}
@@ -475,10 +480,13 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
                   "so the slowest island's utilization is what the link costs the run. Of each "
                   "island's waiting, what came after every island had started the exchange is "
                   "the link's (and the exchange's own work); the rest was for a slower island "
-                  "(train_lm --exchange-log, benchmarks/exchange_log.py).", "",
+                  "(train_lm --exchange-log, benchmarks/exchange_log.py). A faster island's "
+                  "whole waiting is set by the speed difference (the islands finish together); "
+                  "its link share says only where in that waiting the transfer fell, so the "
+                  "slowest island's is what the link costs the run.", "",
                   "| run | link | utilization, mean | per island | compute s per island | slowest "
-                  "island's | waiting for exchanges, most | of it for the link, most | end-of-run "
-                  "sync | mean batch per island |",
+                  "island's | waiting for exchanges, most | of it for the link, per island "
+                  "(slowest island's) | end-of-run sync | mean batch per island |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in linked:
             for m in links:
@@ -488,8 +496,11 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
                 per = " / ".join(f"{u:.3f}" for u in k["utilization_per_island"])
                 compute = " / ".join(f"{c:.1f}" for c in k["compute_s_per_island"])
                 wait = "—" if k["waiting_pct_max"] is None else f"{k['waiting_pct_max']:.2f}%"
-                link_wait = k.get("waiting_for_link_pct_max")
-                link_wait = "—" if link_wait is None else f"{link_wait:.2f}%"
+                link_wait = k.get("waiting_for_link_pct_per_island")
+                link_slow = k.get("waiting_for_link_pct_of_slowest")
+                link_wait = ("—" if not link_wait else
+                             " / ".join(f"{w:.2f}" for w in link_wait) + "%" +
+                             ("" if link_slow is None else f" ({link_slow:.2f}%)"))
                 end = "—" if k["end_of_run_sync_s"] is None else f"{k['end_of_run_sync_s']:.2f} s"
                 slow = "—" if k["utilization_of_slowest"] is None else f"{k['utilization_of_slowest']:.3f}"
                 batch = " / ".join(f"{b:.1f}" for b in k.get("batch_mean_per_island") or []) or "—"

@@ -376,3 +376,25 @@ TEST_CASE("Elastic DiLoCo with a run key: the store's values and the groups' pay
   CHECK(raw->get("diloco-elastic/e/0/members").size() == std::string("0.0 1.0").size() + 32);
   CHECK(raw->get("diloco-elastic/auth/run").size() == 32 + 32);
 }
+
+TEST_CASE("Elastic: an island that disagrees with the run on emulating a link is refused, naming "
+          "the options", "[elastic]") {
+  const int port = diloco_test::free_port();
+  auto server = diloco::compat::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(port),
+                                               /*is_server=*/true, 20000ms);
+  auto raw = diloco::compat::make_tcp_store("127.0.0.1", static_cast<std::uint16_t>(port),
+                                            /*is_server=*/false, 20000ms);
+  // The run's first island emulated a link; this one does not.
+  raw->set("diloco-elastic/link_emulated", std::vector<std::uint8_t>{'1'});
+  CHECK_THROWS_AS(diloco::Membership::join(diloco_test::fast_elastic_options(port, 1, 2)),
+                  diloco::OptionError);
+  CHECK_THROWS_WITH(diloco::Membership::join(diloco_test::fast_elastic_options(port, 1, 2)),
+                    Contains("link emulation (ElasticOptions::link, DILOCO_LINK_MBPS") &&
+                        Contains("this island does not emulate a link and the run's islands do"));
+  // The other way round.
+  raw->set("diloco-elastic/link_emulated", std::vector<std::uint8_t>{'0'});
+  auto with_link = diloco_test::fast_elastic_options(port, 1, 2);
+  with_link.link.mbit_per_s = 100;
+  CHECK_THROWS_WITH(diloco::Membership::join(with_link),
+                    Contains("this island emulates a link and the run's islands do not"));
+}

@@ -61,11 +61,13 @@ printed = float(sys.argv[2])
 # 15 windows of 20 steps: 14 exchanges in training, the last one in the end-of-run sync.
 assert rank0["exchanges"] == rank1["exchanges"] == 14, (rank0, rank1)
 # The log's waiting is train_lm's (which also counts the short waits on state comparisons).
-assert abs(rank0["waited_s"] - printed) <= 0.1 * printed + 0.02, (rank0, printed)
+# The margins are absolute as well as relative: on a fast host rank 0 waits only about 0.5 s in
+# all, while a host's jitter is tens of milliseconds whatever the speed.
+assert abs(rank0["waited_s"] - printed) <= 0.1 * printed + 0.05, (rank0, printed)
 assert rank0["island_s"] > 0.8 * rank0["waited_s"], rank0
 assert rank0["link_s"] < 0.2 * rank0["waited_s"], rank0
 # Rank 1 is the slower: it hardly waits for rank 0.
-assert rank1["island_s"] < 0.1 * rank0["island_s"], (rank0, rank1)
+assert rank1["island_s"] < 0.1 * rank0["island_s"] + 0.05, (rank0, rank1)
 print("exchange log: rank 0 waited %.2f s, %.2f s of it for rank 1, %.3f s for the link"
       % (rank0["waited_s"], rank0["island_s"], rank0["link_s"]))
 PY

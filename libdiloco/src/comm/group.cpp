@@ -114,9 +114,9 @@ struct PendingCollective::State {
   std::chrono::steady_clock::time_point start;
   LinkEmulator::Slot link;              // the collective completes no earlier than link.done
   c10::intrusive_ptr<c10d::Work> work;  // null when there was nothing to send (one rank)
-  // Link emulation only: the ranks' issue times (steady-clock nanoseconds), exchanged beside
-  // the collective on the backend (not counted): for a recv the sender's, otherwise every
-  // rank's. Null without an emulated link.
+  // Link emulation only: issue times (steady-clock nanoseconds) exchanged beside the collective
+  // on the backend, not counted: a send carries this rank's to the receiver, a recv gets the
+  // sender's, a collective all-gathers every rank's. Null without an emulated link.
   c10::intrusive_ptr<c10d::Work> stamp_work;
   std::vector<at::Tensor> stamps;
   bool done = false;

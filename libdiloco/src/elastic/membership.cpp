@@ -722,6 +722,19 @@ std::shared_ptr<Membership> Membership::join(const ElasticOptions& options) {
   }
   m.check_run_key();
   m.calls = m.open_store();
+  // The link emulation exchanges the ranks' issue times beside each collective (comm/group.h):
+  // every island of the run emulates a link (of any rate) or none does. The first island to
+  // arrive sets it for the run.
+  const std::vector<std::uint8_t> emulated = {options.link.enabled() ? std::uint8_t('1')
+                                                                      : std::uint8_t('0')};
+  if (m.calls->compareSet("link_emulated", {}, emulated) != emulated) {
+    throw OptionError("[elastic] slot " + std::to_string(options.slot) + ": link emulation "
+                      "(ElasticOptions::link, DILOCO_LINK_MBPS / DILOCO_LINK_LATENCY_MS) differs "
+                      "from the run's at " + where + ": this island " +
+                      (options.link.enabled() ? "emulates a link and the run's islands do not"
+                                              : "does not emulate a link and the run's islands do") +
+                      "; every island emulates one (of any rate) or none does");
+  }
   m.beats = m.open_store();
   m.uploads = m.open_store();
   const std::string slot = std::to_string(options.slot);

@@ -85,7 +85,7 @@ struct ElasticOptions {
   std::chrono::milliseconds timeout{60000};
   std::chrono::milliseconds rendezvous_timeout{600000};
   std::string hostname = "";  // interface Gloo binds to; "" = the route towards store_addr
-  LinkModel link;             // emulated wide-area link (comm/group.h)
+  LinkModel link;             // emulated wide-area link (comm/group.h): on every island or none
   // The run key (comm/auth.h): at most one of the key's bytes (>= 16) and a file holding them.
   // With one, only islands holding the same key take part: see "Run keys" below.
   std::string run_key = "";       // DILOCO_RUN_KEY
