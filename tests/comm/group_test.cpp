@@ -103,29 +103,13 @@ TEST_CASE("a rendezvous whose peers never come fails within the timeout", "[comm
 }
 
 TEST_CASE("a TCPStore group of real ranks connects and all-reduces", "[comm][gloo]") {
-  const int port = diloco_test::free_port();
   const int world = 3;
   std::vector<float> results(world);
-  std::vector<std::thread> threads;
-  std::vector<std::string> errors(world);
-  for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        diloco::GroupOptions o;
-        o.master_port = port;
-        o.rank = r;
-        o.world_size = world;
-        o.timeout = std::chrono::milliseconds(10000);
-        auto g = diloco::Group::create(o);
-        at::Tensor t = at::ones({5});
-        g->allreduce_sum(t, "x");
-        results[r] = t[4].item<float>();
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+  const auto errors = diloco_test::create_ranks_collect(world, {}, [&](int r, diloco::Group& g) {
+    at::Tensor t = at::ones({5});
+    g.allreduce_sum(t, "x");
+    results[r] = t[4].item<float>();
+  });
   for (int r = 0; r < world; ++r) {
     INFO(errors[r]);
     CHECK(errors[r].empty());
@@ -153,24 +137,10 @@ TEST_CASE("a peer that leaves makes the others' next collective raise PeerLostEr
 }
 
 TEST_CASE("a rank started with another world size is told so, naming both", "[comm][gloo]") {
-  const int port = diloco_test::free_port();
-  std::vector<std::string> errors(2);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        diloco::GroupOptions o;
-        o.master_port = port;
-        o.rank = r;
-        o.world_size = r == 0 ? 2 : 3;  // rank 1 believes in three ranks
-        o.timeout = std::chrono::milliseconds(3000);
-        diloco::Group::create(o);
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+  const auto errors = diloco_test::create_ranks_collect(2, [](int r, diloco::GroupOptions& o) {
+    o.world_size = r == 0 ? 2 : 3;  // rank 1 believes in three ranks
+    o.timeout = std::chrono::milliseconds(3000);
+  });
   CHECK_THAT(errors[1], Contains("WORLD_SIZE") && Contains("rank 1 has 3") && Contains("rank 0 has 2"));
   CHECK_FALSE(errors[0].empty());  // rank 0's peer never connects: it fails within its timeout
 }
@@ -183,28 +153,18 @@ TEST_CASE("ranks join a store that is already served (torchrun's agent)", "[comm
   so.isServer = true;
   so.waitWorkers = false;
   auto agent = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", so);
-  std::vector<std::string> errors(2);
   std::vector<float> results(2);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        diloco::GroupOptions o;
+  const auto errors = diloco_test::create_ranks_collect(
+      2,
+      [&](int, diloco::GroupOptions& o) {
         o.master_port = port;
-        o.rank = r;
-        o.world_size = 2;
         o.join_existing_store = true;
-        o.timeout = std::chrono::milliseconds(10000);
-        auto g = diloco::Group::create(o);
+      },
+      [&](int r, diloco::Group& g) {
         at::Tensor t = at::ones({3});
-        g->allreduce_sum(t, "x");
+        g.allreduce_sum(t, "x");
         results[r] = t[0].item<float>();
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+      });
   for (int r = 0; r < 2; ++r) {
     INFO(errors[r]);
     CHECK(errors[r].empty());

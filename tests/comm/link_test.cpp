@@ -280,31 +280,16 @@ TEST_CASE("a zero link is unlimited and a latency-only link charges latency per 
 }
 
 TEST_CASE("a group created from options applies their link", "[comm][link][gloo]") {
-  const int port = diloco_test::free_port();
   const LinkModel l = make_link(0, 30);
   std::vector<double> seconds(2);
-  std::vector<std::string> errors(2);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        diloco::GroupOptions o;
-        o.master_port = port;
-        o.rank = r;
-        o.world_size = 2;
-        o.timeout = std::chrono::milliseconds(10000);
-        o.link = l;
-        auto g = diloco::Group::create(o);
-        if (g->link().latency_ms != 30.0) throw std::runtime_error("link not applied");
+  const auto errors = diloco_test::create_ranks_collect(
+      2, [&](int, diloco::GroupOptions& o) { o.link = l; },
+      [&](int r, diloco::Group& g) {
+        if (g.link().latency_ms != 30.0) throw std::runtime_error("link not applied");
         const auto start = Clock::now();
-        g->barrier("b");
+        g.barrier("b");
         seconds[r] = since(start);
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+      });
   for (int r = 0; r < 2; ++r) {
     INFO(errors[r]);
     CHECK(errors[r].empty());
@@ -314,26 +299,13 @@ TEST_CASE("a group created from options applies their link", "[comm][link][gloo]
 
 TEST_CASE("a group whose ranks disagree on emulating a link is refused at the rendezvous",
           "[comm][link][gloo]") {
-  const int port = diloco_test::free_port();
-  std::vector<std::string> errors(2);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        diloco::GroupOptions o;
-        o.master_port = port;
-        o.rank = r;
-        o.world_size = 2;
+  const auto errors = diloco_test::create_ranks_collect(
+      2,
+      [](int r, diloco::GroupOptions& o) {
         o.timeout = std::chrono::milliseconds(5000);
         if (r == 1) o.link = make_link(100, 10);  // rank 0 emulates none
-        auto g = diloco::Group::create(o);
-        g->barrier("never");
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
+      },
+      [](int, diloco::Group& g) { g.barrier("never"); });
   INFO("rank 0: " << errors[0] << "\nrank 1: " << errors[1]);
   CHECK_THAT(errors[1], Contains("link emulation") && Contains("differs between ranks") &&
                             Contains("rank 1 emulates a link, rank 0 does not"));

@@ -55,6 +55,31 @@ void seed_parameters(const std::vector<at::Tensor>& params, std::uint64_t seed) 
 
 int free_port() { return diloco::net::free_local_port(); }
 
+std::vector<std::string> create_ranks_collect(int world_size, const ConfigureFn& configure,
+                                              const CreatedFn& fn) {
+  const int port = free_port();
+  std::vector<std::string> errors(static_cast<std::size_t>(world_size));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world_size; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        diloco::GroupOptions o;
+        o.master_port = port;
+        o.rank = r;
+        o.world_size = world_size;
+        o.timeout = std::chrono::milliseconds(10000);
+        if (configure) configure(r, o);
+        auto g = diloco::Group::create(o);
+        if (fn) fn(r, *g);
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(r)] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
 Listener::Listener() : fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
   sockaddr_in addr{};
   addr.sin_family = AF_INET;

@@ -29,6 +29,14 @@ std::vector<std::string> run_ranks_collect(int world_size, const RankFn& fn,
 void run_ranks(int world_size, const RankFn& fn,
                std::chrono::milliseconds timeout = std::chrono::milliseconds(20000));
 
+// Group::create on world_size threads, against a rendezvous on a free port of 127.0.0.1: each
+// rank's options (the port, its rank, world_size and a 10 s timeout) go through `configure`
+// first, then `fn` runs on its group. Each thread's exception text (or "") is returned by rank.
+using ConfigureFn = std::function<void(int rank, diloco::GroupOptions& options)>;
+using CreatedFn = std::function<void(int rank, diloco::Group& group)>;
+std::vector<std::string> create_ranks_collect(int world_size, const ConfigureFn& configure,
+                                              const CreatedFn& fn = {});
+
 // Fills `params` from a generator of its own, seeded with `seed`: the same values in every thread
 // whatever the others do (the global torch generator is shared by the threads of a test).
 void seed_parameters(const std::vector<at::Tensor>& params, std::uint64_t seed);
