@@ -314,34 +314,43 @@ TEST_CASE("a group whose ranks disagree on emulating a link is refused at the re
 
 // A real link carries nothing before the peer sends it: the island that issues first waits for
 // the late island's transfer, not only for its own (on the emulated link it used to be charged
-// from its own issue time and finished a whole transfer early).
+// from its own issue time and finished a whole transfer early). With several collectives in
+// flight, each waits for the late island's queue too: the last ends (n-1) transmissions and one
+// collective after the late island issued the first.
 TEST_CASE("an early island waits for the late island's transfer on the emulated link",
           "[comm][link][gloo]") {
   const std::int64_t numel = 250'000;  // 1 MB: 0.1 s at 80 Mbit/s
   const LinkModel l = make_link(80, 10);
   const double late_s = 0.4;
   const bool p2p = GENERATE(false, true);
-  const double expect =
-      p2p ? diloco::link_seconds(Collective::kSend, 4 * numel, 2, 0, l)
-          : diloco::link_seconds(Collective::kAllReduce, 4 * numel, 2, 0, l);
+  const int in_flight = p2p ? 1 : GENERATE(1, 3);
+  const Collective c = p2p ? Collective::kSend : Collective::kAllReduce;
+  const double expect = (in_flight - 1) * diloco::link_transmission_seconds(c, 4 * numel, 2, 0, l) +
+                        diloco::link_seconds(c, 4 * numel, 2, 0, l);
   std::vector<Clock::time_point> issued(2), done(2);
   diloco_test::run_ranks(2, [&](int rank, std::shared_ptr<diloco::Group> g) {
     g->set_link(l);
-    at::Tensor t = at::full({numel}, rank == 0 ? 7.0f : 0.0f);
+    std::vector<at::Tensor> tensors;
+    for (int i = 0; i < in_flight; ++i) tensors.push_back(at::full({numel}, rank == 0 ? 7.0f : 0.0f));
     // Rank 0 is the late one: the sender of the point-to-point case.
     if (rank == 0) std::this_thread::sleep_for(std::chrono::duration<double>(late_s));
     issued[rank] = Clock::now();
-    auto p = !p2p ? g->allreduce_sum_async(t, "late")
-                  : rank == 0 ? g->send_async(t, 1, 5, "late") : g->recv_async(t, 0, 5, "late");
-    p.wait();
+    std::vector<diloco::PendingCollective> pending;
+    for (auto& t : tensors) {
+      pending.push_back(!p2p       ? g->allreduce_sum_async(t, "late")
+                        : rank == 0 ? g->send_async(t, 1, 5, "late")
+                                    : g->recv_async(t, 0, 5, "late"));
+    }
+    for (auto& p : pending) p.wait();
     done[rank] = Clock::now();
-    if (t[numel - 1].item<float>() != 7.0f) throw std::runtime_error("wrong result");
+    if (tensors.back()[numel - 1].item<float>() != 7.0f) throw std::runtime_error("wrong result");
   });
   const auto after_late = [&](int r) {
     return std::chrono::duration<double>(done[r] - issued[0]).count();
   };
   for (int r = 0; r < 2; ++r) {
-    INFO((p2p ? "send/recv" : "all-reduce") << ", rank " << r << ": done " << after_late(r)
+    INFO((p2p ? "send/recv" : "all-reduce") << " x" << in_flight << ", rank " << r << ": done "
+                                            << after_late(r)
                                             << " s after the late rank issued, modelled " << expect
                                             << " s; issued "
                                             << std::chrono::duration<double>(issued[0] - issued[r])

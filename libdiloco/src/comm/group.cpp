@@ -114,9 +114,10 @@ struct PendingCollective::State {
   std::chrono::steady_clock::time_point start;
   LinkEmulator::Slot link;              // the collective completes no earlier than link.done
   c10::intrusive_ptr<c10d::Work> work;  // null when there was nothing to send (one rank)
-  // Link emulation only: issue times (steady-clock nanoseconds) exchanged beside the collective
-  // on the backend, not counted: a send carries this rank's to the receiver, a recv gets the
-  // sender's, a collective all-gathers every rank's. Null without an emulated link.
+  // Link emulation only: when each rank issued the collective (steady-clock nanoseconds) and how
+  // long its own link queue held it after that, exchanged beside the collective on the backend,
+  // not counted: a send carries this rank's to the receiver, a recv gets the sender's, a
+  // collective all-gathers every rank's. Null without an emulated link.
   c10::intrusive_ptr<c10d::Work> stamp_work;
   std::vector<at::Tensor> stamps;
   bool done = false;
@@ -216,19 +217,31 @@ void PendingCollective::wait() {
                       s.world_size};
   if (s.work) await_work(waiter, s.work, what);
   if (s.stamp_work) {
-    // The peers' issue times: a real link starts carrying the collective only once the last
-    // rank it waits for has issued it. The backend's operation has completed, so every rank
-    // has issued it by now; clamped to now, a peer on another machine's clock can only lose
-    // its correction, never stretch the wait.
+    // A real link starts carrying the collective only once the last rank it waits for has put it
+    // on its own link: that rank's issue time plus what its queue held it. Every rank has issued
+    // it by now (the backend's operation completed), so on the one machine's clock that link
+    // emulation assumes no peer's issue time is later than now; one that is cannot be on this
+    // clock, and the collective keeps this rank's own reckoning.
     await_work(waiter, s.stamp_work, what + " (the link emulation's issue times)");
-    std::int64_t last = s.stamps[0].item<std::int64_t>();
+    const auto now = SteadyClock::now();
+    std::vector<int> peers;  // whose link start this rank's completion depends on
     if (s.kind == Collective::kBroadcast) {
-      last = s.stamps[s.root].item<std::int64_t>();
-    } else if (s.kind != Collective::kRecv) {
-      for (const auto& t : s.stamps) last = std::max(last, t.item<std::int64_t>());
+      peers = {s.root};
+    } else if (s.kind == Collective::kRecv) {
+      peers = {0};  // the sender's, the only one received
+    } else if (s.kind != Collective::kSend) {
+      for (int r = 0; r < static_cast<int>(s.stamps.size()); ++r) peers.push_back(r);
     }
-    const auto issued = std::min(from_stamp(last), SteadyClock::now());
-    if (s.kind != Collective::kSend) s.group->impl_->link.settle(s.link, issued);
+    bool same_clock = true;
+    auto link_start = s.link.on_link;
+    for (int r : peers) {
+      const auto* v = s.stamps[static_cast<std::size_t>(r)].data_ptr<std::int64_t>();
+      const auto issued = from_stamp(v[0]);
+      if (issued > now) same_clock = false;
+      link_start = std::max(link_start, issued + std::chrono::duration_cast<SteadyClock::duration>(
+                                                     std::chrono::nanoseconds(v[1])));
+    }
+    if (same_clock) s.group->impl_->link.settle(s.link, link_start);
   }
   // Link emulation: no earlier than the emulated link would have carried it.
   if (s.link.seconds > 0.0) std::this_thread::sleep_until(s.link.done);
@@ -265,10 +278,16 @@ PendingCollective Group::issue(Collective c, const std::string& label,
   if (world_size_ > 1) {
     try {
       s.work = start(*s.backend);
-      // Link emulation: this rank's issue time to the ranks whose wait depends on it, right
-      // behind the collective, so both keep the same order on every rank.
-      if (s.link.seconds > 0.0) {
-        const at::Tensor mine = at::full({1}, to_stamp(s.start), at::kLong);
+      // Link emulation: this rank's issue time and queueing to the ranks whose wait depends on
+      // it, right behind the collective, so both keep the same order on every rank. Every rank
+      // of the group emulates a link (checked when it forms), whatever its rate, so every rank
+      // issues this, even for a collective its own link charges nothing.
+      if (impl_->link.model().enabled()) {
+        const at::Tensor mine = at::tensor(
+            {to_stamp(s.start),
+             std::chrono::duration_cast<std::chrono::nanoseconds>(s.link.on_link - s.start)
+                 .count()},
+            at::kLong);
         if (c == Collective::kSend) {
           s.stamps = {mine};
           s.stamp_work = s.backend->send(s.stamps[0], peer.rank, peer.tag + kStampTag);

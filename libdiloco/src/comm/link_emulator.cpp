@@ -39,11 +39,11 @@ LinkEmulator::Slot LinkEmulator::reserve(Collective c, std::uint64_t payload_byt
   return slot;
 }
 
-void LinkEmulator::settle(Slot& slot, Clock::time_point peers_issued) {
-  if (slot.seconds <= 0.0 || peers_issued <= slot.on_link) return;
+void LinkEmulator::settle(Slot& slot, Clock::time_point link_start) {
+  if (slot.seconds <= 0.0 || link_start <= slot.on_link) return;
   std::lock_guard<std::mutex> lock(mutex_);
-  slot.done += peers_issued - slot.on_link;
-  slot.on_link = peers_issued;
+  slot.done += link_start - slot.on_link;
+  slot.on_link = link_start;
   const auto transmitted = slot.on_link + to_duration(slot.transmission);
   if (slot.up) uplink_free_ = std::max(uplink_free_, transmitted);
   if (slot.down) downlink_free_ = std::max(downlink_free_, transmitted);

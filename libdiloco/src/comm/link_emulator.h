@@ -3,9 +3,9 @@
 //
 // Each island's outgoing and incoming directions transmit one collective after another, in issue
 // order; a collective's latency overlaps with the next one's transmission. A collective starts on
-// the link no earlier than the last rank it needs has issued it (settle()): a real link carries
-// nothing before the peer sends it, so an island that issues early waits for the late one's
-// transfer, not only for its own. The emulator only computes deadlines: Group sleeps until them
+// the link no earlier than the last rank it needs has put it on its own link (settle()): a real
+// link carries nothing before the peer sends it, so an island that issues early waits for the
+// late one's transfer, not only for its own. The emulator only computes deadlines: Group sleeps until them
 // after the backend's operation completes. It knows nothing of the backend, so its state survives
 // a change of backend.
 #pragma once
@@ -38,10 +38,11 @@ class LinkEmulator {
   // Books the link for a collective issued at `issued` over `world_size` ranks.
   Slot reserve(Collective c, std::uint64_t payload_bytes, int world_size, int root,
                Clock::time_point issued);
-  // Once the peers' issue times are known: the collective starts on the link no earlier than
-  // `peers_issued` (the last issue among the ranks it waits for). Moves the slot, and the
-  // directions' queues behind it, later if so; never earlier.
-  void settle(Slot& slot, Clock::time_point peers_issued);
+  // Once the peers' link starts are known: the collective starts on the link no earlier than
+  // `link_start` (when the last rank it waits for put it on its own link: its issue time plus
+  // its queue's hold). Moves the slot, and this island's directions behind it, later if so;
+  // never earlier.
+  void settle(Slot& slot, Clock::time_point link_start);
 
  private:
   LinkModel link_;

@@ -18,13 +18,14 @@
 //
 // Link emulation: with GroupOptions::link set (or DILOCO_LINK_MBPS / DILOCO_LINK_LATENCY_MS),
 // every collective and send/recv takes at least the time comm_stats.h's link model gives it on
-// a link of that rate and latency, counted from when the last rank it waits for issued it (a
-// recv: the sender's send; a broadcast: the root's; a send: this rank's own issue), since a real
-// link carries nothing a peer has not sent: the ranks' issue times on the steady clock travel
-// beside each collective on the backend (not counted in the statistics), so every rank of a
-// group must emulate a link or none (Group::create checks; the rates may differ), and the
-// correction assumes the ranks share one machine's clock (a peer's later time is clamped to the
-// backend's completion). The wait for the backend's operation and the emulated delay overlap,
+// a link of that rate and latency, counted from when the last rank it waits for put it on its
+// own link (a recv: the sender's send; a broadcast: the root's; a send: this rank's own), since a
+// real link carries nothing a peer has not sent: each rank's issue time on the steady clock and
+// its queue's hold travel beside each collective on the backend (not counted in the
+// statistics), so every rank of a group must emulate a link or none (Group::create and elastic
+// join check; the rates may differ), and the ranks must share one machine's clock (a peer's
+// issue time later than this rank's wait is impossible there, and such a collective keeps this
+// rank's own reckoning). The wait for the backend's operation and the emulated delay overlap,
 // and an asynchronous collective's delay runs while the caller computes, ending in wait().
 // Collectives in flight together share the link: each island's outgoing (and incoming) direction
 // transmits one collective after another, in issue order. No root rights and no traffic shaping
