@@ -442,11 +442,14 @@ void add_flags(CLI::App& app, Flags& f) {
   });
 }
 
-// `path` with "{island}" (if it holds it) replaced by the island's name: how --metrics and
-// --exchange-log give every island a file of its own.
+// `path` with every "{island}" replaced by the island's name: how --metrics and --exchange-log
+// give every island a file of its own (as the Python example does).
 std::string with_island(std::string path, const std::string& island) {
-  const auto at = path.find("{island}");
-  if (at != std::string::npos) path.replace(at, 8, island);
+  const std::string placeholder = "{island}";
+  for (auto at = path.find(placeholder); at != std::string::npos;
+       at = path.find(placeholder, at + island.size())) {
+    path.replace(at, placeholder.size(), island);
+  }
   return path;
 }
 

@@ -102,8 +102,8 @@ def test_python_and_cpp_examples_train_together(corpus, tmp_path):
     # 6, and a final sync at 7, which both examples must agree on (it is a collective). --clip is
     # one of the fields the islands compare: both examples must spell 0.3 the same.
     seven = ["7" if i > 0 and FLAGS[i - 1] == "--steps" else v for i, v in enumerate(FLAGS)]
-    # Both examples log their exchanges (--exchange-log) in one format.
-    log = str(tmp_path / "exchanges.{island}.jsonl")
+    # Both examples log their exchanges (--exchange-log) in one format, replacing every {island}.
+    log = str(tmp_path / "exchanges-{island}.{island}.jsonl")
     flags = " ".join(["--data", corpus] + seven + ["--eval-every", "6", "--clip", "0.3",
                                                    "--exchange-log", "'%s'" % log])
     script = ('if [ "$RANK" = 0 ]; then exec %s %s %s; else exec %s %s; fi'
