@@ -128,6 +128,15 @@ def parse_flags(argv):
     p.add_argument("--balance-max-factor", type=float, default=None,
                    help="--balance-speed: the largest batch, as a multiple of --batch-size, in "
                         "[1, 64] (default 4)")
+    p.add_argument("--fill-waits", action="store_true",
+                   help="streaming DiLoCo (--overlap-steps > 0): while the exchange due after an "
+                        "inner step has not arrived (the link, or a slower island's start of it), "
+                        "the island adds batches of --batch-size sequences to that step's gradient "
+                        "instead of waiting (at most --fill-max-batches); not reproducible bit for "
+                        "bit")
+    p.add_argument("--fill-max-batches", type=int, default=None,
+                   help="--fill-waits: the most batches added to one inner step, in [1, 1024] "
+                        "(default 8)")
     p.add_argument("--d-model", type=int, default=96, help="transformer width")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks")
     p.add_argument("--heads", type=int, default=4, help="attention heads (must divide --d-model)")
@@ -241,6 +250,18 @@ def parse_flags(argv):
     # An audit replays a round from the step numbers alone, with --batch-size sequences a step.
     if f.balance_speed and f.audit_rate > 0:
         p.error("--balance-speed does not combine with --audit-rate")
+    if f.fill_waits and (f.mode != "diloco" or f.overlap_steps == 0):
+        p.error("--fill-waits fills the overlap of streaming DiLoCo: needs --mode diloco and "
+                "--overlap-steps >= 1 (with no overlap nothing travels while an island trains)")
+    if f.fill_waits and f.audit_rate > 0:
+        p.error("--fill-waits does not combine with --audit-rate")
+    if f.fill_max_batches is not None:
+        if not f.fill_waits:
+            p.error("--fill-max-batches needs --fill-waits")
+        if not 1 <= f.fill_max_batches <= 1024:
+            p.error("--fill-max-batches must be in [1, 1024], got %d" % f.fill_max_batches)
+    else:
+        f.fill_max_batches = 8
     if f.balance_max_factor is not None:
         if not f.balance_speed:
             p.error("--balance-max-factor needs --balance-speed")
@@ -296,6 +317,7 @@ def run_fields(f):
             "train_lm --warm-start-steps": f.warm_start_steps,
             "train_lm --warm-start": f.warm_start,
             "train_lm --balance-speed": "on" if f.balance_speed else "off",
+            "train_lm --fill-waits": str(f.fill_max_batches) if f.fill_waits else "off",
             # Audits replay other islands' steps bit for bit: the same kernels, the same threads.
             "train_lm --threads": f.threads if f.audit_rate > 0 else "any"}
 
@@ -712,8 +734,10 @@ def train(f):
                                      max_factor=f.balance_max_factor)
                 if f.balance_speed else None)
     balance_window = max(1, f.inner_steps // f.fragments)
-    window = {"steps": 0, "compute": 0.0, "wait_start": 0.0}
+    window = {"steps": 0, "compute": 0.0, "wait_start": 0.0, "fill": 0.0}
     sequences = 0
+    # --fill-waits: the time spent on added batches (counted as compute: it is), and how many.
+    filled = {"seconds": 0.0, "batches": 0}
     model.train()
     initial_val_loss = report(first_step - 1)
     for step in range(first_step, f.steps + 1):
@@ -734,6 +758,28 @@ def train(f):
         for optimizer in inner:
             optimizer.zero_grad()
         loss.backward()
+        if f.fill_waits and outer is not None:
+            # The exchange due after this step has not arrived; rather than wait for it in
+            # outer.step(), add batches to this step's gradient until it has (each batch's mean
+            # loss weighted by its sequences, then the sum made the mean over all of them).
+            fill_start = time.perf_counter()
+            first, step_sequences, added = x.shape[0], x.shape[0], 0
+            while added < f.fill_max_batches and outer.next_step_would_wait():
+                mx, my = corpus.train_batch(generator)
+                (language_model_loss(model, mx.to(device), my.to(device))
+                 * (mx.shape[0] / first)).backward()
+                step_sequences += mx.shape[0]
+                added += 1
+            if added:
+                with torch.no_grad():
+                    for p_ in model.parameters():
+                        if p_.grad is not None:
+                            p_.grad.mul_(first / step_sequences)
+                sequences += step_sequences - first
+                seconds = time.perf_counter() - fill_start
+                filled["seconds"] += seconds
+                filled["batches"] += added
+                window["fill"] += seconds
         if data_parallel:
             data_parallel.sync_gradients()
         if f.clip > 0:
@@ -748,9 +794,12 @@ def train(f):
         if balancing:
             window["steps"] += 1
             if window["steps"] == balance_window:
-                balancer.observe(window["compute"],
-                                 outer.stats().wait_seconds - window["wait_start"])
-                window.update(steps=0, compute=0.0)
+                # Time spent filling a wait is waiting to the balancer (a steady difference is
+                # better spread over every step as a larger batch).
+                balancer.observe(window["compute"] - window["fill"],
+                                 outer.stats().wait_seconds - window["wait_start"]
+                                 + window["fill"])
+                window.update(steps=0, compute=0.0, fill=0.0)
         if warm_starting and step == f.warm_start_steps:
             data_parallel = None
             # DiLoCo's start broadcasts rank 0's weights: after a replicated warm start they
@@ -803,6 +852,10 @@ def train(f):
     print("rank %d/%d: done, %d steps in %.1f s | train %.3f | val %.3f | sent %s | received %s"
           % (rank, world_size, f.steps, elapsed, state["train_loss"], state["val_loss"],
              format_bytes(sent), format_bytes(received)), flush=True)
+    if f.fill_waits:
+        print("rank %d/%d: filled waits: %d batches added (%.3f s), %.2f sequences a step on "
+              "average" % (rank, world_size, filled["batches"], filled["seconds"],
+                           sequences / (f.steps - first_step + 1)), flush=True)
     if balancer:
         print("rank %d/%d: balanced batches: %.2f sequences a step on average (--batch-size %d), "
               "factor %.3f at the end" % (rank, world_size, sequences / (f.steps - first_step + 1),

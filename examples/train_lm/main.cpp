@@ -124,6 +124,10 @@ struct Flags {
   // island.
   bool balance_speed = false;
   double balance_max_factor = 4.0;
+  // Streaming: while the exchange due after an inner step is still travelling, add batches to
+  // that step's gradient instead of waiting (DiLoCo::next_step_would_wait()).
+  bool fill_waits = false;
+  std::int64_t fill_max_batches = 8;
   double straggle = 1.0;
   int straggle_rank = 1;
 };
@@ -240,6 +244,15 @@ void add_flags(CLI::App& app, Flags& f) {
   app.add_option("--balance-max-factor", f.balance_max_factor,
                  "--balance-speed: the largest batch, as a multiple of --batch-size")
       ->check(CLI::Range(1.0, 64.0))
+      ->capture_default_str();
+  app.add_flag("--fill-waits", f.fill_waits,
+               "streaming DiLoCo (--overlap-steps > 0): while the exchange due after an inner "
+               "step has not arrived (the link, or a slower island's start of it), the island adds "
+               "batches of --batch-size sequences to that step's gradient instead of waiting (at "
+               "most --fill-max-batches); not reproducible bit for bit");
+  app.add_option("--fill-max-batches", f.fill_max_batches,
+                 "--fill-waits: the most batches added to one inner step")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{1024}))
       ->capture_default_str();
   app.add_option("--audit-rate", f.audit_rate,
                  "DiLoCo: audit each island's claimed inner steps with this probability per "
@@ -432,6 +445,19 @@ void add_flags(CLI::App& app, Flags& f) {
     if (!f.exchange_log.empty() && f.exchange_log.find("{island}") == std::string::npos) {
       throw CLI::ValidationError("--exchange-log",
                                  "must hold {island}: every island writes its own file");
+    }
+    if (f.fill_waits && (f.mode != "diloco" || f.overlap_steps == 0)) {
+      throw CLI::ValidationError("--fill-waits",
+                                 "fills the overlap of streaming DiLoCo: needs --mode diloco and "
+                                 "--overlap-steps >= 1 (with no overlap nothing travels while an "
+                                 "island trains)");
+    }
+    // An audit replays a round from the step numbers alone, with --batch-size sequences a step.
+    if (f.fill_waits && f.audit_rate > 0.0) {
+      throw CLI::ValidationError("--fill-waits", "does not combine with --audit-rate");
+    }
+    if (app.count("--fill-max-batches") > 0 && !f.fill_waits) {
+      throw CLI::ValidationError("--fill-max-batches", "needs --fill-waits");
     }
     if (app.count("--balance-max-factor") > 0 && !f.balance_speed) {
       throw CLI::ValidationError("--balance-max-factor", "needs --balance-speed");
@@ -639,6 +665,7 @@ std::vector<std::pair<std::string, std::string>> run_fields(const Flags& f) {
           {"train_lm --warm-start-steps", std::to_string(f.warm_start_steps)},
           {"train_lm --warm-start", f.warm_start},
           {"train_lm --balance-speed", f.balance_speed ? "on" : "off"},
+          {"train_lm --fill-waits", f.fill_waits ? std::to_string(f.fill_max_batches) : "off"},
           // Audits replay other islands' steps bit for bit: the same kernels, so the same threads.
           {"train_lm --threads", f.audit_rate > 0.0 ? std::to_string(f.threads) : "any"}};
 }
@@ -652,6 +679,24 @@ torch::Tensor forward_backward(train_lm::Gpt& net, InnerOptimizer& inner,
   inner.zero_grad();
   loss.backward();
   return loss;
+}
+
+// --fill-waits: one more batch's gradient added to the step's (no zero_grad), weighted by its
+// sequences against the step's first batch's, whose loss is a mean over its sequences.
+void accumulate(train_lm::Gpt& net, const train_lm::Batch& batch, const torch::Device& device,
+                double weight) {
+  auto loss = train_lm::language_model_loss(net, batch.inputs.to(device), batch.targets.to(device));
+  (loss * weight).backward();
+}
+
+// The accumulated gradient, a sum of per-batch means weighted by sequences over the first batch's,
+// made the mean over all `sequences` of the step.
+void average_gradient(train_lm::Gpt& net, std::int64_t first_batch, std::int64_t sequences) {
+  torch::NoGradGuard no_grad;
+  const double scale = static_cast<double>(first_batch) / static_cast<double>(sequences);
+  for (auto& p : net->parameters()) {
+    if (p.grad().defined()) p.grad().mul_(scale);
+  }
 }
 
 // Then gradient clipping (--clip) and the optimizer step.
@@ -971,6 +1016,9 @@ int train(const Flags& f, bool timeout_given) {
   std::int64_t window_steps = 0;
   double window_compute = 0.0, window_wait_start = 0.0;
   std::int64_t sequences = 0;  // trained on by this island, for the mean batch
+  // --fill-waits: the time spent on added batches (counted as compute: it is), and how many.
+  double fill_seconds = 0.0, window_fill = 0.0;
+  std::int64_t fill_batches = 0;
 
   model->train();
   const double initial_val_loss = report(first_step - 1);
@@ -985,6 +1033,29 @@ int train(const Flags& f, bool timeout_given) {
                              : corpus.train_batch(replicating(step) ? shared_rng : rng);
       auto loss = forward_backward(model, optimizer, batch, device, learning_rate(f, step - 1));
       compute_seconds += seconds_since(compute_start);
+      // --fill-waits: the exchange due after this step has not arrived; rather than wait for it
+      // in sync->step(), the island adds batches to this step's gradient until it has.
+      std::int64_t step_sequences = batch.inputs.size(0);
+      if (f.fill_waits && sync) {
+        const auto fill_start = Clock::now();
+        std::int64_t added = 0;
+        while (added < f.fill_max_batches && sync->next_step_would_wait()) {
+          const auto more = corpus.train_batch(rng);
+          accumulate(model, more, device,
+                     static_cast<double>(more.inputs.size(0)) /
+                         static_cast<double>(batch.inputs.size(0)));
+          step_sequences += more.inputs.size(0);
+          ++added;
+        }
+        if (added > 0) {
+          average_gradient(model, batch.inputs.size(0), step_sequences);
+          const double filled = seconds_since(fill_start);
+          compute_seconds += filled;
+          fill_seconds += filled;
+          window_fill += filled;
+          fill_batches += added;
+        }
+      }
       if (data_parallel) data_parallel->sync_gradients();
       compute_start = Clock::now();
       clip_and_step(model, optimizer, f.clip);
@@ -995,7 +1066,7 @@ int train(const Flags& f, bool timeout_given) {
         compute_seconds += extra;
       }
       if (balancing) window_compute += compute_seconds - compute_before;
-      sequences += batch.inputs.size(0);
+      sequences += step_sequences;
       train_loss_sum += loss.detach();
       ++train_loss_count;
     }
@@ -1010,9 +1081,13 @@ int train(const Flags& f, bool timeout_given) {
     const bool outer_step = sync && sync->step();
     if (step == f.steps) end_seconds += seconds_since(step_start);
     if (balancing && ++window_steps == balance_window) {
-      balancer->observe(window_compute, sync->stats().wait_seconds - window_wait_start);
+      // Time spent filling a wait is waiting to the balancer: a faster island fills at every
+      // exchange, and a steady difference is better spread over every step as a larger batch.
+      balancer->observe(window_compute - window_fill,
+                        sync->stats().wait_seconds - window_wait_start + window_fill);
       window_steps = 0;
       window_compute = 0.0;
+      window_fill = 0.0;
     }
     if (warm_starting && step == f.warm_start_steps) {
       data_parallel.reset();
@@ -1092,6 +1167,13 @@ int train(const Flags& f, bool timeout_given) {
       static_cast<unsigned long long>(stats.bytes_received()), compute_seconds, train_seconds,
       train_seconds > 0 ? compute_seconds / train_seconds : 0.0, stats.link_seconds(),
       sync_seconds, percent(sync_seconds), wait_seconds, percent(wait_seconds), end_seconds);
+  if (f.fill_waits) {
+    std::printf("rank %d/%d: filled waits: %lld batches added (%.3f s of the compute, %.2f%%), "
+                "%.2f sequences a step on average\n",
+                rank, world_size, static_cast<long long>(fill_batches), fill_seconds,
+                compute_seconds > 0 ? 100.0 * fill_seconds / compute_seconds : 0.0,
+                static_cast<double>(sequences) / static_cast<double>(f.steps - first_step + 1));
+  }
   if (balancer) {
     std::printf("rank %d/%d: balanced batches: %.2f sequences a step on average (--batch-size "
                 "%lld), factor %.3f at the end\n",

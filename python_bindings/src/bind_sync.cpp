@@ -371,6 +371,13 @@ void bind_sync(py::module_& m) {
            "Membership (an elastic run): an island joining a run in progress then waits here "
            "to be admitted and receives the run's outer state. The GIL is released.")
       .def(
+          "next_step_would_wait", [](PyDiLoCo& d) { return d.impl().next_step_would_wait(); },
+          "Whether the next step() applies an exchange that has not arrived yet and would so "
+          "block (streaming with overlap_steps > 0: the fragment in flight is due after the next "
+          "inner step). Never blocks. Fill that time with work instead of waiting: train_lm.py "
+          "--fill-waits adds batches to that inner step's gradient. False when nothing is due "
+          "next, without overlap, in elastic runs, and when the exchange failed (step() raises).")
+      .def(
           "step", [](PyDiLoCo& d) { return d.impl().step(); }, Release(),
           "Call after each inner optimizer step. Every inner_steps-th call runs an outer step "
           "(a collective: all ranks call step() the same number of times) and returns True; "

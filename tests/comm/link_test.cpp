@@ -362,3 +362,53 @@ TEST_CASE("an early island waits for the late island's transfer on the emulated 
   // The early rank did issue well before the late one.
   CHECK(std::chrono::duration<double>(issued[0] - issued[1]).count() > late_s / 2);
 }
+
+TEST_CASE("ready() says, without blocking, whether wait() would: the late rank and the link",
+          "[comm][link][gloo]") {
+  // DiLoCo::next_step_would_wait() polls this to fill a wait with work (train_lm --fill-waits):
+  // it must stay false until the late rank has issued and the emulated link has carried the
+  // transfer, never block, and agree with wait() once true.
+  const std::int64_t numel = 250'000;  // 1 MB: 0.1 s at 80 Mbit/s
+  const LinkModel l = make_link(80, 10);
+  const double late_s = 0.3;
+  const double modelled = diloco::link_seconds(Collective::kAllReduce, 4 * numel, 2, 0, l);
+  Clock::time_point late_issued;
+  std::vector<double> became_ready(2), longest_poll(2), wait_after_ready(2);
+  std::vector<int> polls(2);
+  diloco_test::run_ranks(2, [&](int rank, std::shared_ptr<diloco::Group> g) {
+    g->set_link(l);
+    at::Tensor t = at::full({numel}, rank == 0 ? 7.0f : 0.0f);
+    if (rank == 0) {
+      std::this_thread::sleep_for(std::chrono::duration<double>(late_s));
+      late_issued = Clock::now();
+    }
+    diloco::PendingCollective p = g->allreduce_sum_async(t, "polled");
+    for (;;) {
+      const auto before = Clock::now();
+      const bool ready = p.ready();
+      const double poll = std::chrono::duration<double>(Clock::now() - before).count();
+      longest_poll[rank] = std::max(longest_poll[rank], poll);
+      ++polls[rank];
+      if (ready) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    became_ready[rank] = std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
+    const auto before_wait = Clock::now();
+    p.wait();
+    wait_after_ready[rank] = std::chrono::duration<double>(Clock::now() - before_wait).count();
+    if (!p.ready()) throw std::runtime_error("not ready after wait()");
+    if (t[numel - 1].item<float>() != 7.0f) throw std::runtime_error("wrong result");
+  });
+  const double late = std::chrono::duration<double>(late_issued.time_since_epoch()).count();
+  for (int r = 0; r < 2; ++r) {
+    INFO("rank " << r << ": ready " << became_ready[r] - late << " s after the late rank issued "
+                 << "(modelled " << modelled << " s), " << polls[r] << " polls, the longest "
+                 << longest_poll[r] << " s, wait() after it " << wait_after_ready[r] << " s");
+    CHECK(became_ready[r] - late >= modelled);
+    CHECK(became_ready[r] - late < modelled + 1.0);
+    CHECK(longest_poll[r] < 0.05);
+    CHECK(wait_after_ready[r] < 0.05);
+  }
+  // The early rank polled through the late rank's delay, and was not ready meanwhile.
+  CHECK(polls[1] > 10);
+}

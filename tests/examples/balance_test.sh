@@ -3,7 +3,8 @@
 # train_lm islands, rank 1 computes 1.6x slower (--straggle 1.6, an island on slower hardware).
 # Unbalanced, rank 0 waits for it at every exchange; balanced, rank 0 takes larger batches and
 # waits less, rank 1 keeps --batch-size, and both still end on the same global state. The
-# unbalanced run's exchange log (--exchange-log) attributes rank 0's waiting to rank 1.
+# unbalanced run's exchange log (--exchange-log) attributes rank 0's waiting to rank 1. Streaming
+# with --fill-waits, rank 0 adds batches to its due steps instead of waiting.
 # Usage: balance_test.sh DILOCO_RUN TRAIN_LM   (data from $DILOCO_DATA or data/brown)
 set -euo pipefail
 run=$1 train_lm=$2
@@ -89,6 +90,34 @@ assert wait_balanced < 0.8 * wait_plain, (wait_plain, wait_balanced)
 print("balance_test: passed")
 PY
 
+echo "== filled: streaming (P = 2, tau = 3), the faster island adds batches while it would wait"
+islands filled --fragments 2 --overlap-steps 3 --fill-waits --fill-max-batches 64
+grep -q "filled waits" "$tmp/plain.txt" && fail "a run without --fill-waits reported filled waits"
+grep "filled waits" "$tmp/filled.txt"
+filled() {  # NAME RANK FIELD: the batches added (1) or the mean sequences a step (2)
+  local pattern="filled waits: \([0-9]*\) batches added .*, \([0-9.]*\) sequences a step"
+  sed -n "s/.*rank $2\/2: $pattern.*/\\$3/p" "$tmp/$1.txt"
+}
+utilization() {  # NAME RANK
+  sed -n "s/.*rank $2\/2: bytes_sent.*utilization \([0-9.]*\).*/\1/p" "$tmp/$1.txt"
+}
+/usr/bin/python3 - "$(waiting plain 0)" "$(waiting filled 0)" "$(filled filled 0 1)" \
+  "$(filled filled 0 2)" "$(filled filled 1 2)" "$(utilization filled 0)" <<'PY'
+import sys
+wait_plain, wait_filled, added0, batch0, batch1, util0 = map(float, sys.argv[1:])
+print(f"rank 0 waits {wait_plain:.1f}% unfilled, {wait_filled:.1f}% filled, utilization "
+      f"{util0:.3f}; {added0:.0f} batches added, mean sequences a step rank 0 {batch0:.2f}, "
+      f"rank 1 {batch1:.2f}")
+# Rank 1 computes 1.6x as long: rank 0 fills the difference, about 0.6 x 16 more sequences a
+# step, instead of waiting for it.
+assert wait_filled < 5 and wait_filled < 0.25 * wait_plain, (wait_plain, wait_filled)
+assert util0 > 0.9, util0
+assert added0 > 0 and batch0 > 20, (added0, batch0)
+# The slower island is the one waited for: it adds little.
+assert batch1 < 18, batch1
+print("filled: passed")
+PY
+
 echo "== refused combinations, each naming the option"
 refused() {  # refused MESSAGE FLAGS...: train_lm exits non-zero, printing MESSAGE
   local message=$1; shift
@@ -106,4 +135,11 @@ refused "--straggle: Value 0.5 not in range 1" --straggle 0.5
 refused "--exchange-log: must hold {island}" --exchange-log "$tmp/x.jsonl"
 refused "--exchange-log: logs DiLoCo's exchanges (--mode diloco)" --mode dp \
   --exchange-log "$tmp/x.{island}.jsonl"
+refused "--fill-waits: fills the overlap of streaming DiLoCo" --mode dp --fill-waits
+refused "--fill-waits: fills the overlap of streaming DiLoCo" --fragments 2 --fill-waits
+refused "--fill-waits: does not combine with --audit-rate" --fragments 2 --overlap-steps 1 \
+  --fill-waits --audit-rate 0.5
+refused "--fill-max-batches: needs --fill-waits" --fill-max-batches 2
+refused "--fill-max-batches: Value 0 not in range 1" --fragments 2 --overlap-steps 1 \
+  --fill-waits --fill-max-batches 0
 echo "balance_test: all passed"

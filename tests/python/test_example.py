@@ -61,6 +61,32 @@ def test_example_replicated_warm_start(corpus):
 
 
 
+def test_example_fills_waits_on_a_slow_link(corpus):
+    # Streaming with overlap (P = 1, tau = 2) on an emulated 1 Mbit/s link: each exchange takes
+    # longer than the 2 steps it overlaps, so with --fill-waits both islands add batches to the
+    # due steps instead of waiting, and still end on the same global weights.
+    env_link = dict(os.environ, OMP_NUM_THREADS="1", DILOCO_LINK_MBPS="1",
+                    DILOCO_LINK_LATENCY_MS="20")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--redirects", "1", "--tee", "1",
+         "--nproc_per_node", "2", "--master_port", str(free_port()), EXAMPLE, "--data", corpus,
+         "--overlap-steps", "2", "--fill-waits", "--fill-max-batches", "3"] + FLAGS,
+        env=env_link, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=240)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:]
+    filled = re.findall(r"rank (\d)/2: filled waits: (\d+) batches added \(([\d.]+) s\), "
+                        r"([\d.]+) sequences a step", out)
+    assert sorted(f[0] for f in filled) == ["0", "1"], out
+    for rank, added, seconds, per_step in filled:
+        # One due step in training (after step 5; the exchange started after step 6 is applied
+        # by the end-of-run sync), at most 3 batches of 4 sequences added to it.
+        assert 1 <= int(added) <= 3, out
+        assert float(per_step) == pytest.approx(4 + 4 * int(added) / 6), out
+    hashes = set(re.findall(r"global state sha256 ([0-9a-f]+)", out))
+    assert len(hashes) == 1, out
+
+
 def test_example_refuses_warm_start_flags_it_would_ignore(train_lm_flags):
     train_lm, error = train_lm_flags
     assert "--warm-start-steps is for --mode diloco (a warm start is where DiLoCo starts), " \
@@ -72,6 +98,14 @@ def test_example_refuses_warm_start_flags_it_would_ignore(train_lm_flags):
         "--exchange-log", "x.jsonl")
     assert "--exchange-log logs DiLoCo's exchanges (--mode diloco)" in error(
         "--mode", "dp", "--exchange-log", "x.{island}.jsonl")
+    assert "--fill-waits fills the overlap of streaming DiLoCo" in error("--fill-waits")
+    assert "--fill-waits fills the overlap of streaming DiLoCo" in error(
+        "--mode", "dp", "--overlap-steps", "1", "--fill-waits")
+    assert "--fill-waits does not combine with --audit-rate" in error(
+        "--overlap-steps", "1", "--fill-waits", "--audit-rate", "0.5")
+    assert "--fill-max-batches needs --fill-waits" in error("--fill-max-batches", "2")
+    assert "--fill-max-batches must be in [1, 1024], got 0" in error(
+        "--overlap-steps", "1", "--fill-waits", "--fill-max-batches", "0")
     assert train_lm.parse_flags(["--warm-start-steps", "5"]).warm_start == "dp"
     assert train_lm.parse_flags(["--warm-start-steps", "5", "--warm-start",
                                  "replicated"]).warm_start == "replicated"

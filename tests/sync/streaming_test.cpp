@@ -426,3 +426,53 @@ TEST_CASE("wait_seconds counts the time an island is blocked until an exchange c
   CHECK(stats[0].wait_seconds >= 0.8 * kDelay);
   for (const auto& s : stats) CHECK(s.wait_seconds <= s.sync_seconds);
 }
+
+TEST_CASE("next_step_would_wait() says when the next step() would block on a late island",
+          "[streaming][gloo]") {
+  // Rank 1 starts the exchange (after step 4) 0.5 s late; rank 0 reaches the due step (6, tau =
+  // 2) at once. Before step 6 it must read true until rank 1's contribution has arrived, then
+  // false, and step() must then not wait; before the other steps (nothing due) false. The 3-rank
+  // case screens first on the communication thread, int8 runs its exchange there: the poll
+  // covers both. Without overlap an exchange is started and applied in one step(): never true.
+  const int world = GENERATE(2, 3);
+  const std::string compression = GENERATE(std::string("none"), std::string("int8"));
+  const int overlap = GENERATE(2, 0);
+  INFO("world " << world << ", " << compression << ", tau " << overlap);
+  constexpr double kDelay = 0.5;
+  std::vector<int> true_before;          // rank 0: the steps before which it read true
+  double polled_s = 0.0, waited_after = 0.0;
+  diloco_test::run_ranks(world, [&](int rank, std::shared_ptr<diloco::Group> group) {
+    diloco::ModelTensors model;
+    model.parameters.push_back({"w", at::zeros({4096})});
+    at::Tensor w = model.parameters.front().tensor;
+    diloco::DiLoCoOptions o;
+    o.inner_steps = 4;
+    o.overlap_steps = overlap;
+    o.compression = compression;
+    diloco::DiLoCo sync(std::move(model), group, o);
+    for (int s = 1; s <= 8; ++s) {
+      w.add_(0.01 * (rank + 1));
+      if (rank == 1 && s == 4) std::this_thread::sleep_for(std::chrono::duration<double>(kDelay));
+      if (rank == 0 && sync.next_step_would_wait()) {
+        true_before.push_back(s);
+        const auto start = std::chrono::steady_clock::now();
+        while (sync.next_step_would_wait()) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        polled_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        const double waited = sync.stats().wait_seconds;
+        sync.step();
+        waited_after = sync.stats().wait_seconds - waited;
+        continue;
+      }
+      sync.step();
+    }
+    sync.sync();
+  });
+  if (overlap == 0) {
+    CHECK(true_before.empty());
+    return;
+  }
+  INFO("rank 0 polled " << polled_s << " s, then waited " << waited_after << " s in step()");
+  CHECK(true_before == std::vector<int>{6});
+  CHECK(polled_s >= 0.8 * kDelay);
+  CHECK(waited_after < 0.05);
+}

@@ -120,6 +120,8 @@ struct PendingCollective::State {
   // collective all-gathers every rank's. Null without an emulated link.
   c10::intrusive_ptr<c10d::Work> stamp_work;
   std::vector<at::Tensor> stamps;
+  bool arrived = false;         // the backend's part completed and the link settled (arrive())
+  std::exception_ptr failed;    // what arrive() threw, for wait() to rethrow
   bool done = false;
 };
 
@@ -206,11 +208,41 @@ void await_work(const Waiter& s, const c10::intrusive_ptr<c10d::Work>& work,
 
 }  // namespace
 
-void PendingCollective::wait() {
-  if (!state_ || state_->done) return;
+// The backend's part of a collective: the operation itself (its wait() throws PeerLostError /
+// Error) and, with an emulated link, the ranks' issue times, from which the link is settled.
+// Blocks unless both completed; runs once (a failure is kept and thrown again).
+void PendingCollective::arrive(State& s) {
+  if (s.arrived) {
+    if (s.failed) std::rethrow_exception(s.failed);
+    return;
+  }
+  s.arrived = true;
+  try {
+    settle_on_backend(s);
+  } catch (...) {
+    s.failed = std::current_exception();
+    throw;
+  }
+}
+
+bool PendingCollective::ready() {
+  if (!state_ || state_->done) return true;
   State& s = *state_;
-  s.done = true;
-  // Backend: the operation itself; its wait() throws PeerLostError / Error.
+  if (!s.arrived) {
+    // Gloo completes a send or a recv only inside its wait(): they may always block.
+    if (s.kind == Collective::kSend || s.kind == Collective::kRecv) return false;
+    if (s.work && !s.work->isCompleted()) return false;
+    if (s.stamp_work && !s.stamp_work->isCompleted()) return false;
+    try {
+      arrive(s);
+    } catch (...) {
+      return true;  // wait() throws it
+    }
+  }
+  return s.link.seconds <= 0.0 || LinkEmulator::Clock::now() >= s.link.done;
+}
+
+void PendingCollective::settle_on_backend(State& s) {
   const std::string what = std::string(collective_name(s.kind)) + " '" + s.label + "'";
   const Waiter waiter{s.backend, s.interrupt,
                       s.kind == Collective::kSend || s.kind == Collective::kRecv, s.rank,
@@ -243,6 +275,13 @@ void PendingCollective::wait() {
     }
     if (same_clock) s.group->impl_->link.settle(s.link, link_start);
   }
+}
+
+void PendingCollective::wait() {
+  if (!state_ || state_->done) return;
+  State& s = *state_;
+  s.done = true;
+  arrive(s);
   // Link emulation: no earlier than the emulated link would have carried it.
   if (s.link.seconds > 0.0) std::this_thread::sleep_until(s.link.done);
   // Accounting, by the rank and world size the collective ran with.

@@ -121,6 +121,12 @@ void CommThread::run_until(const std::shared_ptr<Job::State>& until,
   }
 }
 
+bool CommThread::Job::ready() const {
+  if (!state_) return true;
+  std::lock_guard<std::mutex> lock(state_->owner->mutex_);
+  return state_->done;
+}
+
 void CommThread::Job::wait() {
   if (!state_) return;
   CommThread& owner = *state_->owner;

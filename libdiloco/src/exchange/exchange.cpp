@@ -22,6 +22,13 @@ void PendingExchange::wait() {
   job_.wait();
 }
 
+bool PendingExchange::ready() {
+  for (auto& c : collectives_) {
+    if (!c.ready()) return false;
+  }
+  return job_.ready();
+}
+
 PendingExchange Exchange::pending(at::Tensor flat, std::vector<PendingCollective> collectives,
                                   CommThread::Job job) {
   PendingExchange p;

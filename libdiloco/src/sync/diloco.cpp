@@ -342,6 +342,18 @@ bool DiLoCo::step() {
   return round_done;
 }
 
+bool DiLoCo::next_step_would_wait() {
+  if (membership_ || in_flight_ < 0 || options_.overlap_steps == 0) return false;
+  if (schedule_.finishes_after(state_.inner_step + 1) != in_flight_) return false;
+  // The start job (streaming with screening) fills pending_ on the communication thread: read
+  // pending_ only once it has run.
+  if (!start_job_.ready()) return true;
+  for (auto& p : pending_) {
+    if (!p.exchange.ready()) return true;
+  }
+  return false;
+}
+
 void DiLoCo::sync() {
   const ScopedTimer syncing(sync_seconds_);
   if (membership_) {

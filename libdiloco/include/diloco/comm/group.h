@@ -115,11 +115,17 @@ class PendingCollective {
  public:
   PendingCollective() = default;
   void wait();
+  // Whether wait() would return now without blocking: the operation completed (or failed: wait()
+  // throws) and the emulated link, if any, has carried it. Never blocks. A send or a recv is
+  // never ready before wait() (Gloo completes them only there). Same thread as wait().
+  bool ready();
   bool valid() const { return state_ != nullptr; }
 
  private:
   friend class Group;
   struct State;
+  static void arrive(State& s);
+  static void settle_on_backend(State& s);
   std::shared_ptr<State> state_;
 };
 

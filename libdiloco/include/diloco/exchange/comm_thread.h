@@ -40,6 +40,10 @@ class CommThread {
     // Blocks until the job ran (an inline thread runs it, and every job queued before it, now)
     // and rethrows its exception, or the one that stopped the queue before it. Idempotent.
     void wait();
+    // Whether the job has run (or failed: wait() throws), so that wait() returns at once. Never
+    // blocks; a job of an inline thread runs only in wait(), so it is not ready before. An
+    // empty Job is ready.
+    bool ready() const;
     bool valid() const { return state_ != nullptr; }
 
    private:

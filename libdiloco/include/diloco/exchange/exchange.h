@@ -103,6 +103,8 @@ class PendingExchange {
   // Blocks until the sum is in the request's buffer; rethrows the exchange's failure
   // (PeerLostError, Error). Safe to call again.
   void wait();
+  // Whether wait() would return now: every collective and the job are ready (never blocks).
+  bool ready();
 
  private:
   friend class Exchange;
