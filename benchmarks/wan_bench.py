@@ -36,6 +36,8 @@ Usage:
   python3 benchmarks/wan_bench.py --only dp,single,h100_fp32,h100_p4_t5 --no-scaling
   python3 benchmarks/wan_bench.py --steps 300 --only h100_fp32,h100_p4_t5,h100_p4_t5_fp4 \
       --no-scaling --link-steps 1200               # the streaming utilization runs alone
+  (runs named *_filled add --fill-waits: an island that would wait for a due exchange adds
+  batches to that step's gradient instead; the link table gives their share of its compute)
 """
 import argparse
 import csv
@@ -133,6 +135,12 @@ def run_specs(quick):
     for c in (None, "fp4"):
         name = "h100_p4_t5" + (f"_{c}" if c else "") + "_balanced"
         runs.append((name, "streaming", diloco_flags(100, c, (4, 5, 0.5)) + ["--balance-speed"]))
+    # The same with waits filled (train_lm --fill-waits): while an exchange that is due has not
+    # arrived (a slower island's start of it, or the link), the island adds batches to that
+    # inner step's gradient instead of idling.
+    for c in (None, "fp4", "int4"):
+        name = "h100_p4_t5" + (f"_{c}" if c else "") + "_filled"
+        runs.append((name, "streaming", diloco_flags(100, c, (4, 5, 0.5)) + ["--fill-waits"]))
     # A steady difference of speed: rank 1 computes 1.3x slower (train_lm --straggle, an island on
     # slower hardware), unbalanced and balanced.
     straggle = ["--straggle", "1.3", "--straggle-rank", "1"]
@@ -186,6 +194,10 @@ WAIT_RE = re.compile(r"waiting for exchanges ([0-9.]+) s \(([0-9.]+)% of trainin
 END_RE = re.compile(r"end-of-run sync ([0-9.]+) s")
 # train_lm --balance-speed: each island's mean batch (sequences per inner step).
 BATCH_RE = re.compile(r"balanced batches: ([0-9.]+) sequences a step on average")
+# train_lm --fill-waits: each island's share of compute spent on batches added while it would have
+# waited, and its mean sequences per inner step.
+FILL_RE = re.compile(r"filled waits: [0-9]+ batches added \([0-9.]+ s of the compute, ([0-9.]+)%\), "
+                     r"([0-9.]+) sequences a step on average")
 
 
 def rank_of(line):
@@ -198,6 +210,7 @@ def read_run(metrics_path, log_path):
     records = [json.loads(line) for line in open(metrics_path) if line.strip()]
     first, last = records[0], records[-1]
     utils, compute_s, train_s, sync_pct, wait_pct, end_s, batches = [], [], [], [], [], [], []
+    filled_pct = []
     # The islands print in any order: each per-island list is put in rank order.
     lines = sorted(open(log_path), key=rank_of)
     for line in lines:
@@ -211,6 +224,10 @@ def read_run(metrics_path, log_path):
             m = regex.search(line)
             if m:
                 values.append(float(m.group(group)))
+        m = FILL_RE.search(line)
+        if m:
+            filled_pct.append(float(m.group(1)))
+            batches.append(float(m.group(2)))
     return {
         "val_loss": last["val_loss"],
         "initial_val_loss": first["val_loss"],
@@ -231,6 +248,7 @@ def read_run(metrics_path, log_path):
                                    else utils[compute_s.index(max(compute_s))] if compute_s
                                    else None),
         "batch_mean_per_island": batches,
+        "filled_pct_per_island": filled_pct,
         "waiting_pct_per_island": wait_pct,
         "end_of_run_sync_s": max(end_s) if end_s else None,
         "parameters": last.get("parameters"),
@@ -271,7 +289,9 @@ def main():
                    help="emulated links in Mbit/s for utilization; 0 = loopback, no emulation")
     p.add_argument("--latency-ms", type=float, default=10.0, help="one-way latency of each link")
     p.add_argument("--link-steps", type=int, help="steps of each link run (default steps / 3)")
-    p.add_argument("--link-runs", default="dp,h100_fp32,h100_p4_t5,h100_p4_t5_fp4",
+    p.add_argument("--link-runs",
+                   default="dp,h100_fp32,h100_p4_t5,h100_p4_t5_fp4,h100_p4_t5_filled,"
+                           "h100_p4_t5_fp4_filled",
                    help="runs repeated on each emulated link")
     p.add_argument("--dp-link-steps", type=int, default=60,
                    help="steps of data-parallel's link runs, at most (every step crosses the "
@@ -396,6 +416,9 @@ def link_record(lr, steps, islands, args):
             "utilization_per_island": per_island,
             "compute_s_per_island": lr["compute_s_per_island"],
             "batch_mean_per_island": lr["batch_mean_per_island"],
+            # --fill-waits: the share of each island's compute spent on batches added to due
+            # steps instead of waiting.
+            "filled_pct_per_island": lr["filled_pct_per_island"],
             "utilization_of_slowest": lr["utilization_of_slowest"],
             "in_outer_steps_pct": lr["in_outer_steps_pct"],
             "waiting_pct_per_island": waiting,
@@ -410,6 +433,7 @@ def link_record(lr, steps, islands, args):
             "waiting_for_link_pct_of_slowest": (link_waiting[waiting.index(min(waiting))]
                                                 if link_waiting and waiting else None),
             "end_of_run_sync_s": lr["end_of_run_sync_s"],
+            "val_loss": lr["val_loss"],
             "train_s": lr["train_s"], "steps": steps, "islands": islands,
             "latency_ms": args.latency_ms}
 
@@ -486,8 +510,9 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
                   "slowest island's is what the link costs the run.", "",
                   "| run | link | utilization, mean | per island | compute s per island | slowest "
                   "island's | waiting for exchanges, most | of it for the link, per island "
-                  "(slowest island's) | end-of-run sync | mean batch per island |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "(slowest island's) | end-of-run sync | mean batch per island | of compute, "
+                  "in batches added while waiting (--fill-waits) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in linked:
             for m in links:
                 k = r["links"].get(f"{m:g}")
@@ -504,8 +529,11 @@ def write_outputs(out, results, scaling, links, steps, elapsed, args):
                 end = "—" if k["end_of_run_sync_s"] is None else f"{k['end_of_run_sync_s']:.2f} s"
                 slow = "—" if k["utilization_of_slowest"] is None else f"{k['utilization_of_slowest']:.3f}"
                 batch = " / ".join(f"{b:.1f}" for b in k.get("batch_mean_per_island") or []) or "—"
+                filled = (" / ".join(f"{f:.1f}" for f in k.get("filled_pct_per_island") or [])
+                          + "%") if k.get("filled_pct_per_island") else "—"
                 lines.append(f"| {r['name']} | {link_name(m)} | {k['utilization']:.3f} | {per} | "
-                             f"{compute} | {slow} | {wait} | {link_wait} | {end} | {batch} |")
+                             f"{compute} | {slow} | {wait} | {link_wait} | {end} | {batch} | "
+                             f"{filled} |")
     if scaling:
         lines += ["", "## Scaling with the number of islands "
                   f"({scaling[0]['params']} float32 values per island)", "",
