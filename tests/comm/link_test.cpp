@@ -406,8 +406,9 @@ TEST_CASE("ready() says, without blocking, whether wait() would: the late rank a
                  << longest_poll[r] << " s, wait() after it " << wait_after_ready[r] << " s");
     CHECK(became_ready[r] - late >= modelled);
     CHECK(became_ready[r] - late < modelled + 1.0);
-    CHECK(longest_poll[r] < 0.05);
-    CHECK(wait_after_ready[r] < 0.05);
+    // Bounds far above a poll's cost (microseconds) that a loaded host's scheduling cannot reach.
+    CHECK(longest_poll[r] < 0.2);
+    CHECK(wait_after_ready[r] < 0.2);
   }
   // The early rank polled through the late rank's delay, and was not ready meanwhile.
   CHECK(polls[1] > 10);

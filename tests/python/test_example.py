@@ -82,7 +82,7 @@ def test_example_fills_waits_on_a_slow_link(corpus):
         # One due step in training (after step 5; the exchange started after step 6 is applied
         # by the end-of-run sync), at most 3 batches of 4 sequences added to it.
         assert 1 <= int(added) <= 3, out
-        assert float(per_step) == pytest.approx(4 + 4 * int(added) / 6), out
+        assert float(per_step) == pytest.approx(4 + 4 * int(added) / 6, abs=0.006), out  # %.2f
     hashes = set(re.findall(r"global state sha256 ([0-9a-f]+)", out))
     assert len(hashes) == 1, out
 

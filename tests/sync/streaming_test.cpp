@@ -473,6 +473,6 @@ TEST_CASE("next_step_would_wait() says when the next step() would block on a lat
   }
   INFO("rank 0 polled " << polled_s << " s, then waited " << waited_after << " s in step()");
   CHECK(true_before == std::vector<int>{6});
-  CHECK(polled_s >= 0.8 * kDelay);
-  CHECK(waited_after < 0.05);
+  CHECK(polled_s >= 0.5 * kDelay);
+  CHECK(waited_after < 0.2);
 }

@@ -211,12 +211,13 @@ class DiLoCo {
   bool step();
   // Whether the next step() applies an exchange that has not arrived yet, and so would block
   // until it does: streaming with tau > 0, the fragment in flight due after the next inner step,
-  // its transfer (or the slowest island's start of it) not complete. Never blocks; checks the
-  // same things step() waits for (the emulated link included). A caller can fill that time with
-  // work instead of waiting: train_lm --fill-waits adds batches to that inner step's gradient.
-  // False when nothing is due after the next step, without overlap (tau = 0: an exchange starts
-  // and is applied in the same step()), in elastic runs, and when the exchange failed (the
-  // next step() throws it).
+  // its transfer (or the slowest island's start of it) not complete, the emulated link included.
+  // Never blocks. A caller can fill that time with work instead of waiting: train_lm
+  // --fill-waits adds batches to that inner step's gradient. False when nothing is due after the
+  // next step, without overlap (tau = 0: an exchange starts and is applied in the same step()),
+  // in elastic runs, and once the exchange has failed (the next step() throws it; a failure of
+  // one of its collectives reads true until that collective has completed or timed out). Not
+  // polled: the short waits step() may also have on a state comparison or a buffers digest.
   bool next_step_would_wait();
   // Run an outer step now, whatever the inner step count (all ranks must call it together):
   // the exchange in flight is applied, then every fragment is synchronized, in order (but the
